@@ -1,0 +1,184 @@
+"""The MSDDA closed form: the normalised product of Gaussian step kernels raised to exponents.
+
+For user weights w_i, adapter KL weights beta_i and a target KL weight beta, the step-optimal kernel for the
+weighted reward sum_i w_i r_i is p_ref^(1 - sum l_i) * prod_i p_i^(l_i) with l_i = w_i * beta_i / beta. For
+Gaussians N(mu_j, v_j) (the reference included, with exponent l_ref = 1 - sum l_i) the product is Gaussian:
+
+    precision P = sum_j l_j / v_j            mean = (sum_j l_j mu_j / v_j) / P
+
+Pure tensor maths, no diffusers: the sampler computes kernels with msdda.kernels and fuses them here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE"]
+
+REFERENCE_TOLERANCE = 1e-8
+"""The reference kernel is needed when |1 - sum(exponents)| exceeds this."""
+
+
+def _check_finite_numbers(values: Sequence[float], name: str) -> list[float]:
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be numbers, got {list(values)!r}") from error
+    bad = [v for v in numbers if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{name} must be finite, got {numbers}")
+    return numbers
+
+
+def exponents(
+    weights: Sequence[float], betas: Sequence[float] | None = None, beta: float | None = None
+) -> list[float]:
+    """The fusion exponents l_i = w_i * beta_i / beta.
+
+    ``betas`` are the KL weights the adapters were trained with; ``beta`` is the KL weight of the fused
+    objective. Left out, ``betas`` are all ``beta`` (so l_i = w_i); ``beta`` may be left out only when the
+    betas are all equal, and then is their common value.
+    """
+    weights = _check_finite_numbers(weights, "weights")
+    if not weights:
+        raise ValueError("weights must name at least one adapter, got an empty list")
+    negative = [w for w in weights if w < 0]
+    if negative:
+        raise ValueError(f"weights must be >= 0, got {weights}; a negative weight would reward the opposite")
+    if sum(weights) == 0:
+        raise ValueError(f"weights are all zero ({weights}); give at least one adapter a positive weight")
+    if betas is None:
+        if beta is not None:
+            _check_positive_beta([beta], "beta")
+        return list(weights)
+    betas = _check_finite_numbers(betas, "betas")
+    if len(betas) != len(weights):
+        raise ValueError(f"got {len(weights)} weights but {len(betas)} betas; give one beta per adapter")
+    _check_positive_beta(betas, "betas")
+    if beta is None:
+        if max(betas) != min(betas):
+            raise ValueError(
+                f"the adapters' betas differ ({betas}); say which KL weight the fused objective has with `beta`"
+            )
+        beta = betas[0]
+    _check_positive_beta([beta], "beta")
+    return [w * b / beta for w, b in zip(weights, betas)]
+
+
+def _check_positive_beta(values: Sequence[float], name: str) -> None:
+    values = _check_finite_numbers(values, name)
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{name} must be > 0 (a KL weight), got {values}")
+
+
+def reference_exponent(exponents: Sequence[float]) -> float:
+    """The reference kernel's exponent, 1 - sum(l_i); 0 (no reference needed) within REFERENCE_TOLERANCE."""
+    remainder = 1.0 - math.fsum(float(l) for l in exponents)
+    return 0.0 if abs(remainder) <= REFERENCE_TOLERANCE else remainder
+
+
+def fuse_gaussians(
+    means: Sequence[torch.Tensor],
+    variances: Sequence[torch.Tensor | float],
+    exponents: Sequence[float],
+    ref_mean: torch.Tensor | None = None,
+    ref_variance: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse K Gaussian kernels N(means[i], variances[i]) with exponents l_i (and the reference) into one.
+
+    Args:
+        means: K tensors of one shape ``S``.
+        variances: K tensors or floats broadcastable to ``S`` (scalar, per-row ``[B, 1, ...]`` or per-element).
+        exponents: K floats l_i >= 0 (see :func:`exponents`).
+        ref_mean, ref_variance: the reference kernel; required when 1 - sum(l_i) is not 0 (to 1e-8).
+
+    Returns:
+        ``(mean, variance)``: mean of shape ``S``, variance broadcastable to ``S``.
+
+    Where every kernel has variance 0 (a deterministic step) there is no precision; the fused step is the
+    equal-variance limit: mean = sum_j l_j mu_j, variance 0. Mixing zero and non-zero variances at one
+    element has no well-defined limit and is refused.
+
+    Raises:
+        ValueError: on mismatched lengths or shapes, negative/NaN exponents, negative variances, a missing
+        reference, or a fused precision that is not positive.
+    """
+    exponent_values = _check_finite_numbers(exponents, "exponents")
+    if not means:
+        raise ValueError("means must hold at least one kernel mean, got none")
+    if not (len(means) == len(variances) == len(exponent_values)):
+        raise ValueError(
+            f"got {len(means)} means, {len(variances)} variances and {len(exponent_values)} exponents; "
+            "give one of each per kernel"
+        )
+    if any(l < 0 for l in exponent_values):
+        raise ValueError(f"exponents must be >= 0, got {exponent_values}")
+    if sum(exponent_values) == 0:
+        raise ValueError(f"exponents are all zero ({exponent_values}); give at least one kernel a positive weight")
+
+    shape = means[0].shape
+    for index, mean in enumerate(means):
+        if mean.shape != shape:
+            raise ValueError(f"means[{index}] has shape {tuple(mean.shape)}, but means[0] has {tuple(shape)}")
+
+    ref_exponent = reference_exponent(exponent_values)
+    all_means = list(means)
+    all_variances = list(variances)
+    all_exponents = list(exponent_values)
+    if ref_exponent != 0.0:
+        if ref_mean is None or ref_variance is None:
+            raise ValueError(
+                f"the exponents sum to {1 - ref_exponent:.6g}, so the reference kernel enters with exponent "
+                f"{ref_exponent:.6g}: pass ref_mean and ref_variance (or use weights that sum to 1 with equal betas)"
+            )
+        if ref_mean.shape != shape:
+            raise ValueError(f"ref_mean has shape {tuple(ref_mean.shape)}, but the kernel means have {tuple(shape)}")
+        all_means.append(ref_mean)
+        all_variances.append(ref_variance)
+        all_exponents.append(ref_exponent)
+
+    dtype, device = means[0].dtype, means[0].device
+    variance_tensors = []
+    for index, variance in enumerate(all_variances):
+        name = "ref_variance" if index == len(means) else f"variances[{index}]"
+        variance = torch.as_tensor(variance, dtype=dtype, device=device)
+        try:
+            torch.broadcast_shapes(variance.shape, shape)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{name} has shape {tuple(variance.shape)}, which does not broadcast to the means' {tuple(shape)}"
+            ) from error
+        if bool((variance < 0).any()) or bool(variance.isnan().any()):
+            raise ValueError(f"{name} must be >= 0 everywhere")
+        variance_tensors.append(variance)
+
+    variance_shape = torch.broadcast_shapes(*(v.shape for v in variance_tensors))
+    zero = torch.stack([(v == 0).expand(variance_shape) for v in variance_tensors])
+    all_zero, any_zero = zero.all(dim=0), zero.any(dim=0)
+    if bool((any_zero & ~all_zero).any()):
+        raise ValueError(
+            "some kernels have zero variance where others do not; a deterministic step can only be fused with "
+            "other deterministic steps"
+        )
+
+    precision = torch.zeros(variance_shape, dtype=dtype, device=device)
+    weighted_mean = torch.zeros(torch.broadcast_shapes(variance_shape, shape), dtype=dtype, device=device)
+    limit_mean = torch.zeros_like(weighted_mean)
+    for mean, variance, exponent in zip(all_means, variance_tensors, all_exponents):
+        safe_variance = torch.where(all_zero, torch.ones_like(variance), variance)
+        precision = precision + exponent / safe_variance
+        weighted_mean = weighted_mean + (exponent / safe_variance) * mean
+        limit_mean = limit_mean + exponent * mean
+
+    if bool((precision[~all_zero] <= 0).any()):
+        worst = float(precision[~all_zero].min())
+        raise ValueError(
+            f"the fused precision is not positive (min {worst:.4g}): the reference exponent {ref_exponent:.4g} "
+            "outweighs the adapters; lower the weights or raise the target beta so that sum(l_i) is smaller"
+        )
+    fused_mean = torch.where(all_zero, limit_mean, weighted_mean / torch.where(all_zero, 1.0, precision))
+    fused_variance = torch.where(all_zero, torch.zeros_like(precision), 1 / precision)
+    return fused_mean, fused_variance

@@ -1,0 +1,272 @@
+"""Gaussian reverse-step kernels of diffusers schedulers: mean, variance, log-prob and KL.
+
+A stochastic sampler turns each denoising step into a Gaussian policy
+p(x_{t-1} | x_t) = N(mean, variance). This module is the one place where msdda computes that kernel from a
+scheduler and a model output, its log-density and the KL between two kernels; the trainer and the fused
+sampler both call it, so the arithmetic cannot drift between them.
+
+Supported: ``DDPMScheduler`` (variance types ``fixed_small``, ``fixed_small_log``, ``fixed_large``,
+``learned``, ``learned_range``) and ``DDIMScheduler`` (any ``eta``; ``eta = 0`` is a deterministic step and
+is reported with variance 0), each with ``epsilon``, ``v_prediction`` and ``sample`` prediction.
+
+Shapes: ``sample`` is ``[B, ...]``; ``timestep`` is an int, a 0-d tensor, or a ``[B]`` tensor (one timestep
+per batch row, as the trainer uses when it shuffles steps). Variances come back broadcastable to the mean:
+``[B, 1, ...]`` (or 0-d) for scheduler variances, full shape for a learned variance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+__all__ = [
+    "StepKernel",
+    "step_kernel",
+    "previous_timestep",
+    "gaussian_log_prob",
+    "gaussian_kl",
+    "SUPPORTED_SCHEDULERS",
+]
+
+SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+Reduction = Literal["sum", "mean", "none"]
+
+
+@dataclass(frozen=True)
+class StepKernel:
+    """One reverse step p(x_{t-1} | x_t) = N(mean, variance), plus the x0 estimate the mean was built from.
+
+    ``variance`` broadcasts to ``mean``; it is 0 where the step is deterministic (DDIM with eta = 0, or the
+    final DDPM step), in which case there is no density and ``log_prob`` refuses.
+    """
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.variance.sqrt()
+
+    @property
+    def is_deterministic(self) -> bool:
+        """True when every element of the step has zero variance."""
+        return bool((self.variance == 0).all())
+
+    def sample(self, noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw x_{t-1} = mean + std * noise (noise drawn from ``generator`` when not given)."""
+        if noise is None:
+            noise = torch.randn(
+                self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+            )
+        return self.mean + self.std * noise
+
+    def log_prob(self, x_prev: torch.Tensor, reduction: Reduction = "sum") -> torch.Tensor:
+        """log p(x_prev | x_t), summed (or averaged) over all but the batch dimension."""
+        return gaussian_log_prob(x_prev, self.mean, self.variance, reduction=reduction)
+
+
+def _check_scheduler(scheduler: object) -> None:
+    if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
+        raise ValueError(
+            f"scheduler {type(scheduler).__name__} is not supported for Gaussian step kernels; use one of {names} "
+            "(e.g. `DDIMScheduler.from_config(pipe.scheduler.config)` with eta > 0)"
+        )
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in _PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {_PREDICTION_TYPES}")
+    if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type not in _DDPM_VARIANCE_TYPES:
+        raise ValueError(
+            f"DDPMScheduler variance_type {scheduler.config.variance_type!r} is not supported; use one of "
+            f"{_DDPM_VARIANCE_TYPES}"
+        )
+
+
+def _as_timesteps(timestep: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    timesteps = torch.as_tensor(timestep, device=device).long()
+    if timesteps.ndim > 1:
+        raise ValueError(f"timestep must be an int, a 0-d tensor or a [B] tensor, got shape {tuple(timesteps.shape)}")
+    return timesteps
+
+
+def previous_timestep(
+    scheduler: DDPMScheduler | DDIMScheduler, timestep: int | torch.Tensor
+) -> torch.Tensor:
+    """The timestep the scheduler steps to from ``timestep`` (-1 after the last step), elementwise."""
+    _check_scheduler(scheduler)
+    timesteps = _as_timesteps(timestep, scheduler.alphas_cumprod.device)
+    if isinstance(scheduler, DDIMScheduler) or not (scheduler.custom_timesteps or scheduler.num_inference_steps):
+        if isinstance(scheduler, DDIMScheduler) and scheduler.num_inference_steps is None:
+            raise ValueError("call scheduler.set_timesteps(num_inference_steps) before computing step kernels")
+        stride = (
+            scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+            if scheduler.num_inference_steps
+            else 1
+        )
+        return timesteps - stride
+    schedule = scheduler.timesteps.to(timesteps.device).long()
+    matches = schedule[None, :] == timesteps.reshape(-1, 1)
+    if not bool(matches.any(dim=1).all()):
+        missing = timesteps.reshape(-1)[~matches.any(dim=1)].tolist()
+        raise ValueError(f"timesteps {missing} are not in scheduler.timesteps; step only through the set schedule")
+    index = matches.long().argmax(dim=1)
+    following = torch.cat([schedule, schedule.new_tensor([-1])])
+    return following[index + 1].reshape(timesteps.shape)
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape 0-d or [B] per-timestep values to broadcast against a [B, ...] sample."""
+    if values.ndim == 0:
+        return values
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+def step_kernel(
+    scheduler: DDPMScheduler | DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float | None = None,
+    use_clipped_model_output: bool = False,
+) -> StepKernel:
+    """The Gaussian kernel that ``scheduler.step(model_output, timestep, sample, ...)`` samples from.
+
+    ``mean + std * noise`` equals ``scheduler.step(...).prev_sample`` when the scheduler draws the same
+    ``noise``. ``eta`` is DDIM's stochasticity (default 0, as in diffusers: a deterministic step); DDPM takes
+    no eta. For learned variances the model output carries the variance channels after the prediction, as
+    diffusers expects.
+    """
+    _check_scheduler(scheduler)
+    is_ddim = isinstance(scheduler, DDIMScheduler)
+    if not is_ddim and eta not in (None, 1.0):
+        raise ValueError(f"eta={eta} is a DDIM setting; DDPMScheduler steps are always fully stochastic (eta=1)")
+    if is_ddim and eta is None:
+        eta = 0.0
+    if is_ddim and not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+
+    timesteps = _as_timesteps(timestep, sample.device)
+    prev_timesteps = previous_timestep(scheduler, timesteps).to(sample.device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
+    if is_ddim:
+        final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=sample.device, dtype=sample.dtype)
+    else:
+        final_alpha = torch.ones((), device=sample.device, dtype=sample.dtype)
+    alpha_prod_t = _per_row(alphas_cumprod[timesteps], sample)
+    alpha_prod_t_prev = _per_row(
+        torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final_alpha), sample
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+
+    predicted_variance = None
+    learned = not is_ddim and scheduler.config.variance_type in ("learned", "learned_range")
+    if learned:
+        if model_output.shape[1] != 2 * sample.shape[1]:
+            raise ValueError(
+                f"variance_type {scheduler.config.variance_type!r} needs a model output with {2 * sample.shape[1]} "
+                f"channels (prediction, then variance), got {model_output.shape[1]}"
+            )
+        model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+        pred_epsilon = model_output
+    elif prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t.sqrt() * pred_original_sample) / beta_prod_t.sqrt()
+    else:
+        pred_original_sample = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+        pred_epsilon = alpha_prod_t.sqrt() * model_output + beta_prod_t.sqrt() * sample
+    if scheduler.config.thresholding:
+        pred_original_sample = scheduler._threshold_sample(pred_original_sample)
+    elif scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        pred_original_sample = pred_original_sample.clamp(-limit, limit)
+
+    # the posterior variance of q(x_{t-1} | x_t, x_0), shared by DDPM's fixed_small and DDIM
+    posterior_variance = beta_prod_t_prev / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+    if is_ddim:
+        variance = eta**2 * posterior_variance
+        if use_clipped_model_output:
+            pred_epsilon = (sample - alpha_prod_t.sqrt() * pred_original_sample) / beta_prod_t.sqrt()
+        mean = alpha_prod_t_prev.sqrt() * pred_original_sample + (1 - alpha_prod_t_prev - variance).sqrt() * pred_epsilon
+    else:
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+        current_beta_t = 1 - current_alpha_t
+        mean = (
+            alpha_prod_t_prev.sqrt() * current_beta_t / beta_prod_t * pred_original_sample
+            + current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t * sample
+        )
+        small = posterior_variance.clamp(min=1e-20)
+        variance_type = scheduler.config.variance_type
+        if variance_type in ("fixed_small", "fixed_small_log"):
+            variance = small
+        elif variance_type == "fixed_large":
+            variance = current_beta_t
+        elif variance_type == "learned":
+            variance = predicted_variance
+        else:  # learned_range: interpolate the log-variance between the two fixed choices
+            fraction = (predicted_variance + 1) / 2
+            variance = torch.exp(fraction * current_beta_t.log() + (1 - fraction) * small.log())
+        # diffusers adds no noise at timestep 0: the last DDPM step is deterministic
+        variance = torch.where(_per_row(timesteps, sample) > 0, variance, torch.zeros_like(variance))
+    return StepKernel(mean=mean, variance=variance, pred_original_sample=pred_original_sample)
+
+
+def _reduce(values: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction == "none":
+        return values
+    dims = tuple(range(1, values.ndim))
+    if reduction == "sum":
+        return values.sum(dim=dims) if dims else values
+    if reduction == "mean":
+        return values.mean(dim=dims) if dims else values
+    raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def _check_positive_variance(variance: torch.Tensor, what: str) -> None:
+    if bool((variance <= 0).any()):
+        raise ValueError(
+            f"{what} has zero variance: the step is deterministic (DDIM eta=0 or the final DDPM step) and has no "
+            "density; sample with eta > 0, or leave deterministic steps out of log-probs and KLs"
+        )
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor | float, reduction: Reduction = "sum"
+) -> torch.Tensor:
+    """log N(x; mean, variance) per element, reduced over all but the batch dimension."""
+    variance = torch.as_tensor(variance, dtype=mean.dtype, device=mean.device)
+    _check_positive_variance(variance, "the kernel")
+    log_density = -0.5 * ((x - mean) ** 2 / variance + variance.log() + math.log(2 * math.pi))
+    return _reduce(log_density.expand(torch.broadcast_shapes(x.shape, mean.shape, variance.shape)), reduction)
+
+
+def gaussian_kl(
+    mean_p: torch.Tensor,
+    variance_p: torch.Tensor | float,
+    mean_q: torch.Tensor,
+    variance_q: torch.Tensor | float,
+    reduction: Reduction = "sum",
+) -> torch.Tensor:
+    """KL(N(mean_p, variance_p) || N(mean_q, variance_q)), exact, per element then reduced over non-batch dims.
+
+    With equal variances this is ||mean_p - mean_q||^2 / (2 variance), the DPOK step penalty.
+    """
+    variance_p = torch.as_tensor(variance_p, dtype=mean_p.dtype, device=mean_p.device)
+    variance_q = torch.as_tensor(variance_q, dtype=mean_p.dtype, device=mean_p.device)
+    _check_positive_variance(variance_p, "the first kernel")
+    _check_positive_variance(variance_q, "the second kernel")
+    ratio = variance_p / variance_q
+    kl = 0.5 * (ratio - 1 - ratio.log() + (mean_p - mean_q) ** 2 / variance_q)
+    shape = torch.broadcast_shapes(mean_p.shape, mean_q.shape, variance_p.shape, variance_q.shape)
+    return _reduce(kl.expand(shape), reduction)
