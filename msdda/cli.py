@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from msdda import __version__
+from msdda.world.cli import add_world_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fuse them at sampling time with MSDDA.",
     )
     parser.add_argument("--version", action="version", version=f"msdda {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_world_parser(subparsers)
     return parser
 
 
@@ -26,7 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        # bad input named by the message itself: report it in one line, not as a traceback
+        print(f"msdda: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""The Reward interface and registry."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Reward", "FunctionReward", "register_reward", "load_reward", "available_rewards"]
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+class Reward(nn.Module):
+    """Scores images against prompts: ``forward(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]``.
+
+    Subclasses set ``name`` and ``version`` (recorded in adapter metadata so fusion can check what an adapter
+    was trained for) and implement ``score``. Calls run in eval mode without grad, on the reward's device,
+    and return float32 on the images' device.
+    """
+
+    name: str = "reward"
+    version: str = "0"
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in [*self.parameters(), *self.buffers()]:
+            return tensor.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.name}: images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
+        self.eval()
+        scores = self.score(images.to(self.device, torch.float32), list(prompts))
+        return scores.to(images.device, torch.float32).reshape(len(images))
+
+
+class FunctionReward(Reward):
+    """Wraps a plain ``fn(images, prompts) -> Tensor[B]`` (the ddpo-pytorch style) as a Reward."""
+
+    def __init__(self, function: Callable[[torch.Tensor, list[str]], torch.Tensor], name: str, version: str = "0"):
+        super().__init__()
+        self.function, self.name, self.version = function, name, version
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.as_tensor(self.function(images, list(prompts)))
+
+
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Decorator registering a Reward factory (usually the class) under ``name``."""
+
+    def decorate(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        if name in _REGISTRY:
+            raise ValueError(f"a reward named {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_reward(spec: str, **kwargs) -> Reward:
+    """A registered reward by name, or ``"module:attribute"`` naming a Reward class or a reward function."""
+    if spec in _REGISTRY:
+        return _REGISTRY[spec](**kwargs)
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown reward {spec!r}; built-in rewards are {available_rewards()}, or give 'package.module:name' "
+            "for your own Reward class or function"
+        )
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot load reward {spec!r}: {error}") from error
+    if inspect.isclass(target) and issubclass(target, Reward):
+        return target(**kwargs)
+    if callable(target):
+        return FunctionReward(target, name=spec, **kwargs)
+    raise ValueError(f"reward {spec!r} is neither a Reward class nor a function")

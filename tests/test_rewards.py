@@ -1,0 +1,84 @@
+"""The reward interface and registry, and the embedded world's two rewards against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from msdda.rewards import FunctionReward, Reward, available_rewards, load_reward
+from msdda.rewards.world import centredness, colourfulness
+from msdda.world.data import COLOURS, Attributes, PromptError, prompt_for, render_images, sample_attributes
+
+
+def _procedural(count: int, seed: int = 0) -> tuple[torch.Tensor, list[Attributes]]:
+    attributes = sample_attributes(count, seed, "all")
+    images = torch.from_numpy(render_images(attributes, seed + 1)).permute(0, 3, 1, 2).float() / 255
+    return images, attributes
+
+
+def test_colourfulness_matches_hasler_suesstrunk_by_hand() -> None:
+    image = torch.zeros(1, 3, 4, 4)
+    image[0, 0, :, :2] = 1.0  # left half pure red
+    image[0, 2, :, 2:] = 1.0  # right half pure blue
+    # rg: 255 | 0 -> mean 127.5, std 127.5;  yb: 127.5 | -255 -> mean -63.75, std 191.25
+    expected = (math.hypot(127.5, 191.25) + 0.3 * math.hypot(127.5, -63.75)) / 100
+    assert float(colourfulness(image)) == pytest.approx(expected, rel=1e-6)
+    assert float(colourfulness(torch.full((1, 3, 4, 4), 0.5))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_centredness_is_one_minus_the_normalised_centroid_distance() -> None:
+    image = torch.zeros(1, 3, 32, 32)
+    image[0, :, 5, 20] = 1.0  # one white pixel on black: the centroid is that pixel's centre
+    expected = 1 - math.hypot(5.5 - 16, 20.5 - 16) / (0.5 * math.hypot(32, 32))
+    assert float(centredness(image)) == pytest.approx(expected, rel=1e-6)
+    scores = centredness(torch.from_numpy(render_images(
+        [Attributes("red", "circle", "center"), Attributes("red", "circle", "left")], 0)).permute(0, 3, 1, 2) / 255)
+    assert float(scores[0]) > float(scores[1]) + 0.2
+
+
+@pytest.mark.parametrize("name", ["world-consistency", "world-aesthetic"])
+def test_world_rewards_are_deterministic_batched_and_one_float_per_image(name: str) -> None:
+    reward = load_reward(name)
+    images, attributes = _procedural(12)
+    prompts = [prompt_for(a) for a in attributes]
+    scores = reward(images, prompts)
+    assert scores.shape == (12,) and scores.dtype == torch.float32 and bool(scores.isfinite().all())
+    torch.testing.assert_close(reward(images, prompts), scores)
+    singles = torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(12)])
+    torch.testing.assert_close(singles, scores, rtol=1e-5, atol=1e-5)
+    assert reward.name == name and reward.version
+
+
+def test_consistency_reads_procedural_images_and_punishes_wrong_prompts() -> None:
+    reward = load_reward("world-consistency")
+    images, attributes = _procedural(200, seed=4)
+    right = reward(images, [prompt_for(a) for a in attributes])
+    colours = list(COLOURS)
+    wrong_colour = [Attributes(colours[(colours.index(a.colour) + 1) % len(colours)], a.shape, a.position)
+                    for a in attributes]
+    wrong = reward(images, [prompt_for(a) for a in wrong_colour])
+    assert float(right.exp().mean()) > 0.9
+    assert float(right.mean()) > float(wrong.mean()) + 3
+
+
+def test_consistency_refuses_prompts_outside_the_grammar() -> None:
+    images, _ = _procedural(2)
+    with pytest.raises(PromptError, match="grammar"):
+        load_reward("world-consistency")(images, ["a zebra", "a red circle on the left"])
+
+
+def test_registry_and_user_rewards() -> None:
+    assert {"world-consistency", "world-aesthetic"} <= set(available_rewards())
+    brightness = load_reward("tests.user_rewards:brightness")
+    assert isinstance(brightness, FunctionReward)
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(brightness(images, ["x"] * 3), images.mean(dim=(1, 2, 3)))
+    assert isinstance(load_reward("tests.user_rewards:Redness"), Reward)
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        load_reward("nope")
+    with pytest.raises(ValueError, match="cannot load reward"):
+        load_reward("tests.user_rewards:missing")
+    with pytest.raises(ValueError, match="got 3 images but 2 prompts"):
+        brightness(images, ["x", "y"])
