@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from msdda import __version__
+from msdda.fuse.cli import add_fuse_parser
+from msdda.train.cli import add_train_parser
 from msdda.world.cli import add_world_parser
 
 
@@ -18,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"msdda {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_train_parser(subparsers)
+    add_fuse_parser(subparsers)
     add_world_parser(subparsers)
     return parser
 

@@ -1,5 +1,13 @@
-"""Retraining-free fusion of reward adapters (MSDDA): the closed form, and later the sampler and baselines."""
+"""Retraining-free fusion of reward adapters (MSDDA): the closed form, the sampler and the baselines."""
 
 from msdda.fuse.closed_form import REFERENCE_TOLERANCE, exponents, fuse_gaussians, reference_exponent
 
-__all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE"]
+__all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE", "MSDDAPipeline"]
+
+
+def __getattr__(name: str):
+    if name == "MSDDAPipeline":  # imported lazily: the closed form needs no diffusers
+        from msdda.fuse.pipeline import MSDDAPipeline
+
+        return MSDDAPipeline
+    raise AttributeError(name)

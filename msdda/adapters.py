@@ -1,0 +1,134 @@
+"""Reward adapters on disk: diffusers-format LoRA weights, the metadata fusion checks, and a model card.
+
+An adapter folder holds ``pytorch_lora_weights.safetensors`` (what ``pipe.load_lora_weights(folder)`` loads in
+stock diffusers), ``msdda_adapter.json`` (reward, beta, step-reward estimator, base model and a hash of its
+UNet weights, scheduler, sampling settings, LoRA settings, training summary) and ``README.md`` with the
+Hub's YAML front matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "weights_hash", "METADATA_FILE",
+           "WEIGHTS_FILE"]
+
+METADATA_FILE = "msdda_adapter.json"
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class AdapterMetadata:
+    """What an adapter was trained for and on; fusion refuses adapters whose fields disagree."""
+
+    reward_name: str
+    reward_version: str
+    beta: float
+    step_reward: str
+    base_model: str
+    base_model_hash: str
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    num_inference_steps: int
+    eta: float
+    guidance_scale: float
+    lora_rank: int
+    lora_alpha: float
+    lora_target_modules: list[str]
+    training: dict[str, Any]
+    msdda_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 over the module's base weights (names, dtypes, shapes, bytes), LoRA parameters excluded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")  # a PEFT-wrapped layer hashes like the plain one
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _model_card(metadata: AdapterMetadata) -> str:
+    summary = "\n".join(f"- {key}: {value}" for key, value in metadata.training.items())
+    return f"""---
+library_name: diffusers
+base_model: {metadata.base_model}
+tags:
+- msdda
+- lora
+- text-to-image
+- reinforcement-learning
+- reward:{metadata.reward_name}
+---
+
+# msdda reward adapter: {metadata.reward_name}
+
+A LoRA adapter (rank {metadata.lora_rank}, alpha {metadata.lora_alpha}, on {', '.join(metadata.lora_target_modules)})
+for `{metadata.base_model}`, trained with step-level KL-regularised RL to raise the reward
+`{metadata.reward_name}` (version {metadata.reward_version}) with KL weight beta = {metadata.beta} and the
+`{metadata.step_reward}` step reward, sampling with {metadata.scheduler_class}, {metadata.num_inference_steps} steps,
+eta = {metadata.eta}, guidance scale {metadata.guidance_scale}.
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{metadata.base_model}")
+pipe.load_lora_weights("path/to/this/folder")
+```
+
+Fuse it with other msdda adapters trained on the same base model (`msdda fuse`): the metadata in
+`{METADATA_FILE}` lets msdda check that they share base weights, scheduler and step count, and weight them
+by their betas.
+
+## Training summary
+{summary}
+"""
+
+
+def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata) -> Path:
+    """Write the adapter atomically: into ``folder.tmp``, then renamed over ``folder``."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    import msdda
+
+    folder = Path(folder)
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(temporary, unet_lora_layers=lora_state, safe_serialization=True)
+    metadata = dataclasses.replace(metadata, msdda_version=msdda.__version__)
+    (temporary / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))
+    (temporary / "README.md").write_text(_model_card(metadata))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(temporary, folder)
+    return folder
+
+
+def load_adapter_metadata(folder: str | Path) -> AdapterMetadata:
+    """The metadata of a local adapter folder; a clear error when it is missing or malformed."""
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {METADATA_FILE}: it is not an msdda adapter folder")
+    data = json.loads(path.read_text())
+    names = {field.name for field in dataclasses.fields(AdapterMetadata)}
+    missing = sorted(names - set(data) - {"msdda_version", "format_version"})
+    if missing:
+        raise ValueError(f"{path} lacks the fields {missing}")
+    return AdapterMetadata(**{key: value for key, value in data.items() if key in names})

@@ -1,0 +1,94 @@
+"""Diffusers glue shared by the trainer and the sampler: load a base pipeline, encode prompts, guided model
+outputs, decode latents.
+
+We wrap rather than call ``StableDiffusionPipeline.__call__`` because RL and fusion need each step's Gaussian
+kernel (msdda.kernels), which the stock loop does not expose; everything else is the stock components.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+from msdda.kernels import SUPPORTED_SCHEDULERS
+
+__all__ = ["WORLD", "resolve_base", "load_base_pipeline", "encode_prompts", "guided_output", "apply_guidance",
+           "decode_latents"]
+
+WORLD = "world"
+"""The base name of the embedded default world."""
+
+
+def resolve_base(base: str) -> str:
+    """A local folder or Hub id for ``base``; ``"world"`` is the shipped embedded world."""
+    if base == WORLD:
+        from msdda.world import world_path
+
+        return str(world_path())
+    return base
+
+
+def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = torch.float32):
+    """The base StableDiffusionPipeline with a stochastic-capable scheduler, weights frozen, progress bars off.
+
+    ``scheduler`` is ``"ddim"`` (use eta > 0 for Gaussian kernels) or ``"ddpm"``; both are built from the
+    pipeline's own scheduler config so the noise schedule is unchanged.
+    """
+    choices = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    if scheduler not in choices:
+        raise ValueError(f"scheduler must be one of {list(choices)} (stochastic Gaussian steps), got {scheduler!r}")
+    location = resolve_base(base)
+    local = Path(location).is_dir()
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=local)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is in your "
+            f"cache (or reachable), or '{WORLD}' for the embedded world"
+        ) from error
+    pipeline.to(dtype=dtype)
+    pipeline.scheduler = choices[scheduler].from_config(pipeline.scheduler.config)
+    assert isinstance(pipeline.scheduler, SUPPORTED_SCHEDULERS)
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        module.requires_grad_(False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def encode_prompts(pipeline, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeddings, negative (empty-prompt) embeddings), each ``[B, L, D]``."""
+    positive, negative = pipeline.encode_prompt(prompts, device, 1, True)
+    return positive, negative
+
+
+def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, channels: int,
+                   guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on the prediction channels; a learned variance (extra channels) is kept as the
+    conditional model's, as diffusers' pipelines do."""
+    guided = unconditional[:, :channels] + guidance_scale * (conditional[:, :channels] - unconditional[:, :channels])
+    if conditional.shape[1] == channels:
+        return guided
+    return torch.cat([guided, conditional[:, channels:]], dim=1)
+
+
+def guided_output(unet, latents: torch.Tensor, timestep: torch.Tensor | int, prompt_embeds: torch.Tensor,
+                  negative_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """The UNet output with classifier-free guidance (one batched forward of 2B rows when guidance > 1)."""
+    if negative_embeds is None or guidance_scale <= 1.0:
+        return unet(latents, timestep, prompt_embeds).sample
+    doubled = torch.cat([latents, latents])
+    timesteps = torch.cat([timestep, timestep]) if torch.is_tensor(timestep) and timestep.ndim else timestep
+    unconditional, conditional = unet(doubled, timesteps, torch.cat([negative_embeds, prompt_embeds])).sample.chunk(2)
+    return apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
+
+
+@torch.no_grad()
+def decode_latents(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1], float32."""
+    vae = pipeline.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)

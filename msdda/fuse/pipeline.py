@@ -1,0 +1,183 @@
+"""``MSDDAPipeline``: a StableDiffusionPipeline that samples K reward adapters fused at sampling time.
+
+    pipe = MSDDAPipeline.from_pretrained("world", adapters=["runs/aesthetic/final", "runs/consistency/final"])
+    images = pipe("a red circle on the left", weights=[0.3, 0.7], generator=torch.Generator().manual_seed(0)).images
+
+Speaks the stock pipelines' argument names (prompt, num_inference_steps, guidance_scale, eta, generator,
+output_type) and adds ``weights`` and ``method``. Before sampling it checks the adapters' metadata: same base
+weights (content hash), same scheduler and step count, known betas.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+from msdda.adapters import AdapterMetadata, load_adapter_metadata, weights_hash
+from msdda.diffusion import decode_latents, resolve_base
+from msdda.fuse.closed_form import exponents
+from msdda.fuse.sampler import METHODS, FusionPlan, sample_latents
+
+__all__ = ["MSDDAPipeline", "LoadedAdapter", "resolve_adapter"]
+
+logger = logging.getLogger(__name__)
+_SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler}
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    source: str
+    metadata: AdapterMetadata | None
+
+
+def resolve_adapter(source: str) -> Path:
+    """A local adapter folder, or a Hub repo id downloaded (or taken from the cache) with huggingface_hub."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists() or source.count("/") != 1:
+        raise FileNotFoundError(f"adapter {source!r} is neither a folder nor a Hub repo id like 'user/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json", "README.md"]))
+    except Exception as error:  # huggingface_hub raises several types for offline / missing repos
+        raise FileNotFoundError(f"cannot fetch adapter {source!r} from the Hub ({type(error).__name__}: {error}); "
+                                "download it to a folder and pass the folder") from error
+
+
+class MSDDAPipeline(StableDiffusionPipeline):
+    """Stable Diffusion (or the embedded world) with K reward LoRAs, fused per step with MSDDA."""
+
+    @classmethod
+    def from_pretrained(cls, base: str, adapters: list[str] | tuple[str, ...] = (), betas: list[float] | None = None,
+                        **kwargs) -> MSDDAPipeline:
+        location = resolve_base(base)
+        kwargs.setdefault("local_files_only", Path(location).is_dir())
+        pipeline = super().from_pretrained(location, safety_checker=None, requires_safety_checker=False, **kwargs)
+        pipeline.base_model = base
+        pipeline.base_hash = weights_hash(pipeline.unet)
+        pipeline.adapters = []
+        pipeline.unet.requires_grad_(False)
+        if adapters:
+            pipeline.load_adapters(list(adapters), betas)
+        return pipeline
+
+    # ------------------------------------------------------------------------------------------- adapters
+    def load_adapters(self, sources: list[str], betas: list[float] | None = None) -> None:
+        """Check each adapter's metadata against the base and the others, then load its LoRA."""
+        if betas is not None and len(betas) != len(sources):
+            raise ValueError(f"got {len(sources)} adapters but {len(betas)} betas; give one beta per adapter")
+        first: AdapterMetadata | None = None
+        unchecked = []
+        for index, source in enumerate(sources):
+            folder = resolve_adapter(source)
+            try:
+                metadata = load_adapter_metadata(folder)
+            except FileNotFoundError:
+                metadata = None
+                unchecked.append(source)
+            if metadata is not None:
+                if metadata.base_model_hash != self.base_hash:
+                    raise ValueError(f"adapter {source}: base_model_hash {metadata.base_model_hash[:12]}… "
+                                     f"(trained on {metadata.base_model}) differs from this base's "
+                                     f"{self.base_hash[:12]}… ({self.base_model}); MSDDA needs one reference model")
+                first = first or metadata
+                for field in ("scheduler_class", "num_inference_steps"):
+                    ours, theirs = getattr(metadata, field), getattr(first, field)
+                    if ours != theirs:
+                        raise ValueError(f"adapter {source}: {field} is {ours!r} but adapter {sources[0]} has "
+                                         f"{theirs!r}; fuse adapters trained with the same sampler")
+            if betas is None and metadata is None:
+                raise ValueError(f"adapter {source} records no beta (no msdda_adapter.json); pass betas=[...] "
+                                 "(--betas on the command line)")
+            beta = betas[index] if betas is not None else metadata.beta
+            name = f"adapter_{len(self.adapters)}"
+            self.load_lora_weights(folder, adapter_name=name)
+            self.adapters.append(LoadedAdapter(name=name, source=source, metadata=metadata))
+            self._betas = getattr(self, "_betas", []) + [float(beta)]
+        if unchecked:
+            warnings.warn(f"adapters {unchecked} carry no msdda metadata: their base model, scheduler and step "
+                          "count cannot be checked", stacklevel=2)
+        if first is not None:
+            scheduler_class = _SCHEDULERS.get(first.scheduler_class)
+            if scheduler_class is None:
+                raise ValueError(f"adapters were trained with {first.scheduler_class}, which msdda cannot sample")
+            self.scheduler = scheduler_class.from_config(first.scheduler_config)
+
+    @property
+    def betas(self) -> list[float]:
+        return list(getattr(self, "_betas", []))
+
+    def _default(self, field: str, fallback):
+        for adapter in self.adapters:
+            if adapter.metadata is not None:
+                return getattr(adapter.metadata, field)
+        return fallback
+
+    # ---------------------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], weights: list[float] | None = None, method: str = "msdda",
+                 beta: float | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, eta: float | None = None,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
+                 code_block: int = 5, return_dict: bool = True):
+        """Sample with the adapters fused by ``method`` at ``weights`` (one per adapter).
+
+        ``beta`` is the fused objective's KL weight (default: the adapters' common beta). ``rewards`` (one per
+        adapter) are needed only by ``method="code"``. Defaults for steps, guidance and eta come from the
+        adapters' metadata.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        count = len(self.adapters)
+        if method != "base" and count == 0:
+            raise ValueError(f"method {method!r} needs adapters; load some with adapters=[...]")
+        weights = list(weights) if weights is not None else ([1.0 / count] * count if count else [])
+        if len(weights) != count:
+            raise ValueError(f"got {len(weights)} weights for {count} adapters; give one weight per adapter")
+        powers = exponents(weights, self.betas, beta) if count else []
+        num_inference_steps = num_inference_steps or self._default("num_inference_steps", 50)
+        guidance_scale = self._default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        eta = self._default("eta", 1.0) if eta is None else eta
+        if isinstance(self.scheduler, DDPMScheduler):
+            eta = None
+        elif eta == 0:
+            warnings.warn("eta=0 makes every step deterministic: there is no precision to weight, so MSDDA takes "
+                          "the equal-variance limit (the exponent-weighted mean of the kernels' means)", stacklevel=2)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        device = self._execution_device
+        positive, negative = self.encode_prompt(prompts, device, 1, guidance_scale > 1.0, negative_prompt)
+        reward = None
+        if method == "code":
+            if rewards is None or len(rewards) != count:
+                raise ValueError("method 'code' scores candidates while sampling: pass rewards=[one per adapter]")
+            total = sum(weights)
+            reward = lambda images, texts: sum(w / total * r(images, texts) for w, r in zip(weights, rewards))  # noqa: E731
+        plan = FusionPlan(method=method, adapter_names=[a.name for a in self.adapters], weights=weights,
+                          exponents=powers, guidance_scale=guidance_scale, eta=eta, code_candidates=code_candidates,
+                          code_block=code_block, reward=reward, decode=lambda x: decode_latents(self, x))
+        generator = generator or torch.Generator().manual_seed(0)
+        if method == "soup":
+            self.set_adapters(plan.adapter_names, weights)
+        try:
+            final = sample_latents(self.unet, self.scheduler, positive, negative, plan, num_inference_steps, generator,
+                                   latents=latents, prompts=prompts, progress=self.progress_bar)
+        finally:
+            if method == "soup":
+                self.set_adapters(plan.adapter_names, [1.0] * count)
+        images = self.vae.decode(final.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = self.image_processor.postprocess(images, output_type=output_type)
+        if not return_dict:
+            return (images, None)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

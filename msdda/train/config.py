@@ -1,0 +1,129 @@
+"""The training config: one dataclass tree, loaded from YAML with ``key.sub=value`` overrides."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["TrainConfig", "LoraSettings", "SamplingSettings", "RewardSettings", "OptimSettings",
+           "CheckpointSettings"]
+
+
+@dataclass
+class RewardSettings:
+    name: str = "world-aesthetic"
+    """A registered reward (msdda.rewards.available_rewards()) or 'package.module:name'."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    step_reward: Literal["terminal", "tweedie", "rollout"] = "terminal"
+
+
+@dataclass
+class SamplingSettings:
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    num_inference_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 3.0
+    batch_size: int = 16
+    """Trajectories per process per sampling batch."""
+    batches_per_epoch: int = 2
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class OptimSettings:
+    learning_rate: float = 3e-4
+    adam_weight_decay: float = 1e-4
+    batch_size: int = 16
+    """Trajectories per process per gradient step (each contributes all its steps)."""
+    gradient_accumulation_steps: int = 1
+    inner_epochs: int = 1
+    clip_range: float = 0.2
+    advantage_clip: float = 5.0
+    advantage_normalisation: Literal["center", "standardize"] = "center"
+    stat_buffer: int = 32
+    stat_min_count: int = 8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class CheckpointSettings:
+    every: int = 5
+    """Epochs between checkpoints."""
+    keep: int = 2
+    """How many checkpoints to keep (oldest removed first)."""
+
+
+@dataclass
+class TrainConfig:
+    base: str = "world"
+    """A local diffusers folder, a Hub id, or 'world' for the embedded default."""
+    prompts: list[str] | str = "world"
+    """A list of prompts, a text file with one prompt per line, or 'world' for the world's training prompts."""
+    output_dir: str = "runs/train"
+    seed: int = 0
+    epochs: int = 20
+    beta: float = 0.01
+    """KL weight of the step-level objective; recorded in the adapter for fusion."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    resume: str | None = None
+    """'latest' or a checkpoint folder to continue from."""
+    sample_every: int = 5
+    """Epochs between sample grids (0: never)."""
+    log_with: str | None = "tensorboard"
+    max_bad_epochs: int = 3
+    """Stop when every reward of a batch was NaN/inf for this many epochs in a row."""
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: OptimSettings = field(default_factory=OptimSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+
+    def validate(self) -> None:
+        """Refuse bad settings before any work; each message names the key and the fix."""
+        from msdda.rewards import available_rewards
+
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a finite number >= 0 (the KL weight), got {self.beta}")
+        if self.sampling.scheduler == "ddim" and not self.sampling.eta > 0:
+            raise ValueError(f"sampling.eta={self.sampling.eta} makes DDIM deterministic: step-level RL needs "
+                             "Gaussian steps; set sampling.eta > 0 (1.0 is DDPM-like)")
+        if self.reward.name not in available_rewards() and ":" not in self.reward.name:
+            raise ValueError(f"unknown reward {self.reward.name!r}; built-in rewards are {available_rewards()}, "
+                             "or give 'package.module:name'")
+        if isinstance(self.prompts, str) and self.prompts != "world" and not Path(self.prompts).is_file():
+            raise ValueError(f"prompts file {self.prompts} does not exist; give a text file with one prompt per "
+                             "line, a list of prompts, or 'world'")
+        if isinstance(self.prompts, list) and not [p for p in self.prompts if p.strip()]:
+            raise ValueError("prompts is an empty list; give at least one prompt")
+        for name, value in (("epochs", self.epochs), ("sampling.batch_size", self.sampling.batch_size),
+                            ("sampling.batches_per_epoch", self.sampling.batches_per_epoch),
+                            ("sampling.num_inference_steps", self.sampling.num_inference_steps),
+                            ("train.batch_size", self.train.batch_size), ("lora.rank", self.lora.rank),
+                            ("checkpoint.every", self.checkpoint.every), ("checkpoint.keep", self.checkpoint.keep)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        per_epoch = self.sampling.batch_size * self.sampling.batches_per_epoch
+        if per_epoch % self.train.batch_size:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must divide the trajectories sampled per "
+                             f"epoch (sampling.batch_size * sampling.batches_per_epoch = {per_epoch})")
+
+    def load_prompts(self) -> list[str]:
+        if isinstance(self.prompts, list):
+            return [p for p in self.prompts if p.strip()]
+        if self.prompts == "world":
+            from msdda.world.data import prompt_for, training_combinations
+
+            return [prompt_for(a) for a in training_combinations()]
+        prompts = [line.strip() for line in Path(self.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts file {self.prompts} holds no prompts")
+        return prompts

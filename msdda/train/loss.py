@@ -1,0 +1,113 @@
+"""The step-level KL-regularised RL loss, as pure tensor maths.
+
+Each denoising step is its own problem: maximise E[R_t] - beta * KL(pi(.|x_t) || p_ref(.|x_t)), whose optimum
+is p_ref * exp(R_t / beta) / Z. The update is a clipped-ratio policy gradient on log pi(x_{t-1} | x_t) with
+per-prompt baselines (DDPO's per-prompt statistics) plus beta times the exact Gaussian KL to the reference
+(DPOK). Log-probs and KLs are summed over all latent elements, so beta keeps its meaning as the KL weight of
+the objective and the adapter's optimum is the one MSDDA fuses.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+__all__ = ["PerPromptStatTracker", "StepLoss", "step_loss"]
+
+Normalisation = Literal["center", "standardize"]
+
+
+class PerPromptStatTracker:
+    """Running reward statistics per key (prompt, or prompt and step), as DDPO keeps them.
+
+    ``center`` subtracts the key's running mean (an unbiased baseline: the optimum keeps its beta);
+    ``standardize`` also divides by the running std (DDPO's choice: steadier steps, but the effective KL weight
+    becomes beta * std). Keys with fewer than ``min_count`` stored rewards use the batch's global statistics.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, normalisation: Normalisation = "center"):
+        if normalisation not in ("center", "standardize"):
+            raise ValueError(f"normalisation must be 'center' or 'standardize', got {normalisation!r}")
+        self.buffer_size, self.min_count, self.normalisation = buffer_size, min_count, normalisation
+        self.buffers: dict[Hashable, deque] = defaultdict(lambda: deque(maxlen=buffer_size))
+
+    def update(self, keys: Sequence[Hashable], rewards: np.ndarray) -> np.ndarray:
+        """Advantages for ``rewards`` (one per key), after adding them to the running buffers."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        global_mean, global_std = rewards.mean(), rewards.std() + 1e-6
+        groups: dict[Hashable, list[int]] = defaultdict(list)
+        for index, key in enumerate(keys):
+            groups[key].append(index)
+        for key, indices in groups.items():
+            buffer = self.buffers[key]
+            buffer.extend(rewards[indices].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = global_mean, global_std
+            else:
+                mean, std = float(np.mean(buffer)), float(np.std(buffer)) + 1e-6
+            scale = std if self.normalisation == "standardize" else 1.0
+            advantages[indices] = (rewards[indices] - mean) / scale
+        return advantages
+
+    def state_dict(self) -> dict:
+        return {"buffers": {repr(k): (k, list(v)) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers.clear()
+        for key, values in state["buffers"].values():
+            key = tuple(key) if isinstance(key, list) else key
+            self.buffers[key].extend(values)
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The loss of one minibatch of transitions, and what to log about it (all scalars)."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def step_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    kl_to_reference: torch.Tensor | None,
+    beta: float,
+    clip_range: float,
+    advantage_clip: float | None = None,
+) -> StepLoss:
+    """Clipped policy gradient on the step log-probs plus beta * exact KL to the reference.
+
+    Args:
+        log_prob: ``[N]`` log pi_theta(x_{t-1} | x_t) under the current adapter (with grad).
+        old_log_prob: ``[N]`` the same under the policy that sampled the transitions.
+        advantages: ``[N]`` step-reward advantages.
+        kl_to_reference: ``[N]`` KL(pi_theta(.|x_t) || p_ref(.|x_t)) (with grad), or None when beta is 0.
+        beta: the KL weight.
+        clip_range: PPO's epsilon on the probability ratio.
+        advantage_clip: clamp advantages to [-c, c] (DDPO's adv_clip_max), or None.
+    """
+    if advantage_clip is not None:
+        advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    kl = kl_to_reference.mean() if kl_to_reference is not None else torch.zeros((), device=log_prob.device)
+    if beta and kl_to_reference is None:
+        raise ValueError(f"beta={beta} needs the KL to the reference; pass kl_to_reference")
+    with torch.no_grad():
+        clip_fraction = ((ratio - 1).abs() > clip_range).float().mean()
+        approx_kl = 0.5 * (log_ratio**2).mean()
+    return StepLoss(loss=policy_loss + beta * kl, policy_loss=policy_loss.detach(), kl=kl.detach(),
+                    clip_fraction=clip_fraction, approx_kl=approx_kl)

@@ -1,0 +1,135 @@
+"""Rollouts: sample trajectories with the current adapter and record every step's Gaussian kernel.
+
+Per step we keep x_t, x_{t-1}, the timestep and log pi(x_{t-1} | x_t) under the sampling policy, and,
+when the KL or a dense step reward needs it, the reference kernel's mean (the same UNet with the adapter
+disabled). One reference forward per step serves both: its kernel at x_t gives the KL target for step t, and
+its x0 estimate at x_{t-1} (the next step's state) is the ``tweedie`` step reward's clean image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from msdda.diffusion import decode_latents, guided_output
+from msdda.kernels import step_kernel
+
+__all__ = ["Trajectories", "sample_trajectories", "adapter_disabled", "StepRewardName", "STEP_REWARDS"]
+
+StepRewardName = Literal["terminal", "tweedie", "rollout"]
+STEP_REWARDS = ("terminal", "tweedie", "rollout")
+
+
+@contextmanager
+def adapter_disabled(unet):
+    """The reference policy: the same UNet with its LoRA switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@dataclass
+class Trajectories:
+    """B sampled trajectories of T stochastic steps (tensors on the sampling device, detached)."""
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    negative_embeds: torch.Tensor  # [B, L, D]
+    timesteps: torch.Tensor  # [T]
+    latents: torch.Tensor  # [B, T + 1, C, H, W]: x_T ... x_0
+    log_probs: torch.Tensor  # [B, T]
+    reference_means: torch.Tensor | None  # [B, T, C, H, W]
+    step_rewards: torch.Tensor  # [B, T]: R_t for the step leaving timesteps[t]
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]: the decoded x_0
+
+    @property
+    def final_rewards(self) -> torch.Tensor:
+        return self.step_rewards[:, -1]
+
+
+def _reward_of_latents(pipeline, reward: Callable, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return reward(decode_latents(pipeline, latents), prompts).to(torch.float32)
+
+
+@torch.no_grad()
+def sample_trajectories(
+    pipeline,
+    unet,
+    reward: Callable,
+    prompts: list[str],
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    num_inference_steps: int,
+    eta: float,
+    guidance_scale: float,
+    step_reward: StepRewardName,
+    need_reference: bool,
+    generator: torch.Generator,
+) -> Trajectories:
+    """Sample with the adapter on; score each step with ``step_reward``; see the module docstring."""
+    if step_reward not in STEP_REWARDS:
+        raise ValueError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(num_inference_steps, device=prompt_embeds.device)
+    timesteps = scheduler.timesteps
+    need_reference = need_reference or step_reward == "tweedie"
+    batch = len(prompts)
+    shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).to(prompt_embeds.device)
+    latents = latents * scheduler.init_noise_sigma
+    states, log_probs, reference_means, reference_x0 = [latents], [], [], []
+    for timestep in timesteps:
+        output = guided_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)
+        kernel = step_kernel(scheduler, output, timestep, latents, eta=eta)
+        if kernel.is_deterministic:
+            raise ValueError(
+                f"the step at timestep {int(timestep)} is deterministic (variance 0); RL needs stochastic steps: "
+                "use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's config has)"
+            )
+        if need_reference:
+            with adapter_disabled(unet):
+                reference_output = guided_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)
+            reference = step_kernel(scheduler, reference_output, timestep, latents, eta=eta)
+            reference_means.append(reference.mean)
+            reference_x0.append(reference.pred_original_sample)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        latents = kernel.sample(noise=noise)
+        log_probs.append(kernel.log_prob(latents))
+        states.append(latents)
+
+    images = decode_latents(pipeline, latents)
+    final_reward = reward(images, prompts).to(torch.float32)
+    steps = len(timesteps)
+    if step_reward == "terminal":
+        step_rewards = final_reward[:, None].expand(batch, steps).clone()
+    elif step_reward == "tweedie":
+        # R_t = r(x0_hat_ref(x_{t-1})): the reference's x0 estimate at the next state; x_0 itself at the end
+        step_rewards = torch.stack(
+            [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in reference_x0[1:]] + [final_reward], dim=1)
+    else:
+        step_rewards = torch.stack(
+            [_rollout_reward(pipeline, unet, reward, prompts, states[i + 1], timesteps[i + 1:], prompt_embeds,
+                             negative_embeds, guidance_scale) for i in range(steps - 1)] + [final_reward], dim=1)
+    return Trajectories(
+        prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
+        latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1),
+        reference_means=torch.stack(reference_means, dim=1) if need_reference else None,
+        step_rewards=step_rewards, images=images,
+    )
+
+
+def _rollout_reward(pipeline, unet, reward, prompts, latents, remaining_timesteps, prompt_embeds, negative_embeds,
+                    guidance_scale) -> torch.Tensor:
+    """r of the deterministic (eta = 0) reference continuation from ``latents`` over the remaining steps."""
+    scheduler = pipeline.scheduler
+    with adapter_disabled(unet):
+        for timestep in remaining_timesteps:
+            output = guided_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)
+            latents = step_kernel(scheduler, output, timestep, latents, eta=0.0).mean
+    return _reward_of_latents(pipeline, reward, latents, prompts)

@@ -1,0 +1,384 @@
+"""The Accelerate trainer: one LoRA per reward with step-level KL-regularised RL.
+
+An epoch samples trajectories with the current adapter (msdda.train.rollout), turns step rewards into
+per-prompt advantages (gathered over processes), then takes clipped policy-gradient steps with the exact KL to
+the reference (msdda.train.loss). Every random draw comes from a generator seeded by (seed, epoch, process,
+batch), and checkpoints hold everything else that changes (LoRA weights, optimizer state, reward statistics),
+so a run resumed from a checkpoint ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
+from msdda.config import config_to_dict
+from msdda.diffusion import encode_prompts, guided_output, load_base_pipeline
+from msdda.kernels import gaussian_kl, step_kernel
+from msdda.rewards import load_reward
+from msdda.train.config import TrainConfig
+from msdda.train.loss import PerPromptStatTracker, step_loss
+from msdda.train.rollout import Trajectories, sample_trajectories
+
+__all__ = ["Trainer", "train", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+RUN_CONFIG = "run_config.yaml"
+STATE_FILE = "trainer_state.json"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (half-written ones end in .tmp and are ignored)."""
+    folder = Path(output_dir) / "checkpoints"
+    complete = sorted(p for p in folder.glob("checkpoint-*") if p.suffix != ".tmp" and (p / STATE_FILE).is_file())
+    return complete[-1] if complete else None
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _check_lora_targets(unet, targets: list[str]) -> None:
+    names = [name for name, _ in unet.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        examples = sorted({n.rsplit(".", 1)[-1] for n in names if "attn" in n})[:8]
+        raise ValueError(f"lora.target_modules {missing} match no module of the UNet; attention projections are "
+                         f"named like {examples}")
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Trainer:
+    """Builds everything from a TrainConfig, refusing bad input before any work, then ``run()``s."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+        from peft import LoraConfig
+
+        config.validate()
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self._check_output_dir()
+        self.prompts = config.load_prompts()
+        steps = config.sampling.num_inference_steps
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps * steps,
+            log_with=config.log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")),
+        )
+        set_seed(config.seed, device_specific=True)
+        self.reward = load_reward(config.reward.name, **config.reward.kwargs).to(self.accelerator.device)
+        self.pipeline = load_base_pipeline(config.base, config.sampling.scheduler)
+        unet = self.pipeline.unet
+        _check_lora_targets(unet, config.lora.target_modules)
+        self.base_hash = weights_hash(unet)
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        self.pipeline.to(self.accelerator.device, weight_dtype)
+        unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, init_lora_weights="gaussian",
+                                    target_modules=config.lora.target_modules))
+        for parameter in unet.parameters():  # LoRA trains in float32 whatever the base dtype
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+        if config.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.lora_parameters, lr=config.train.learning_rate,
+                                      weight_decay=config.train.adam_weight_decay)
+        self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.tracker = PerPromptStatTracker(config.train.stat_buffer, config.train.stat_min_count,
+                                            config.train.advantage_normalisation)
+        self.start_epoch, self.bad_epochs, self.history = 0, 0, []
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _check_output_dir(self) -> None:
+        run_config = self.output_dir / RUN_CONFIG
+        if run_config.is_file() and self.config.resume is None:
+            raise ValueError(f"output_dir {self.output_dir} holds another run; pass resume=latest to continue it, "
+                             "or choose another output_dir")
+        if self.config.resume is not None and self.config.resume != "latest" and not Path(self.config.resume).is_dir():
+            raise ValueError(f"resume={self.config.resume!r}: no such checkpoint folder; use 'latest' or a path")
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, epoch: int) -> None:
+        """Write checkpoint-<epoch> atomically (temp folder, then rename) and keep the newest few."""
+        from peft.utils import get_peft_model_state_dict
+
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            folder = self.output_dir / "checkpoints" / f"checkpoint-{epoch + 1:05d}"
+            temporary = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unwrapped).items()}
+            save_file(lora, temporary / "lora.safetensors")
+            tensors, meta = _optimizer_to_files(self.optimizer.optimizer)
+            save_file(tensors, temporary / "optimizer.safetensors")
+            state = {"epoch": epoch + 1, "bad_epochs": self.bad_epochs, "history": self.history,
+                     "optimizer": meta, "tracker": self.tracker.state_dict()}
+            (temporary / STATE_FILE).write_text(json.dumps(state))
+            save_adapter(temporary / "adapter", self.unwrapped, self._metadata())
+            os.replace(temporary, folder)
+            kept = sorted(p for p in folder.parent.glob("checkpoint-*") if p.suffix != ".tmp")
+            for old in kept[: -self.config.checkpoint.keep]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        state = json.loads((folder / STATE_FILE).read_text())
+        set_peft_model_state_dict(self.unwrapped, load_file(folder / "lora.safetensors"))
+        for parameter in self.lora_parameters:
+            parameter.data = parameter.data.float()
+        _optimizer_from_files(self.optimizer.optimizer, load_file(folder / "optimizer.safetensors"), state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.start_epoch, self.bad_epochs, self.history = state["epoch"], state["bad_epochs"], state["history"]
+
+    # -------------------------------------------------------------------------------------------- metadata
+    def _metadata(self) -> AdapterMetadata:
+        config, scheduler = self.config, self.pipeline.scheduler
+        last = self.history[-1] if self.history else {}
+        return AdapterMetadata(
+            reward_name=self.reward.name, reward_version=self.reward.version, beta=config.beta,
+            step_reward=config.reward.step_reward, base_model=config.base, base_model_hash=self.base_hash,
+            scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
+            num_inference_steps=config.sampling.num_inference_steps, eta=config.sampling.eta,
+            guidance_scale=config.sampling.guidance_scale, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
+            lora_target_modules=list(config.lora.target_modules),
+            training={"epochs": len(self.history), "seed": config.seed, "processes": self.accelerator.num_processes,
+                      "trajectories_per_epoch": config.sampling.batch_size * config.sampling.batches_per_epoch
+                      * self.accelerator.num_processes,
+                      "first_reward_mean": self.history[0]["reward_mean"] if self.history else None,
+                      "last_reward_mean": last.get("reward_mean"), "last_kl": last.get("kl")},
+        )
+
+    # ---------------------------------------------------------------------------------------------- phases
+    def _sample(self, epoch: int) -> tuple[Trajectories, torch.Tensor]:
+        config, device = self.config, self.accelerator.device
+        process = self.accelerator.process_index
+        batches = []
+        self.unwrapped.eval()
+        for batch_index in range(config.sampling.batches_per_epoch):
+            rng = np.random.default_rng(_seed(config.seed, epoch, process, batch_index, 1))
+            prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), config.sampling.batch_size)]
+            positive, negative = encode_prompts(self.pipeline, prompts, device)
+            generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
+            batches.append(sample_trajectories(
+                self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
+                config.sampling.num_inference_steps, config.sampling.eta, config.sampling.guidance_scale,
+                config.reward.step_reward, need_reference=config.beta > 0, generator=generator))
+        merged = _concatenate(batches)
+        return merged, self._advantages(merged)
+
+    def _advantages(self, trajectories: Trajectories) -> torch.Tensor:
+        """Per-prompt (and per-step for dense step rewards) advantages over all processes' samples."""
+        from accelerate.utils import gather_object
+
+        rewards = trajectories.step_rewards.cpu().double()
+        all_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu().numpy()
+        all_prompts = gather_object(trajectories.prompts)
+        finite = np.isfinite(all_rewards).all(axis=1)
+        advantages = np.zeros_like(all_rewards)
+        if finite.any():
+            steps = all_rewards.shape[1]
+            if self.config.reward.step_reward == "terminal":
+                keys = [p for p, ok in zip(all_prompts, finite) if ok]
+                per_prompt = self.tracker.update(keys, all_rewards[finite, -1])
+                advantages[finite] = per_prompt[:, None]
+            else:
+                rows = np.flatnonzero(finite)
+                keys = [(all_prompts[r], s) for r in rows for s in range(steps)]
+                advantages[finite] = self.tracker.update(keys, all_rewards[finite].reshape(-1)).reshape(-1, steps)
+        advantages[~finite] = np.nan  # marks dropped samples
+        start = self.accelerator.process_index * len(trajectories.prompts)
+        return torch.as_tensor(advantages[start:start + len(trajectories.prompts)], dtype=torch.float32)
+
+    def _train_epoch(self, epoch: int, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+        config = self.config
+        keep = torch.isfinite(advantages).all(dim=1)
+        count, steps = len(trajectories.prompts), len(trajectories.timesteps)
+        scheduler = self.pipeline.scheduler
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        updates = 0
+        self.unet.train()
+        for inner in range(config.train.inner_epochs):
+            generator = torch.Generator().manual_seed(_seed(config.seed, epoch, self.accelerator.process_index, inner, 3))
+            order = torch.randperm(count, generator=generator)
+            for start in range(0, count, config.train.batch_size):
+                rows = order[start:start + config.train.batch_size]
+                rows = rows[keep[rows]]
+                step_order = torch.randperm(steps, generator=generator)
+                for step in step_order.tolist():
+                    with self.accelerator.accumulate(self.unet):
+                        terms = self._step_terms(trajectories, advantages, rows, step, scheduler)
+                        self.accelerator.backward(terms.loss)
+                        if self.accelerator.sync_gradients:
+                            self.accelerator.clip_grad_norm_(self.lora_parameters, config.train.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    if not math.isfinite(terms.loss.item()):
+                        last = latest_checkpoint(self.output_dir)
+                        raise RuntimeError(f"the loss became {terms.loss.item()} at epoch {epoch + 1}; stopping. The "
+                                           f"last good checkpoint is {last}. Lower train.learning_rate or raise beta")
+                    for key in sums:
+                        sums[key] += float(getattr(terms, key).detach())
+                    updates += 1
+        return {key: value / max(updates, 1) for key, value in sums.items()}
+
+    def _step_terms(self, trajectories: Trajectories, advantages: torch.Tensor, rows: torch.Tensor, step: int,
+                    scheduler):
+        config = self.config
+        latents = trajectories.latents[rows, step]
+        timestep = trajectories.timesteps[step]
+        output = guided_output(self.unet, latents, timestep, trajectories.prompt_embeds[rows],
+                               trajectories.negative_embeds[rows], config.sampling.guidance_scale)
+        kernel = step_kernel(scheduler, output.float(), timestep, latents.float(), eta=config.sampling.eta)
+        log_prob = kernel.log_prob(trajectories.latents[rows, step + 1].float())
+        kl = None
+        if config.beta > 0:
+            reference_mean = trajectories.reference_means[rows, step].float()
+            kl = gaussian_kl(kernel.mean, kernel.variance, reference_mean, kernel.variance)
+        return step_loss(log_prob, trajectories.log_probs[rows, step].float(),
+                         advantages[rows, step].to(log_prob.device), kl, config.beta, config.train.clip_range,
+                         config.train.advantage_clip)
+
+    def _sample_grid(self, epoch: int) -> None:
+        from msdda.world.sampling import image_grid
+
+        prompts = self.prompts[:: max(1, len(self.prompts) // 8)][:8]
+        positive, negative = encode_prompts(self.pipeline, prompts, self.accelerator.device)
+        self.unwrapped.eval()
+        images = sample_trajectories(
+            self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
+            self.config.sampling.num_inference_steps, self.config.sampling.eta, self.config.sampling.guidance_scale,
+            "terminal", need_reference=False, generator=torch.Generator().manual_seed(self.config.seed)).images
+        pil = self.pipeline.image_processor.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().float().numpy())
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        image_grid(pil, columns=len(pil), upscale=4 if pil[0].width <= 64 else 1).save(folder / f"epoch-{epoch + 1:05d}.png")
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self) -> Path:
+        """Train (resuming if asked), checkpoint, and export the final adapter; returns its folder."""
+        config, accelerator = self.config, self.accelerator
+        if config.resume is not None:
+            checkpoint = latest_checkpoint(self.output_dir) if config.resume == "latest" else Path(config.resume)
+            if checkpoint is None:
+                raise ValueError(f"resume=latest but {self.output_dir}/checkpoints holds no complete checkpoint")
+            self.load_checkpoint(checkpoint)
+            logger.info("resumed from %s at epoch %d", checkpoint, self.start_epoch)
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / RUN_CONFIG).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        if config.log_with:
+            flat = {k: str(v) if isinstance(v, (list, dict)) or v is None else v
+                    for k, v in _flatten(config_to_dict(config)).items()}
+            accelerator.init_trackers("msdda-train", config=flat)
+        progress = tqdm(range(self.start_epoch, config.epochs), desc="epochs", initial=self.start_epoch,
+                        total=config.epochs, disable=not accelerator.is_local_main_process)
+        for epoch in progress:
+            started = time.time()
+            trajectories, advantages = self._sample(epoch)
+            dropped = int((~torch.isfinite(advantages).all(dim=1)).sum())
+            rewards = trajectories.final_rewards
+            finite_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
+            finite_rewards = finite_rewards[torch.isfinite(finite_rewards)]
+            if dropped == len(trajectories.prompts):
+                self.bad_epochs += 1
+                if self.bad_epochs >= config.max_bad_epochs:
+                    raise RuntimeError(f"the reward {self.reward.name!r} returned NaN/inf for every sample of "
+                                       f"{self.bad_epochs} epochs in a row; check the reward on these prompts")
+                continue
+            self.bad_epochs = 0
+            metrics = self._train_epoch(epoch, trajectories, advantages)
+            metrics.update(reward_mean=float(finite_rewards.mean()), reward_std=float(finite_rewards.std()),
+                           dropped_samples=dropped, epoch_seconds=time.time() - started)
+            self.history.append({"epoch": epoch + 1, **metrics})
+            if config.log_with:
+                accelerator.log(metrics, step=epoch + 1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+            if (epoch + 1) % config.checkpoint.every == 0 or epoch + 1 == config.epochs:
+                self.save_checkpoint(epoch)
+            if config.sample_every and (epoch + 1) % config.sample_every == 0 and accelerator.is_main_process:
+                self._sample_grid(epoch)
+        if weights_hash(self.unwrapped) != self.base_hash:
+            raise RuntimeError("the base UNet weights changed during training; only the LoRA may train")
+        final = self.output_dir / "final"
+        if accelerator.is_main_process:
+            save_adapter(final, self.unwrapped, self._metadata())
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return final
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _concatenate(batches: list[Trajectories]) -> Trajectories:
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    return Trajectories(
+        prompts=[p for b in batches for p in b.prompts],
+        prompt_embeds=torch.cat([b.prompt_embeds for b in batches]),
+        negative_embeds=torch.cat([b.negative_embeds for b in batches]),
+        timesteps=first.timesteps,
+        latents=torch.cat([b.latents for b in batches]),
+        log_probs=torch.cat([b.log_probs for b in batches]),
+        reference_means=torch.cat([b.reference_means for b in batches]) if first.reference_means is not None else None,
+        step_rewards=torch.cat([b.step_rewards for b in batches]),
+        images=torch.cat([b.images for b in batches]),
+    )
+
+
+def train(config: TrainConfig) -> Path:
+    """Train one adapter as ``config`` says; returns the final adapter folder."""
+    return Trainer(config).run()

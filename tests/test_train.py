@@ -1,0 +1,155 @@
+"""The trainer on the embedded world: configs, bad input, rollouts, export, resume, multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from msdda.adapters import METADATA_FILE, WEIGHTS_FILE, load_adapter_metadata, weights_hash
+from msdda.config import ConfigError, load_config
+from msdda.diffusion import decode_latents, encode_prompts, load_base_pipeline
+from msdda.rewards import load_reward
+from msdda.train import TrainConfig
+from msdda.train.trainer import Trainer, latest_checkpoint
+from msdda.world import world_path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["epochs=1", "sampling.num_inference_steps=4", "sampling.batch_size=4", "sampling.batches_per_epoch=1",
+        "train.batch_size=4", "sample_every=0", "log_with=null", "checkpoint.every=1"]
+
+
+def _config(tmp_path: Path, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml",
+                       [*TINY, f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_config_loads_yaml_with_dotted_overrides(tmp_path) -> None:
+    config = _config(tmp_path, "train.learning_rate=1e-4", "lora.target_modules=[to_q]", "resume=latest")
+    assert config.train.learning_rate == 1e-4 and config.lora.target_modules == ["to_q"]
+    assert config.sampling.num_inference_steps == 4 and config.resume == "latest"
+    with pytest.raises(ConfigError, match="unknown config key train.learning_rat"):
+        _config(tmp_path, "train.learning_rat=1")
+    with pytest.raises(ConfigError, match="epochs must be an integer"):
+        _config(tmp_path, "epochs=two")
+    with pytest.raises(ConfigError, match="step_reward must be one of"):
+        _config(tmp_path, "reward.step_reward=dense")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        _config(tmp_path, "epochs")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.name=sharpness", "unknown reward 'sharpness'"),
+    ("sampling.eta=0.0", "deterministic"),
+    ("prompts=missing_prompts.txt", "does not exist"),
+    ("beta=-0.1", "beta must be"),
+    ("lora.target_modules=[to_qq]", "match no module"),
+    ("train.batch_size=3", "must divide"),
+])
+def test_bad_input_is_refused_before_any_work(tmp_path, override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Trainer(_config(tmp_path, override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.yaml").write_text("epochs: 1\n")
+    with pytest.raises(ValueError, match="holds another run"):
+        Trainer(_config(tmp_path))
+
+
+def test_step_rewards_are_what_they_say(tmp_path) -> None:
+    """terminal: r(x_0) at every step; tweedie: r of the reference's x0 estimate at x_{t-1}; last: r(x_0)."""
+    from msdda.train.rollout import sample_trajectories
+
+    pipeline = load_base_pipeline("world")
+    reward = load_reward("world-aesthetic")
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    positive, negative = encode_prompts(pipeline, prompts, torch.device("cpu"))
+    results = {}
+    for name in ("terminal", "tweedie", "rollout"):
+        from peft import LoraConfig
+
+        if not getattr(pipeline.unet, "peft_config", None):
+            pipeline.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
+        results[name] = sample_trajectories(pipeline, pipeline.unet, reward, prompts, positive, negative, 4, 1.0, 3.0,
+                                            name, need_reference=True, generator=torch.Generator().manual_seed(0))
+    terminal, tweedie, rollout = results["terminal"], results["tweedie"], results["rollout"]
+    torch.testing.assert_close(terminal.latents, tweedie.latents)  # same seed, same trajectory
+    assert terminal.step_rewards.shape == (2, 4) and bool((terminal.step_rewards == terminal.final_rewards[:, None]).all())
+    torch.testing.assert_close(tweedie.final_rewards, reward(decode_latents(pipeline, tweedie.latents[:, -1]), prompts))
+    assert not torch.allclose(tweedie.step_rewards[:, 0], tweedie.final_rewards)
+    torch.testing.assert_close(rollout.step_rewards[:, -1], terminal.final_rewards)
+    assert tweedie.log_probs.shape == (2, 4) and tweedie.reference_means.shape == (2, 4, 4, 16, 16)
+
+
+def test_one_epoch_exports_an_adapter_stock_diffusers_loads(tmp_path) -> None:
+    config = _config(tmp_path, "log_with=tensorboard")
+    final = Trainer(config).run()
+    assert {WEIGHTS_FILE, METADATA_FILE, "README.md"} <= {p.name for p in final.iterdir()}
+    assert (final / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+    metadata = load_adapter_metadata(final)
+    assert metadata.reward_name == "world-aesthetic" and metadata.beta == config.beta
+    assert metadata.scheduler_class == "DDIMScheduler" and metadata.num_inference_steps == 4
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-00001" / "adapter" / WEIGHTS_FILE).is_file()
+
+    pipeline = StableDiffusionPipeline.from_pretrained(world_path(), local_files_only=True)
+    assert metadata.base_model_hash == weights_hash(pipeline.unet)  # the base stayed bit-identical
+    pipeline.set_progress_bar_config(disable=True)
+    call = dict(prompt=["a red circle on the left"], num_inference_steps=4, eta=1.0, output_type="pt")
+    before = pipeline(**call, generator=torch.Generator().manual_seed(0)).images
+    pipeline.load_lora_weights(final)
+    after = pipeline(**call, generator=torch.Generator().manual_seed(0)).images
+    assert not torch.equal(before, after)
+
+
+def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "msdda.train", "--config", str(ROOT / "configs/train/world_aesthetic.yaml"),
+               *TINY, "epochs=4", "sampling.batch_size=8", "train.batch_size=4", f"output_dir={output_dir}", *extra]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
+    uninterrupted = _run_training(tmp_path / "a")
+    assert uninterrupted.wait() == 0, uninterrupted.stderr.read()
+
+    killed = _run_training(tmp_path / "b")
+    deadline = time.time() + 600
+    while latest_checkpoint(tmp_path / "b") is None or latest_checkpoint(tmp_path / "b").name < "checkpoint-00002":
+        assert killed.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(killed.pid, signal.SIGKILL)  # mid-epoch 3
+    killed.wait()
+    assert not (tmp_path / "b" / "final").exists()
+    for folder in (tmp_path / "b" / "checkpoints").glob("checkpoint-*"):
+        assert folder.suffix == ".tmp" or (folder / "trainer_state.json").is_file(), f"{folder} is half-written"
+
+    resumed = _run_training(tmp_path / "b", "resume=latest")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    a, b = load_file(tmp_path / "a/final" / WEIGHTS_FILE), load_file(tmp_path / "b/final" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((latest_checkpoint(tmp_path / "b") / "trainer_state.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_cpu_processes_exports_one_adapter(tmp_path) -> None:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch/accelerate/cpu_2proc.yaml"), "-m", "msdda.train", "--config",
+               str(ROOT / "configs/train/world_consistency.yaml"), *TINY, f"output_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = load_adapter_metadata(tmp_path / "run" / "final")
+    assert metadata.training["processes"] == 2 and metadata.training["trajectories_per_epoch"] == 8

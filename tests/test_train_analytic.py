@@ -1,0 +1,79 @@
+"""The step-level loss, trained on the analytic world, converges to the closed-form step optimum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from msdda.kernels import gaussian_kl, step_kernel
+from msdda.train.loss import PerPromptStatTracker, step_loss
+from msdda.world.analytic import GaussianWorld
+
+
+class Denoiser(nn.Module):
+    """The exact epsilon predictor plus a learned correction (zero at start): the policy being fine-tuned."""
+
+    def __init__(self, world: GaussianWorld) -> None:
+        super().__init__()
+        self.world = world
+        self.index = {t: i for i, t in enumerate(world.timesteps)}
+        self.embedding = nn.Embedding(len(world.timesteps), 32)
+        self.correction = nn.Sequential(nn.Linear(world.dim + 32, 64), nn.SiLU(), nn.Linear(64, world.dim))
+        nn.init.zeros_(self.correction[-1].weight)
+        nn.init.zeros_(self.correction[-1].bias)
+
+    def forward(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
+        embedding = self.embedding(torch.full((len(x_t),), self.index[timestep]))
+        correction = self.correction(torch.cat([x_t.float(), embedding], dim=1)).double()
+        return self.world.epsilon(x_t, timestep) + correction
+
+
+def _train(world: GaussianWorld, reward_vector: torch.Tensor, beta: float, iterations: int, batch: int) -> Denoiser:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    policy = Denoiser(world)
+    optimiser = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    tracker = PerPromptStatTracker(buffer_size=batch, min_count=batch, normalisation="center")
+    stochastic_steps = world.timesteps[:-1]  # the last DDPM step is deterministic: nothing to learn there
+    for iteration in range(iterations):
+        for group in optimiser.param_groups:
+            group["lr"] = 3e-3 * (1 - iteration / iterations) + 3e-4
+        transitions = []
+        with torch.no_grad():
+            x = torch.randn(batch, world.dim, generator=generator, dtype=torch.float64)
+            for timestep in world.timesteps:
+                kernel = step_kernel(world.scheduler, policy(x, timestep), timestep, x)
+                x_prev = kernel.sample(generator=generator)
+                if timestep in stochastic_steps:
+                    reward = world.tweedie_step_reward(x_prev, timestep, reward_vector)
+                    transitions.append((timestep, x, x_prev, kernel.log_prob(x_prev), reward))
+                x = x_prev
+        optimiser.zero_grad()
+        for timestep, x_t, x_prev, old_log_prob, reward in transitions:
+            advantages = tracker.update([timestep] * batch, reward.numpy())
+            kernel = step_kernel(world.scheduler, policy(x_t, timestep), timestep, x_t)
+            reference = world.reference_kernel(x_t, timestep)
+            kl = gaussian_kl(kernel.mean, kernel.variance, reference.mean, reference.variance)
+            loss = step_loss(kernel.log_prob(x_prev), old_log_prob, torch.as_tensor(advantages), kl, beta,
+                             clip_range=0.2)
+            (loss.loss / len(transitions)).backward()
+        optimiser.step()
+    return policy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_trained_mean_shift_matches_the_closed_form_step_optimum(beta: float) -> None:
+    world = GaussianWorld.default(dim=2, num_inference_steps=8, seed=0)
+    reward_vector = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    policy = _train(world, reward_vector, beta, iterations=400, batch=512)
+    x_t = torch.randn(256, world.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        for timestep in world.timesteps[:-1]:
+            learned = step_kernel(world.scheduler, policy(x_t, timestep), timestep, x_t).mean
+            reference = world.reference_kernel(x_t, timestep)
+            exact = world.optimal_kernel(x_t, timestep, [reward_vector], [1.0], beta).mean - reference.mean
+            shift = (learned - reference.mean).mean(0)
+            relative_error = float((shift - exact[0]).norm() / exact[0].norm())
+            assert relative_error < 0.10, f"step {timestep}: learned {shift.tolist()} vs exact {exact[0].tolist()}"
