@@ -145,7 +145,8 @@ class MSDDAPipeline(StableDiffusionPipeline):
         weights = list(weights) if weights is not None else ([1.0 / count] * count if count else [])
         if len(weights) != count:
             raise ValueError(f"got {len(weights)} weights for {count} adapters; give one weight per adapter")
-        powers = exponents(weights, self.betas, beta) if count else []
+        # only MSDDA weights adapters by their betas; the baselines use the weights as given
+        powers = (exponents(weights, self.betas, beta) if method == "msdda" else exponents(weights)) if count else []
         num_inference_steps = num_inference_steps or self._default("num_inference_steps", 50)
         guidance_scale = self._default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         eta = self._default("eta", 1.0) if eta is None else eta

@@ -48,6 +48,8 @@ class OptimSettings:
     clip_range: float = 0.2
     advantage_clip: float = 5.0
     advantage_normalisation: Literal["center", "standardize"] = "center"
+    state_baseline: bool = True
+    """For tweedie/rollout step rewards, subtract the estimator at x_t (what the step inherited) first."""
     stat_buffer: int = 32
     stat_min_count: int = 8
     max_grad_norm: float = 1.0

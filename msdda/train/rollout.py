@@ -47,6 +47,10 @@ class Trajectories:
     reference_means: torch.Tensor | None  # [B, T, C, H, W]
     step_rewards: torch.Tensor  # [B, T]: R_t for the step leaving timesteps[t]
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]: the decoded x_0
+    state_values: torch.Tensor | None = None
+    """[B, T]: the step reward's estimator applied to x_t itself (dense step rewards only). It depends on the
+    state, not on the action x_{t-1}, so subtracting it keeps the step's policy gradient unbiased while
+    removing the reward the step inherited: R_t - V(x_t) is what this step added."""
 
     @property
     def final_rewards(self) -> torch.Tensor:
@@ -106,21 +110,24 @@ def sample_trajectories(
     images = decode_latents(pipeline, latents)
     final_reward = reward(images, prompts).to(torch.float32)
     steps = len(timesteps)
+    state_values = None
     if step_reward == "terminal":
         step_rewards = final_reward[:, None].expand(batch, steps).clone()
-    elif step_reward == "tweedie":
-        # R_t = r(x0_hat_ref(x_{t-1})): the reference's x0 estimate at the next state; x_0 itself at the end
-        step_rewards = torch.stack(
-            [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in reference_x0[1:]] + [final_reward], dim=1)
     else:
-        step_rewards = torch.stack(
-            [_rollout_reward(pipeline, unet, reward, prompts, states[i + 1], timesteps[i + 1:], prompt_embeds,
-                             negative_embeds, guidance_scale) for i in range(steps - 1)] + [final_reward], dim=1)
+        if step_reward == "tweedie":
+            # the estimator at every state x_T ... x_1 is r(x0_hat_ref(state)); at x_0 it is r(x_0)
+            values = [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in reference_x0]
+        else:  # r of the deterministic reference continuation from every state x_T ... x_1
+            values = [_rollout_reward(pipeline, unet, reward, prompts, states[i], timesteps[i:], prompt_embeds,
+                                      negative_embeds, guidance_scale) for i in range(steps)]
+        values.append(final_reward)
+        state_values = torch.stack(values[:-1], dim=1)  # V(x_t) for the step leaving x_t
+        step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
     return Trajectories(
         prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
         latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1),
         reference_means=torch.stack(reference_means, dim=1) if need_reference else None,
-        step_rewards=step_rewards, images=images,
+        step_rewards=step_rewards, images=images, state_values=state_values,
     )
 
 

@@ -216,6 +216,8 @@ class Trainer:
         from accelerate.utils import gather_object
 
         rewards = trajectories.step_rewards.cpu().double()
+        if trajectories.state_values is not None and self.config.train.state_baseline:
+            rewards = rewards - trajectories.state_values.cpu().double()
         all_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu().numpy()
         all_prompts = gather_object(trajectories.prompts)
         finite = np.isfinite(all_rewards).all(axis=1)
@@ -376,6 +378,7 @@ def _concatenate(batches: list[Trajectories]) -> Trajectories:
         reference_means=torch.cat([b.reference_means for b in batches]) if first.reference_means is not None else None,
         step_rewards=torch.cat([b.step_rewards for b in batches]),
         images=torch.cat([b.images for b in batches]),
+        state_values=torch.cat([b.state_values for b in batches]) if first.state_values is not None else None,
     )
 
 

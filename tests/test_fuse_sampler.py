@@ -1,0 +1,165 @@
+"""The multi-adapter sampler and MSDDAPipeline on the embedded world, with real LoRA adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+
+from msdda.adapters import METADATA_FILE, AdapterMetadata, save_adapter, weights_hash
+from msdda.fuse import MSDDAPipeline
+from msdda.fuse.sampler import mixed_adapter_batch
+from msdda.world import world_path
+
+STEPS = 4
+PROMPT = "a red circle on the left"
+
+
+def _make_adapter(folder: Path, seed: int, beta: float = 0.01, scale: float = 0.3) -> Path:
+    """A world LoRA with random non-zero weights and true metadata (as the trainer writes it)."""
+    pipeline = StableDiffusionPipeline.from_pretrained(world_path(), local_files_only=True)
+    unet = pipeline.unet
+    base_hash = weights_hash(unet)
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * scale)
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    metadata = AdapterMetadata(
+        reward_name=f"reward-{seed}", reward_version="1", beta=beta, step_reward="tweedie", base_model="world",
+        base_model_hash=base_hash, scheduler_class="DDIMScheduler", scheduler_config=dict(scheduler.config),
+        num_inference_steps=STEPS, eta=1.0, guidance_scale=3.0, lora_rank=2, lora_alpha=2.0,
+        lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"], training={})
+    return save_adapter(folder, unet, metadata)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return [_make_adapter(root / "a", 1), _make_adapter(root / "b", 2), _make_adapter(root / "c", 3, beta=0.04)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(adapters) -> MSDDAPipeline:
+    pipe = MSDDAPipeline.from_pretrained("world", adapters=[str(a) for a in adapters[:2]])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe, seed: int = 0, **kwargs) -> torch.Tensor:
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
+
+
+def test_mixed_adapter_batch_equals_separate_forwards(pipeline) -> None:
+    unet = pipeline.unet
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = pipeline.encode_prompt([PROMPT] * 2, "cpu", 1, False)[0]
+    with torch.no_grad():
+        with mixed_adapter_batch(unet, ["adapter_0", "__base__"]):
+            mixed = unet(latents, 500, embeds).sample
+        pipeline.set_adapters(["adapter_0"])
+        first = unet(latents[:1], 500, embeds[:1]).sample
+        pipeline.disable_lora()
+        base = unet(latents[1:], 500, embeds[1:]).sample
+        pipeline.enable_lora()
+        pipeline.set_adapters(["adapter_0", "adapter_1"], [1.0, 1.0])
+    torch.testing.assert_close(mixed, torch.cat([first, base]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first, base, atol=1e-3)  # the adapter really changes the output
+
+
+def test_weights_one_zero_reproduce_the_first_adapter_exactly(pipeline) -> None:
+    fused = _images(pipeline, weights=[1.0, 0.0])
+    single = _images(pipeline, weights=[1.0, 0.0], method="single")
+    assert torch.equal(fused, single)
+    assert not torch.equal(fused, _images(pipeline, weights=[0.0, 1.0]))
+
+
+def test_one_adapter_reproduces_stock_diffusers_with_that_lora(adapters) -> None:
+    ours = MSDDAPipeline.from_pretrained("world", adapters=[str(adapters[0])])
+    ours.set_progress_bar_config(disable=True)
+    stock = StableDiffusionPipeline.from_pretrained(world_path(), local_files_only=True)
+    from diffusers import DDIMScheduler
+
+    stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config)
+    stock.load_lora_weights(adapters[0])
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(PROMPT, num_inference_steps=STEPS, guidance_scale=3.0, eta=1.0, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(_images(ours, weights=[1.0]), expected, rtol=0, atol=1e-5)
+
+
+def test_equal_variances_and_betas_make_msdda_output_averaging(pipeline) -> None:
+    fused = _images(pipeline, weights=[0.3, 0.7])
+    averaged = _images(pipeline, weights=[0.3, 0.7], method="output-average")
+    torch.testing.assert_close(fused, averaged, rtol=0, atol=1e-5)
+
+
+def test_unequal_betas_bring_in_the_reference_and_differ_from_averaging(adapters) -> None:
+    pipe = MSDDAPipeline.from_pretrained("world", adapters=[str(adapters[0]), str(adapters[2])])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.betas == [0.01, 0.04]
+    fused = _images(pipe, weights=[0.5, 0.5], beta=0.02)  # exponents 0.25 and 1.0: reference exponent -0.25
+    averaged = _images(pipe, weights=[0.5, 0.5], method="output-average")
+    assert (fused - averaged).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["base", "soup", "diffusion-blend"])
+def test_baselines_run_through_the_same_loop(pipeline, method: str) -> None:
+    images = _images(pipeline, weights=[0.5, 0.5], method=method)
+    assert images.shape == (1, 3, 32, 32) and bool(images.isfinite().all())
+    if method == "soup":  # the soup leaves the adapters' own scales as they were
+        torch.testing.assert_close(_images(pipeline, weights=[1.0, 0.0]),
+                                   _images(pipeline, weights=[1.0, 0.0], method="single"))
+
+
+def test_code_needs_rewards_and_picks_by_them(pipeline) -> None:
+    from msdda.rewards import load_reward
+
+    with pytest.raises(ValueError, match="rewards"):
+        _images(pipeline, weights=[0.5, 0.5], method="code")
+    rewards = [load_reward("world-aesthetic"), load_reward("world-aesthetic")]
+    images = _images(pipeline, weights=[0.5, 0.5], method="code", rewards=rewards, code_candidates=3, code_block=2)
+    assert images.shape == (1, 3, 32, 32)
+
+
+def test_refusals(pipeline, adapters, tmp_path) -> None:
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _images(pipeline, weights=[1.2, -0.2])
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        _images(pipeline, weights=[1.0])
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    for file in adapters[1].iterdir():
+        (mismatched / file.name).write_bytes(file.read_bytes())
+    metadata = json.loads((mismatched / METADATA_FILE).read_text())
+    metadata["base_model_hash"] = "0" * 64
+    (mismatched / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"adapter .*mismatched: base_model_hash 000000000000"):
+        MSDDAPipeline.from_pretrained("world", adapters=[str(adapters[0]), str(mismatched)])
+    metadata["base_model_hash"] = json.loads((adapters[0] / METADATA_FILE).read_text())["base_model_hash"]
+    metadata["num_inference_steps"] = 50
+    (mismatched / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="num_inference_steps is 50 but adapter .* has 4"):
+        MSDDAPipeline.from_pretrained("world", adapters=[str(adapters[0]), str(mismatched)])
+
+
+def test_fuse_cli_writes_images_grid_and_settings(adapters, tmp_path) -> None:
+    from msdda.cli import main
+
+    out = tmp_path / "fused"
+    assert main(["fuse", "--adapter", str(adapters[0]), "--adapter", str(adapters[1]), "--weights", "0.3,0.7",
+                 "--prompt", PROMPT, "--seeds", "0-2", "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["weights"] == [0.3, 0.7] and settings["num_inference_steps"] == STEPS
+    assert len(settings["images"]) == 3 and (out / "grid.png").is_file()
+    assert main(["fuse", "--adapter", str(adapters[0]), "--weights", "-1", "--prompt", PROMPT,
+                 "--out", str(out)]) == 2
