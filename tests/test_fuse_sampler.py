@@ -2,50 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig
-
-from msdda.adapters import METADATA_FILE, AdapterMetadata, save_adapter, weights_hash
+from msdda.adapters import METADATA_FILE
 from msdda.fuse import MSDDAPipeline
 from msdda.fuse.sampler import mixed_adapter_batch
+from msdda.testing import random_world_adapter
 from msdda.world import world_path
 
 STEPS = 4
 PROMPT = "a red circle on the left"
 
 
-def _make_adapter(folder: Path, seed: int, beta: float = 0.01, scale: float = 0.3) -> Path:
-    """A world LoRA with random non-zero weights and true metadata (as the trainer writes it)."""
-    pipeline = StableDiffusionPipeline.from_pretrained(world_path(), local_files_only=True)
-    unet = pipeline.unet
-    base_hash = weights_hash(unet)
-    torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn_like(parameter) * scale)
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    metadata = AdapterMetadata(
-        reward_name=f"reward-{seed}", reward_version="1", beta=beta, step_reward="tweedie", base_model="world",
-        base_model_hash=base_hash, scheduler_class="DDIMScheduler", scheduler_config=dict(scheduler.config),
-        num_inference_steps=STEPS, eta=1.0, guidance_scale=3.0, lora_rank=2, lora_alpha=2.0,
-        lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"], training={})
-    return save_adapter(folder, unet, metadata)
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return [_make_adapter(root / "a", 1), _make_adapter(root / "b", 2), _make_adapter(root / "c", 3, beta=0.04)]
+    return [random_world_adapter(root / "a", 1, num_inference_steps=STEPS),
+            random_world_adapter(root / "b", 2, num_inference_steps=STEPS),
+            random_world_adapter(root / "c", 3, beta=0.04, num_inference_steps=STEPS)]
 
 
 @pytest.fixture(scope="module")
