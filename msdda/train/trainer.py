@@ -46,6 +46,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _several_processes_without_cuda() -> bool:
+    """Launched as several processes (torchrun's WORLD_SIZE) on a machine without CUDA: gloo on the CPU.
+
+    Accelerate only picks its multi-CPU mode when asked for the CPU explicitly.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
@@ -97,6 +105,7 @@ class Trainer:
         self.prompts = config.load_prompts()
         steps = config.sampling.num_inference_steps
         self.accelerator = Accelerator(
+            cpu=_several_processes_without_cuda(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.train.gradient_accumulation_steps * steps,
             log_with=config.log_with,
