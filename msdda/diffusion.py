@@ -7,18 +7,21 @@ kernel (msdda.kernels), which the stock loop does not expose; everything else is
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
-from msdda.kernels import SUPPORTED_SCHEDULERS
+from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, step_kernel
 
 __all__ = ["WORLD", "resolve_base", "load_base_pipeline", "encode_prompts", "guided_output", "apply_guidance",
-           "decode_latents"]
+           "decode_latents", "mixed_adapter_batch", "adapter_kernels", "BASE"]
 
 WORLD = "world"
 """The base name of the embedded default world."""
+BASE = "__base__"
+"""PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
 
 
 def resolve_base(base: str) -> str:
@@ -92,3 +95,50 @@ def decode_latents(pipeline, latents: torch.Tensor) -> torch.Tensor:
     vae = pipeline.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@contextmanager
+def mixed_adapter_batch(unet, adapter_names: list[str]):
+    """Route batch row i of every LoRA layer to adapter ``adapter_names[i]`` (PEFT mixed-adapter batches).
+
+    diffusers' UNet forward has no ``adapter_names`` argument, so we hand it to each PEFT LoRA layer with a
+    forward pre-hook.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def inject(module, args, kwargs):
+        kwargs["adapter_names"] = adapter_names
+        return args, kwargs
+
+    handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
+               for module in unet.modules() if isinstance(module, LoraLayer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def adapter_kernels(unet, scheduler, latents, timestep, positive, negative, names: list[str] | None,
+                    guidance_scale: float, eta: float | None) -> list[StepKernel]:
+    """The step kernel of each named adapter ("__base__": the reference), from one batched forward.
+
+    ``names=None`` runs the UNet as it is configured (the soup: its weighted adapters all active).
+    """
+    batch, groups = len(latents), len(names or [None])
+    guided = negative is not None and guidance_scale > 1.0
+    halves = 2 if guided else 1
+    rows = torch.cat([latents] * groups * halves)
+    embeds = torch.cat(([negative, positive] if guided else [positive]) * groups)
+    if names is None:
+        output = unet(rows, timestep, embeds).sample
+    else:
+        with mixed_adapter_batch(unet, [name for name in names for _ in range(batch * halves)]):
+            output = unet(rows, timestep, embeds).sample
+    kernels = []
+    for chunk in output.chunk(groups):
+        if guided:
+            unconditional, conditional = chunk.chunk(2)
+            chunk = apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
+        kernels.append(step_kernel(scheduler, chunk, timestep, latents, eta=eta))
+    return kernels

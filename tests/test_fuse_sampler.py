@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from msdda.adapters import METADATA_FILE
 from msdda.fuse import MSDDAPipeline
-from msdda.fuse.sampler import mixed_adapter_batch
+from msdda.diffusion import mixed_adapter_batch
 from msdda.testing import random_world_adapter
 from msdda.world import world_path
 
@@ -141,3 +141,53 @@ def test_fuse_cli_writes_images_grid_and_settings(adapters, tmp_path) -> None:
     assert len(settings["images"]) == 3 and (out / "grid.png").is_file()
     assert main(["fuse", "--adapter", str(adapters[0]), "--weights", "-1", "--prompt", PROMPT,
                  "--out", str(out)]) == 2
+
+
+@pytest.fixture(scope="module")
+def learned_variance_base(tmp_path_factory) -> Path:
+    """The world's VAE and text encoder with a (random) UNet that predicts epsilon and a variance, DDPM."""
+    from diffusers import DDPMScheduler
+
+    from msdda.world.models import build_scheduler, build_unet
+
+    folder = tmp_path_factory.mktemp("learned") / "pipeline"
+    world = StableDiffusionPipeline.from_pretrained(world_path(), local_files_only=True)
+    torch.manual_seed(0)
+    unet = build_unet()
+    unet = type(unet).from_config({**unet.config, "out_channels": 8})
+    scheduler = DDPMScheduler.from_config(build_scheduler().config, variance_type="learned_range")
+    StableDiffusionPipeline(vae=world.vae, text_encoder=world.text_encoder, tokenizer=world.tokenizer, unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def test_learned_variances_are_precision_weighted_not_averaged(learned_variance_base, tmp_path) -> None:
+    from msdda.diffusion import adapter_kernels
+    from msdda.fuse import fuse_gaussians
+
+    adapters = [random_world_adapter(tmp_path / name, seed, num_inference_steps=STEPS, base=learned_variance_base)
+                for name, seed in (("a", 1), ("b", 2))]
+    pipe = MSDDAPipeline.from_pretrained(str(learned_variance_base), adapters=[str(a) for a in adapters])
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+
+    # one step by hand: per-element variances from each adapter, fused by precision
+    pipe.scheduler.set_timesteps(STEPS)
+    timestep = pipe.scheduler.timesteps[1]
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    positive, negative = pipe.encode_prompt([PROMPT], "cpu", 1, True)
+    with torch.no_grad():
+        first, second = adapter_kernels(pipe.unet, pipe.scheduler, latents, timestep, positive, negative,
+                                        ["adapter_0", "adapter_1"], 3.0, None)
+    assert first.variance.shape == latents.shape and not torch.allclose(first.variance, second.variance)
+    mean, variance = fuse_gaussians([first.mean, second.mean], [first.variance, second.variance], [0.5, 0.5])
+    precision = 0.5 / first.variance + 0.5 / second.variance
+    torch.testing.assert_close(variance, 1 / precision)
+    torch.testing.assert_close(mean, (0.5 * first.mean / first.variance + 0.5 * second.mean / second.variance) / precision)
+    averaged = 0.5 * first.mean + 0.5 * second.mean
+    assert (mean - averaged).abs().max() > 1e-4  # precision weighting is not output averaging here
+
+    fused = _images(pipe, weights=[0.5, 0.5])
+    output_average = _images(pipe, weights=[0.5, 0.5], method="output-average")
+    assert (fused - output_average).abs().max() > 1e-3

@@ -11,41 +11,17 @@ run through the same loop with the same noise draws, so comparisons differ only 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from msdda.diffusion import apply_guidance
+from msdda.diffusion import BASE, adapter_kernels
 from msdda.fuse.closed_form import fuse_gaussians, reference_exponent
-from msdda.kernels import StepKernel, step_kernel
+from msdda.kernels import StepKernel
 
-__all__ = ["METHODS", "mixed_adapter_batch", "FusionPlan", "sample_latents"]
+__all__ = ["METHODS", "FusionPlan", "sample_latents"]
 
 METHODS = ("msdda", "base", "single", "soup", "output-average", "diffusion-blend", "code")
-BASE = "__base__"
-
-
-@contextmanager
-def mixed_adapter_batch(unet, adapter_names: list[str]):
-    """Route batch row i of every LoRA layer to adapter ``adapter_names[i]`` (PEFT mixed-adapter batches).
-
-    diffusers' UNet forward has no ``adapter_names`` argument, so we hand it to each PEFT LoRA layer with a
-    forward pre-hook.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    def inject(module, args, kwargs):
-        kwargs["adapter_names"] = adapter_names
-        return args, kwargs
-
-    handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
-               for module in unet.modules() if isinstance(module, LoraLayer)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -68,61 +44,38 @@ class FusionPlan:
         return reference_exponent(self.exponents) if self.method == "msdda" else 0.0
 
 
-def _kernels(unet, scheduler, latents, timestep, positive, negative, names: list[str] | None, guidance_scale: float,
-             eta: float | None) -> list[StepKernel]:
-    """The step kernel of each named adapter ("__base__": the reference), from one batched forward.
-
-    ``names=None`` runs the UNet as it is configured (the soup: its weighted adapters all active).
-    """
-    batch, groups = len(latents), len(names or [None])
-    guided = negative is not None and guidance_scale > 1.0
-    halves = 2 if guided else 1
-    rows = torch.cat([latents] * groups * halves)
-    embeds = torch.cat(([negative, positive] if guided else [positive]) * groups)
-    if names is None:
-        output = unet(rows, timestep, embeds).sample
-    else:
-        with mixed_adapter_batch(unet, [name for name in names for _ in range(batch * halves)]):
-            output = unet(rows, timestep, embeds).sample
-    kernels = []
-    for chunk in output.chunk(groups):
-        if guided:
-            unconditional, conditional = chunk.chunk(2)
-            chunk = apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
-        kernels.append(step_kernel(scheduler, chunk, timestep, latents, eta=eta))
-    return kernels
-
-
 def _fused_step(unet, scheduler, latents, timestep, positive, negative, plan: FusionPlan, step_index: int,
                 generator: torch.Generator) -> StepKernel:
     method = plan.method
     if method in ("base", "soup", "single"):
         names = {"base": [BASE], "soup": None,
                  "single": [plan.adapter_names[int(torch.tensor(plan.weights).argmax())]]}[method]
-        return _kernels(unet, scheduler, latents, timestep, positive, negative, names, plan.guidance_scale,
+        return adapter_kernels(unet, scheduler, latents, timestep, positive, negative, names, plan.guidance_scale,
                         plan.eta)[0]
     if method == "diffusion-blend":
         choice = int(torch.multinomial(torch.tensor(plan.weights, dtype=torch.float64), 1, generator=generator))
-        return _kernels(unet, scheduler, latents, timestep, positive, negative, [plan.adapter_names[choice]],
+        return adapter_kernels(unet, scheduler, latents, timestep, positive, negative, [plan.adapter_names[choice]],
                         plan.guidance_scale, plan.eta)[0]
     entering = [(name, exponent) for name, exponent in zip(plan.adapter_names, plan.exponents) if exponent > 0]
     ref_exponent = plan.reference_exponent
     names = [name for name, _ in entering] + ([BASE] if ref_exponent else [])
-    kernels = _kernels(unet, scheduler, latents, timestep, positive, negative, names, plan.guidance_scale, plan.eta)
+    kernels = adapter_kernels(unet, scheduler, latents, timestep, positive, negative, names, plan.guidance_scale, plan.eta)
     if len(entering) == 1 and not ref_exponent:  # one adapter with exponent 1: its own kernel, bit for bit
         return kernels[0]
-    adapter_kernels = kernels[: len(entering)]
-    if method == "output-average":  # DB-MPA: average the guided model outputs, i.e. the kernel means
-        total = sum(plan.weights)
-        mean = sum(w / total * k.mean for (_, w), k in zip(entering, adapter_kernels))
-        return StepKernel(mean=mean, variance=adapter_kernels[0].variance,
-                          pred_original_sample=adapter_kernels[0].pred_original_sample)
+    entering_kernels = kernels[: len(entering)]
+    if method == "output-average":
+        # DB-MPA averages the guided model outputs: the means (linear in the output) and, for a learned_range
+        # variance (linear in log-variance), the log-variances
+        shares = [w / sum(plan.weights) for _, w in entering]
+        mean = sum(share * k.mean for share, k in zip(shares, entering_kernels))
+        variance = torch.exp(sum(share * k.variance.log() for share, k in zip(shares, entering_kernels)))
+        return StepKernel(mean=mean, variance=variance, pred_original_sample=entering_kernels[0].pred_original_sample)
     reference = kernels[-1] if ref_exponent else None
-    mean, variance = fuse_gaussians([k.mean for k in adapter_kernels], [k.variance for k in adapter_kernels],
+    mean, variance = fuse_gaussians([k.mean for k in entering_kernels], [k.variance for k in entering_kernels],
                                     [exponent for _, exponent in entering],
                                     ref_mean=reference.mean if reference else None,
                                     ref_variance=reference.variance if reference else None)
-    return StepKernel(mean=mean, variance=variance, pred_original_sample=adapter_kernels[0].pred_original_sample)
+    return StepKernel(mean=mean, variance=variance, pred_original_sample=entering_kernels[0].pred_original_sample)
 
 
 @torch.no_grad()
@@ -168,7 +121,7 @@ def _code_block(unet, scheduler, latents, block_timesteps, positive, negative, p
     negative_n = negative.repeat_interleave(candidates, dim=0) if negative is not None else None
     kernel = None
     for timestep in block_timesteps:
-        kernel = _kernels(unet, scheduler, states, timestep, positive_n, negative_n, [BASE], plan.guidance_scale,
+        kernel = adapter_kernels(unet, scheduler, states, timestep, positive_n, negative_n, [BASE], plan.guidance_scale,
                           plan.eta)[0]
         noise = torch.randn(states.shape, generator=generator, dtype=states.dtype).to(states.device)
         states = kernel.mean + kernel.std * noise
@@ -178,7 +131,7 @@ def _code_block(unet, scheduler, latents, block_timesteps, positive, negative, p
         clean = states
     else:
         next_index = (scheduler.timesteps == estimate_timestep).nonzero()[0, 0] + 1
-        clean = _kernels(unet, scheduler, states, scheduler.timesteps[next_index], positive_n, negative_n, [BASE],
+        clean = adapter_kernels(unet, scheduler, states, scheduler.timesteps[next_index], positive_n, negative_n, [BASE],
                          plan.guidance_scale, plan.eta)[0].pred_original_sample
     scores = plan.reward(plan.decode(clean), [p for p in prompts for _ in range(candidates)])
     best = scores.reshape(batch, candidates).argmax(dim=1)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from msdda.diffusion import decode_latents, guided_output
+from msdda.diffusion import BASE, adapter_kernels, decode_latents, guided_output
 from msdda.kernels import step_kernel
 
 __all__ = ["Trajectories", "sample_trajectories", "adapter_disabled", "StepRewardName", "STEP_REWARDS"]
@@ -88,18 +88,20 @@ def sample_trajectories(
     latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).to(prompt_embeds.device)
     latents = latents * scheduler.init_noise_sigma
     states, log_probs, reference_means, reference_x0 = [latents], [], [], []
+    adapter = unet.active_adapters()[0]
     for timestep in timesteps:
-        output = guided_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)
-        kernel = step_kernel(scheduler, output, timestep, latents, eta=eta)
+        # policy and reference rows in one batched forward (PEFT mixed-adapter batch)
+        names = [adapter, BASE] if need_reference else [adapter]
+        kernels = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, names,
+                                  guidance_scale, eta)
+        kernel = kernels[0]
         if kernel.is_deterministic:
             raise ValueError(
                 f"the step at timestep {int(timestep)} is deterministic (variance 0); RL needs stochastic steps: "
                 "use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's config has)"
             )
         if need_reference:
-            with adapter_disabled(unet):
-                reference_output = guided_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)
-            reference = step_kernel(scheduler, reference_output, timestep, latents, eta=eta)
+            reference = kernels[1]
             reference_means.append(reference.mean)
             reference_x0.append(reference.pred_original_sample)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
