@@ -71,15 +71,15 @@ def main() -> None:
             pipe.set_progress_bar_config(disable=True)
         rows = []
         for batch in (1, 16):
-            def sample(pipe, weights, method="msdda"):
+            def sample(pipe, weights, method="msdda", batch=batch):
                 return lambda: pipe([PROMPT] * batch, weights=weights, method=method, num_inference_steps=args.steps,
                                     generator=torch.Generator().manual_seed(0), output_type="pt")
 
             single = seconds_per_image(sample(pipes[1], [1.0], "single"), batch, args.repeats)
             for k in (2, 3):
                 fused = seconds_per_image(sample(pipes[k], [1.0 / k] * k), batch, args.repeats)
-                sequential = seconds_per_image(lambda: sequential_fused(pipes[k], batch, args.steps, 0), batch,
-                                               args.repeats)
+                sequential = seconds_per_image(
+                    lambda k=k, batch=batch: sequential_fused(pipes[k], batch, args.steps, 0), batch, args.repeats)
                 rows.append((batch, k, single, fused, sequential))
     print(f"{'batch':>5} {'K':>2} {'single s/img':>13} {'msdda s/img':>12} {'sequential s/img':>17}")
     for batch, k, single, fused, sequential in rows:

@@ -7,7 +7,6 @@ across samples of one prompt, and what selecting the best of 4 samples by one re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
