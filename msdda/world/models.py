@@ -33,20 +33,44 @@ _WORDS = ["a", "an", "on", "the", "at", "in", "left", "right", "top", "bottom", 
           *COLOURS, *SHAPES]
 
 
+def _learn_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """BPE merges that make every word one token, learned deterministically.
+
+    The most frequent adjacent pair merges first, ties broken lexicographically. (``tokenizers``' trainer breaks
+    ties differently from run to run, which would make pretraining irreproducible.)
+    """
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    alphabet = sorted({c for word in words for c in word})
+    vocab = {token: i for i, token in enumerate(special + alphabet + [c + "</w>" for c in alphabet])}
+    spellings = {word: list(word[:-1]) + [word[-1] + "</w>"] for word in sorted(set(words))}
+    merges: list[tuple[str, str]] = []
+    while any(len(symbols) > 1 for symbols in spellings.values()):
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in spellings.values():
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for word, symbols in spellings.items():
+            merged, index = [], 0
+            while index < len(symbols):
+                if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == best:
+                    merged.append(best[0] + best[1])
+                    index += 2
+                else:
+                    merged.append(symbols[index])
+                    index += 1
+            spellings[word] = merged
+    return vocab, merges
+
+
 def build_tokenizer():
     """A ``CLIPTokenizer`` whose BPE merges, learned here from the world's words, make each word one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    special = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, end_of_word_suffix="</w>",
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz"), show_progress=False)
-    bpe.train_from_iterator([" ".join(_WORDS)] * 10, trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tokenizer = CLIPTokenizer(vocab=state["vocab"], merges=merges, model_max_length=MAX_PROMPT_TOKENS)
+    vocab, merges = _learn_bpe(_WORDS)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_PROMPT_TOKENS)
     for word in _WORDS:
         pieces = tokenizer.tokenize(word)
         if pieces != [f"{word}</w>"]:

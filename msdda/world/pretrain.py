@@ -165,6 +165,8 @@ def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None)
     started = time.time()
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # bit-identical weights from one seed, whatever the threading
 
     attributes = sample_attributes(config.num_images, config.seed, "train")
     images = _to_tensor(render_images(attributes, config.seed + 100))
@@ -203,4 +205,5 @@ def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None)
         "vae_mean_abs_error": vae_error,
     }
     (output_dir / "pretraining.json").write_text(json.dumps(record, indent=2))
+    torch.use_deterministic_algorithms(deterministic)
     return output_dir
