@@ -10,7 +10,6 @@ weights (content hash), same scheduler and step count, known betas.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from msdda.fuse.sampler import METHODS, FusionPlan, sample_latents
 
 __all__ = ["MSDDAPipeline", "LoadedAdapter", "resolve_adapter"]
 
-logger = logging.getLogger(__name__)
 _SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler}
 
 
