@@ -9,29 +9,17 @@ its x0 estimate at x_{t-1} (the next step's state) is the ``tweedie`` step rewar
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents, guided_output
-from msdda.kernels import step_kernel
+from msdda.diffusion import BASE, adapter_kernels, decode_latents
 
-__all__ = ["Trajectories", "sample_trajectories", "adapter_disabled", "StepRewardName", "STEP_REWARDS"]
+__all__ = ["Trajectories", "sample_trajectories", "StepRewardName", "STEP_REWARDS"]
 
 StepRewardName = Literal["terminal", "tweedie", "rollout"]
 STEP_REWARDS = ("terminal", "tweedie", "rollout")
-
-
-@contextmanager
-def adapter_disabled(unet):
-    """The reference policy: the same UNet with its LoRA switched off."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
 
 
 @dataclass
@@ -136,9 +124,7 @@ def sample_trajectories(
 def _rollout_reward(pipeline, unet, reward, prompts, latents, remaining_timesteps, prompt_embeds, negative_embeds,
                     guidance_scale) -> torch.Tensor:
     """r of the deterministic (eta = 0) reference continuation from ``latents`` over the remaining steps."""
-    scheduler = pipeline.scheduler
-    with adapter_disabled(unet):
-        for timestep in remaining_timesteps:
-            output = guided_output(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)
-            latents = step_kernel(scheduler, output, timestep, latents, eta=0.0).mean
+    for timestep in remaining_timesteps:
+        latents = adapter_kernels(unet, pipeline.scheduler, latents, timestep, prompt_embeds, negative_embeds, [BASE],
+                                  guidance_scale, 0.0)[0].mean
     return _reward_of_latents(pipeline, reward, latents, prompts)
