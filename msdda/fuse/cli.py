@@ -59,7 +59,7 @@ def _fuse(args: argparse.Namespace) -> int:
             image.save(out / name)
             images.append(image)
             files.append({"file": name, "prompt": prompt, "seed": seed})
-    image_grid(images, columns=len(seeds), upscale=4 if images[0].width <= 64 else 1).save(out / "grid.png")
+    image_grid(images, columns=len(seeds)).save(out / "grid.png")
     settings = {
         "base": args.base, "adapters": args.adapter, "betas": pipeline.betas, "weights": weights,
         "method": args.method, "beta": args.beta,

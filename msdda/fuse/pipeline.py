@@ -175,8 +175,8 @@ class MSDDAPipeline(StableDiffusionPipeline):
         finally:
             if method == "soup":
                 self.set_adapters(plan.adapter_names, [1.0] * count)
-        images = self.vae.decode(final.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        images = self.image_processor.postprocess(images, output_type=output_type)
+        images = decode_latents(self, final)  # already in [0, 1]
+        images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=[False] * len(images))
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

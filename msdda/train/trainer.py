@@ -304,10 +304,11 @@ class Trainer:
             self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
             self.config.sampling.num_inference_steps, self.config.sampling.eta, self.config.sampling.guidance_scale,
             "terminal", need_reference=False, generator=torch.Generator().manual_seed(self.config.seed)).images
-        pil = self.pipeline.image_processor.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().float().numpy())
+        processor = self.pipeline.image_processor
+        pil = processor.numpy_to_pil(processor.pt_to_numpy(images.cpu().float()))
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        image_grid(pil, columns=len(pil), upscale=4 if pil[0].width <= 64 else 1).save(folder / f"epoch-{epoch + 1:05d}.png")
+        image_grid(pil, columns=len(pil)).save(folder / f"epoch-{epoch + 1:05d}.png")
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> Path:

@@ -8,8 +8,8 @@ import torch
 
 from msdda.world.data import parse_prompt
 
-GRID_UPSCALE = 4
-"""World images are 32x32; grids are written with nearest-neighbour upscaling so that a person can read them."""
+SMALL_IMAGE = 64
+"""Images this wide or narrower (the world's are 32x32) are upscaled 4x in grids so that a person can read them."""
 
 
 def load_pipeline(base: str | Path | None = None):
@@ -26,8 +26,8 @@ def load_pipeline(base: str | Path | None = None):
     return pipeline
 
 
-def image_grid(images: list, columns: int | None = None, upscale: int = GRID_UPSCALE):
-    """PIL images tiled into one grid image, upscaled without smoothing."""
+def image_grid(images: list, columns: int | None = None):
+    """PIL images tiled into one grid image; small images upscaled 4x without smoothing."""
     from PIL import Image
 
     columns = columns or min(len(images), 8)
@@ -36,6 +36,7 @@ def image_grid(images: list, columns: int | None = None, upscale: int = GRID_UPS
     grid = Image.new("RGB", (columns * width, rows * height), "white")
     for index, image in enumerate(images):
         grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    upscale = 4 if width <= SMALL_IMAGE else 1
     return grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
 
 
