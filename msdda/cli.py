@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 from msdda import __version__
 from msdda.fuse.cli import add_fuse_parser
-from msdda.train.cli import add_train_parser
+from msdda.report.cli import add_report_parser
+from msdda.sweep.cli import add_sweep_parser
+from msdda.train.cli import add_evaluate_parser, add_train_parser
 from msdda.world.cli import add_world_parser
 
 
@@ -21,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"msdda {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
     add_fuse_parser(subparsers)
+    add_sweep_parser(subparsers)
+    add_report_parser(subparsers)
     add_world_parser(subparsers)
     return parser
 

@@ -89,11 +89,11 @@ def guided_output(unet, latents: torch.Tensor, timestep: torch.Tensor | int, pro
     return apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
 
 
-@torch.no_grad()
-def decode_latents(pipeline, latents: torch.Tensor) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [0, 1], float32."""
+def decode_latents(pipeline, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1], float32; differentiable in the latents when ``grad`` is asked."""
     vae = pipeline.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 

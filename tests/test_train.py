@@ -54,10 +54,14 @@ def test_config_loads_yaml_with_dotted_overrides(tmp_path) -> None:
     ("beta=-0.1", "beta must be"),
     ("lora.target_modules=[to_qq]", "match no module"),
     ("train.batch_size=3", "must divide"),
+    ("train.estimator=pathwise", "set reward.step_reward=tweedie"),
+    ("train.timestep_fraction=0", "timestep_fraction must be in"),
+    ("reward.name=tests.user_rewards:brightness reward.step_reward=tweedie train.estimator=pathwise",
+     "needs a differentiable reward"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        Trainer(_config(tmp_path, override))
+        Trainer(_config(tmp_path, *override.split()))
     assert not (tmp_path / "run").exists()
 
 
@@ -112,6 +116,30 @@ def test_one_epoch_exports_an_adapter_stock_diffusers_loads(tmp_path) -> None:
     pipeline.load_lora_weights(final)
     after = pipeline(**call, generator=torch.Generator().manual_seed(0)).images
     assert not torch.equal(before, after)
+
+
+def test_pathwise_update_follows_the_step_reward_gradient(tmp_path) -> None:
+    """One pathwise step on a fresh adapter (beta 0, plain SGD) raises the tweedie step reward of the very
+    transitions it was computed on, as a first-order step must; and it trains only the LoRA."""
+    trainer = Trainer(_config(tmp_path, "reward.step_reward=tweedie", "train.estimator=pathwise", "beta=0"))
+    trajectories, advantages = trainer._sample(0)
+    rows, scheduler = torch.arange(4), trainer.pipeline.scheduler
+
+    def objective() -> torch.Tensor:
+        return -sum(trainer._step_terms(trajectories, advantages, rows, step, scheduler).loss for step in range(4))
+
+    with torch.no_grad():
+        before = float(objective())
+    trainer.optimizer.zero_grad()
+    (-objective()).backward()
+    gradient_norm = torch.sqrt(sum((p.grad**2).sum() for p in trainer.lora_parameters))
+    assert gradient_norm > 0
+    with torch.no_grad():
+        for parameter in trainer.lora_parameters:
+            parameter -= 1e-2 / gradient_norm * parameter.grad  # a small step down the loss
+    with torch.no_grad():
+        after = float(objective())
+    assert after > before
 
 
 def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from msdda.kernels import gaussian_kl, step_kernel
-from msdda.train.loss import PerPromptStatTracker, step_loss
+from msdda.train.loss import PerPromptStatTracker, pathwise_step_loss, step_loss
 from msdda.world.analytic import GaussianWorld
 
 
@@ -29,7 +29,8 @@ class Denoiser(nn.Module):
         return self.world.epsilon(x_t, timestep) + correction
 
 
-def _train(world: GaussianWorld, reward_vector: torch.Tensor, beta: float, iterations: int, batch: int) -> Denoiser:
+def _train(world: GaussianWorld, reward_vector: torch.Tensor, beta: float, iterations: int, batch: int,
+           estimator: str) -> Denoiser:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     policy = Denoiser(world)
@@ -49,24 +50,30 @@ def _train(world: GaussianWorld, reward_vector: torch.Tensor, beta: float, itera
                     # the trainer's tweedie step reward with its state baseline: R_t - V(x_t), V = a . x0_hat(x_t)
                     reward = world.tweedie_step_reward(x_prev, timestep, reward_vector)
                     state_value = world.x0_estimate(x, timestep) @ reward_vector
-                    transitions.append((timestep, x, x_prev, kernel.log_prob(x_prev), reward - state_value))
+                    transitions.append((timestep, x, x_prev, kernel.log_prob(x_prev), reward - state_value,
+                                        (x_prev - kernel.mean) / kernel.std))
                 x = x_prev
         optimiser.zero_grad()
-        for timestep, x_t, x_prev, old_log_prob, reward in transitions:
-            advantages = tracker.update([timestep] * batch, reward.numpy())
+        for timestep, x_t, x_prev, old_log_prob, reward, noise in transitions:
             kernel = step_kernel(world.scheduler, policy(x_t, timestep), timestep, x_t)
             reference = world.reference_kernel(x_t, timestep)
             kl = gaussian_kl(kernel.mean, kernel.variance, reference.mean, reference.variance)
-            loss = step_loss(kernel.log_prob(x_prev), old_log_prob, torch.as_tensor(advantages), kl, beta,
-                             clip_range=0.2)
+            if estimator == "pathwise":  # the trainer's pathwise estimator: R_t's gradient through the action
+                action = kernel.mean + kernel.std * noise
+                loss = pathwise_step_loss(world.tweedie_step_reward(action, timestep, reward_vector), kl, beta)
+            else:
+                advantages = tracker.update([timestep] * batch, reward.numpy())
+                loss = step_loss(kernel.log_prob(x_prev), old_log_prob, torch.as_tensor(advantages), kl, beta,
+                                 clip_range=0.2)
             (loss.loss / len(transitions)).backward()
         optimiser.step()
     return policy
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["policy-gradient", "pathwise"])
 @pytest.mark.parametrize("beta", [0.5, 1.0])
-def test_trained_mean_shift_matches_the_closed_form_step_optimum(beta: float) -> None:
+def test_trained_mean_shift_matches_the_closed_form_step_optimum(beta: float, estimator: str) -> None:
     """Within 10% over the whole trajectory, and per step wherever the optimum moves the kernel visibly.
 
     At the last stochastic step (t=125, kernel std 0.01) the optimal shift is 1% of a std; the shared MLP's
@@ -75,7 +82,7 @@ def test_trained_mean_shift_matches_the_closed_form_step_optimum(beta: float) ->
     """
     world = GaussianWorld.default(dim=2, num_inference_steps=8, seed=0)
     reward_vector = torch.tensor([1.0, -0.5], dtype=torch.float64)
-    policy = _train(world, reward_vector, beta, iterations=400, batch=512)
+    policy = _train(world, reward_vector, beta, iterations=400, batch=512, estimator=estimator)
     x_t = torch.randn(256, world.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     learned_shifts, exact_shifts = [], []
     with torch.no_grad():

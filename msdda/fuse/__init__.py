@@ -1,6 +1,11 @@
 """Retraining-free fusion of reward adapters (MSDDA): the closed form, the sampler and the baselines."""
 
-from msdda.fuse.closed_form import REFERENCE_TOLERANCE, exponents, fuse_gaussians, reference_exponent
+from msdda.fuse.closed_form import (
+    REFERENCE_TOLERANCE,
+    exponents,
+    fuse_gaussians,
+    reference_exponent,
+)
 
 __all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE", "MSDDAPipeline"]
 

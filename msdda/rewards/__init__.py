@@ -5,9 +5,15 @@ A reward is ``reward(images, prompts) -> Tensor[B]`` where ``images`` are ``[B, 
 :func:`available_rewards`; ``"package.module:attribute"`` loads a user's Reward class or plain function.
 """
 
-from msdda.rewards.base import FunctionReward, Reward, available_rewards, load_reward, register_reward
-
 # importing the modules registers their rewards
+from msdda.rewards import weighted as _weighted  # noqa: F401,E402
 from msdda.rewards import world as _world  # noqa: F401,E402
+from msdda.rewards.base import (
+    FunctionReward,
+    Reward,
+    available_rewards,
+    load_reward,
+    register_reward,
+)
 
 __all__ = ["Reward", "FunctionReward", "register_reward", "load_reward", "available_rewards"]

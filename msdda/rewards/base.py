@@ -18,12 +18,14 @@ class Reward(nn.Module):
     """Scores images against prompts: ``forward(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]``.
 
     Subclasses set ``name`` and ``version`` (recorded in adapter metadata so fusion can check what an adapter
-    was trained for) and implement ``score``. Calls run in eval mode without grad, on the reward's device,
-    and return float32 on the images' device.
+    was trained for) and implement ``score``. Calls run in eval mode on the reward's device and return float32
+    on the images' device, without grad unless ``grad=True`` is asked of a reward that sets ``differentiable``
+    (its score is a differentiable function of the pixels; the pathwise estimator needs that).
     """
 
     name: str = "reward"
     version: str = "0"
+    differentiable: bool = False
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -34,8 +36,10 @@ class Reward(nn.Module):
             return tensor.device
         return torch.device("cpu")
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
+        if grad and not self.differentiable:
+            raise ValueError(f"reward {self.name!r} is not differentiable (its class does not set differentiable = "
+                             "True); use train.estimator=policy-gradient with it")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name}: images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
         if isinstance(prompts, str):
@@ -43,7 +47,8 @@ class Reward(nn.Module):
         if len(prompts) != len(images):
             raise ValueError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
         self.eval()
-        scores = self.score(images.to(self.device, torch.float32), list(prompts))
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            scores = self.score(images.to(self.device, torch.float32), list(prompts))
         return scores.to(images.device, torch.float32).reshape(len(images))
 
 

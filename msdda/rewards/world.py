@@ -1,8 +1,10 @@
 """The embedded world's two rewards, which pull apart.
 
-- ``world-consistency``: does the image show what the prompt asks? log p(colour) + log p(shape) +
-  log p(position) of the prompt's attributes under the shipped attribute classifier (like text-image
-  consistency rewards on Stable Diffusion). At most 0; about -0.1 on training data.
+- ``world-consistency``: does the image show what the prompt asks? The mean over colour, shape and position
+  of the probability the shipped attribute classifier gives the prompt's attribute (like text-image
+  consistency rewards on Stable Diffusion). In [0, 1]; about 0.99 on training data. A probability rather than
+  a log-probability keeps it on the aesthetic reward's scale (so weights mean what they say) and keeps one
+  hopeless attribute from dominating it.
 - ``world-aesthetic``: does it look good? Colourfulness (Hasler & Süsstrunk 2003, a metric that tracks
   people's colourfulness ratings) plus a centred composition (the subject's centroid near the image centre).
   A person prefers the vivid, centred picture; the prompt often asks for a shape "on the left", so the two
@@ -25,10 +27,11 @@ __all__ = ["WorldConsistency", "WorldAesthetic", "colourfulness", "centredness"]
 
 @register_reward("world-consistency")
 class WorldConsistency(Reward):
-    """Log-probability, under the shipped attribute classifier, that the image shows the prompt's attributes."""
+    """Mean probability, under the shipped attribute classifier, of each attribute the prompt asks for."""
 
     name = "world-consistency"
-    version = "1"
+    version = "2"
+    differentiable = True
 
     def __init__(self, classifier_folder: str | Path | None = None) -> None:
         super().__init__()
@@ -44,9 +47,8 @@ class WorldConsistency(Reward):
             images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
         logits = self.classifier(images.clamp(0, 1))
         return sum(
-            torch.log_softmax(logit, dim=-1).gather(1, targets[:, i:i + 1]).squeeze(1)
-            for i, logit in enumerate(logits)
-        )
+            torch.softmax(logit, dim=-1).gather(1, targets[:, i:i + 1]).squeeze(1) for i, logit in enumerate(logits)
+        ) / len(logits)
 
 
 SUBJECT_THRESHOLD = 0.15
@@ -88,6 +90,7 @@ class WorldAesthetic(Reward):
 
     name = "world-aesthetic"
     version = "1"
+    differentiable = True
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return colourfulness(images) + centredness(images)

@@ -27,3 +27,32 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. epochs=2 train.learning_rate=1e-4")
     parser.set_defaults(handler=_train)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from msdda.fuse.cli import parse_seeds
+    from msdda.train.evaluate import evaluate_adapter
+
+    report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,
+                              seeds=parse_seeds(args.seeds), out=args.out)
+    print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
+          f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
+    for name, values in report["rewards"].items():
+        print(f"  {name}: base {values['base_mean']:.4f} ± {values['base_std']:.4f} -> adapter "
+              f"{values['adapter_mean']:.4f} ± {values['adapter_std']:.4f} (paired difference "
+              f"{values['paired_difference']:+.4f} ± {values['paired_difference_sem']:.4f} s.e.)")
+    if args.out:
+        print(f"wrote evaluation.json and before_after.png to {args.out}")
+    return 0
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="an adapter against its base: rewards before/after and its KL")
+    parser.add_argument("adapter", help="an adapter folder (or Hub id) written by msdda train")
+    parser.add_argument("--reward", action="append", default=None,
+                        help="a reward to score (repeatable; default: the one the adapter was trained on)")
+    parser.add_argument("--prompts", default="world", help="'world' or a text file with one prompt per line")
+    parser.add_argument("--num-prompts", type=int, default=32, help="prompts used, evenly spaced (default 32)")
+    parser.add_argument("--seeds", default="0-3", help="seeds per prompt, e.g. 0-3")
+    parser.add_argument("--out", default=None, help="folder for evaluation.json and before_after.png")
+    parser.set_defaults(handler=_evaluate)

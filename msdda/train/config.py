@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
+
+from msdda.prompts import check_prompts_spec, load_prompts
 
 __all__ = ["TrainConfig", "LoraSettings", "SamplingSettings", "RewardSettings", "OptimSettings",
            "CheckpointSettings"]
@@ -45,11 +46,21 @@ class OptimSettings:
     """Trajectories per process per gradient step (each contributes all its steps)."""
     gradient_accumulation_steps: int = 1
     inner_epochs: int = 1
+    timestep_fraction: float = 1.0
+    """Share of each trajectory's steps trained per update, drawn at random (DDPO's timestep_fraction): the
+    steps of one trajectory are correlated, so fewer of them from more trajectories buys more signal per
+    gradient evaluation."""
     clip_range: float = 0.2
     advantage_clip: float = 5.0
     advantage_normalisation: Literal["center", "standardize"] = "center"
     state_baseline: bool = True
     """For tweedie/rollout step rewards, subtract the estimator at x_t (what the step inherited) first."""
+    estimator: Literal["policy-gradient", "pathwise"] = "policy-gradient"
+    """How the step objective's gradient is estimated. ``policy-gradient``: the clipped score-function update
+    with per-prompt advantages (DDPO/DPOK; any reward). ``pathwise``: the step reward's own gradient through the
+    reparameterised action x_{t-1} = mean + std * noise (needs ``reward.step_reward: tweedie`` and a
+    differentiable reward); the same objective and optimum, with a variance that does not grow with the latent
+    dimension."""
     stat_buffer: int = 32
     stat_min_count: int = 8
     max_grad_norm: float = 1.0
@@ -101,11 +112,7 @@ class TrainConfig:
         if self.reward.name not in available_rewards() and ":" not in self.reward.name:
             raise ValueError(f"unknown reward {self.reward.name!r}; built-in rewards are {available_rewards()}, "
                              "or give 'package.module:name'")
-        if isinstance(self.prompts, str) and self.prompts != "world" and not Path(self.prompts).is_file():
-            raise ValueError(f"prompts file {self.prompts} does not exist; give a text file with one prompt per "
-                             "line, a list of prompts, or 'world'")
-        if isinstance(self.prompts, list) and not [p for p in self.prompts if p.strip()]:
-            raise ValueError("prompts is an empty list; give at least one prompt")
+        check_prompts_spec(self.prompts)
         for name, value in (("epochs", self.epochs), ("sampling.batch_size", self.sampling.batch_size),
                             ("sampling.batches_per_epoch", self.sampling.batches_per_epoch),
                             ("sampling.num_inference_steps", self.sampling.num_inference_steps),
@@ -113,19 +120,21 @@ class TrainConfig:
                             ("checkpoint.every", self.checkpoint.every), ("checkpoint.keep", self.checkpoint.keep)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.train.estimator == "pathwise" and self.reward.step_reward != "tweedie":
+            raise ValueError(f"train.estimator=pathwise differentiates the tweedie step reward; got "
+                             f"reward.step_reward={self.reward.step_reward!r}: set reward.step_reward=tweedie or use "
+                             "train.estimator=policy-gradient")
+        if not 0 < self.train.timestep_fraction <= 1:
+            raise ValueError(f"train.timestep_fraction must be in (0, 1], got {self.train.timestep_fraction}")
         per_epoch = self.sampling.batch_size * self.sampling.batches_per_epoch
         if per_epoch % self.train.batch_size:
             raise ValueError(f"train.batch_size={self.train.batch_size} must divide the trajectories sampled per "
                              f"epoch (sampling.batch_size * sampling.batches_per_epoch = {per_epoch})")
 
-    def load_prompts(self) -> list[str]:
-        if isinstance(self.prompts, list):
-            return [p for p in self.prompts if p.strip()]
-        if self.prompts == "world":
-            from msdda.world.data import prompt_for, training_combinations
+    @property
+    def trained_steps(self) -> int:
+        """Steps of each trajectory trained per update (one backward each)."""
+        return max(1, round(self.train.timestep_fraction * self.sampling.num_inference_steps))
 
-            return [prompt_for(a) for a in training_combinations()]
-        prompts = [line.strip() for line in Path(self.prompts).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompts file {self.prompts} holds no prompts")
-        return prompts
+    def load_prompts(self) -> list[str]:
+        return load_prompts(self.prompts)

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["PerPromptStatTracker", "StepLoss", "step_loss"]
+__all__ = ["PerPromptStatTracker", "StepLoss", "step_loss", "pathwise_step_loss"]
 
 Normalisation = Literal["center", "standardize"]
 
@@ -111,3 +111,25 @@ def step_loss(
         approx_kl = 0.5 * (log_ratio**2).mean()
     return StepLoss(loss=policy_loss + beta * kl, policy_loss=policy_loss.detach(), kl=kl.detach(),
                     clip_fraction=clip_fraction, approx_kl=approx_kl)
+
+
+def pathwise_step_loss(step_reward: torch.Tensor, kl_to_reference: torch.Tensor | None, beta: float) -> StepLoss:
+    """Minus the step objective E[R_t] - beta * KL, with R_t differentiable in the reparameterised action.
+
+    The same objective and optimum as ``step_loss``; the gradient comes from the reward's slope along
+    x_{t-1} = mean + std * noise instead of from the score, so its variance does not grow with the latent
+    dimension the way the score function's does.
+
+    Args:
+        step_reward: ``[N]`` R_t(x_{t-1}) with grad flowing to the policy's mean.
+        kl_to_reference: ``[N]`` KL(pi_theta(.|x_t) || p_ref(.|x_t)) (with grad), or None when beta is 0.
+        beta: the KL weight.
+    """
+    if beta and kl_to_reference is None:
+        raise ValueError(f"beta={beta} needs the KL to the reference; pass kl_to_reference")
+    finite = torch.isfinite(step_reward)  # a reward that fails on some images: those rows carry no gradient
+    policy_loss = -torch.where(finite, step_reward, 0.0).sum() / finite.sum().clamp(min=1)
+    kl = kl_to_reference.mean() if kl_to_reference is not None else torch.zeros((), device=step_reward.device)
+    zero = torch.zeros((), device=step_reward.device)
+    return StepLoss(loss=policy_loss + beta * kl, policy_loss=policy_loss.detach(), kl=kl.detach(),
+                    clip_fraction=zero, approx_kl=zero)

@@ -32,6 +32,7 @@ class Trajectories:
     timesteps: torch.Tensor  # [T]
     latents: torch.Tensor  # [B, T + 1, C, H, W]: x_T ... x_0
     log_probs: torch.Tensor  # [B, T]
+    noises: torch.Tensor  # [B, T, C, H, W]: the standard normal draw of each step (x_{t-1} = mean + std * noise)
     reference_means: torch.Tensor | None  # [B, T, C, H, W]
     step_rewards: torch.Tensor  # [B, T]: R_t for the step leaving timesteps[t]
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]: the decoded x_0
@@ -75,7 +76,7 @@ def sample_trajectories(
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).to(prompt_embeds.device)
     latents = latents * scheduler.init_noise_sigma
-    states, log_probs, reference_means, reference_x0 = [latents], [], [], []
+    states, noises, log_probs, reference_means, reference_x0 = [latents], [], [], [], []
     adapter = unet.active_adapters()[0]
     for timestep in timesteps:
         # policy and reference rows in one batched forward (PEFT mixed-adapter batch)
@@ -94,6 +95,7 @@ def sample_trajectories(
             reference_x0.append(reference.pred_original_sample)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         latents = kernel.sample(noise=noise)
+        noises.append(noise)
         log_probs.append(kernel.log_prob(latents))
         states.append(latents)
 
@@ -115,7 +117,7 @@ def sample_trajectories(
         step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
     return Trajectories(
         prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
-        latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1),
+        latents=torch.stack(states, dim=1), noises=torch.stack(noises, dim=1), log_probs=torch.stack(log_probs, dim=1),
         reference_means=torch.stack(reference_means, dim=1) if need_reference else None,
         step_rewards=step_rewards, images=images, state_values=state_values,
     )

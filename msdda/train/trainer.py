@@ -25,11 +25,18 @@ from tqdm.auto import tqdm
 
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 from msdda.config import config_to_dict
-from msdda.diffusion import encode_prompts, guided_output, load_base_pipeline
+from msdda.diffusion import (
+    BASE,
+    adapter_kernels,
+    decode_latents,
+    encode_prompts,
+    guided_output,
+    load_base_pipeline,
+)
 from msdda.kernels import gaussian_kl, step_kernel
 from msdda.rewards import load_reward
 from msdda.train.config import TrainConfig
-from msdda.train.loss import PerPromptStatTracker, step_loss
+from msdda.train.loss import PerPromptStatTracker, pathwise_step_loss, step_loss
 from msdda.train.rollout import Trajectories, sample_trajectories
 
 __all__ = ["Trainer", "train", "latest_checkpoint"]
@@ -103,17 +110,19 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self._check_output_dir()
         self.prompts = config.load_prompts()
-        steps = config.sampling.num_inference_steps
         self.accelerator = Accelerator(
             cpu=_several_processes_without_cuda(),
             mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.train.gradient_accumulation_steps * steps,
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps * config.trained_steps,
             log_with=config.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")),
         )
         set_seed(config.seed, device_specific=True)
         self.reward = load_reward(config.reward.name, **config.reward.kwargs).to(self.accelerator.device)
+        if config.train.estimator == "pathwise" and not self.reward.differentiable:
+            raise ValueError(f"train.estimator=pathwise needs a differentiable reward; {self.reward.name!r} is not "
+                             "(its class does not set differentiable = True): use train.estimator=policy-gradient")
         self.pipeline = load_base_pipeline(config.base, config.sampling.scheduler)
         unet = self.pipeline.unet
         _check_lora_targets(unet, config.lora.target_modules)
@@ -204,7 +213,9 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- phases
     def _sample(self, epoch: int) -> tuple[Trajectories, torch.Tensor]:
+        """This process's trajectories and their advantages (pathwise: zeros, kept only to mark dropped rows)."""
         config, device = self.config, self.accelerator.device
+        pathwise = config.train.estimator == "pathwise"
         process = self.accelerator.process_index
         batches = []
         self.unwrapped.eval()
@@ -216,8 +227,12 @@ class Trainer:
             batches.append(sample_trajectories(
                 self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
                 config.sampling.num_inference_steps, config.sampling.eta, config.sampling.guidance_scale,
-                config.reward.step_reward, need_reference=config.beta > 0, generator=generator))
+                "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
+                generator=generator))
         merged = _concatenate(batches)
+        if pathwise:  # the step rewards are recomputed with grad in the update
+            finite = torch.isfinite(merged.final_rewards)
+            return merged, torch.where(finite, 0.0, torch.nan)[:, None].expand(-1, len(merged.timesteps))
         return merged, self._advantages(merged)
 
     def _advantages(self, trajectories: Trajectories) -> torch.Tensor:
@@ -259,7 +274,7 @@ class Trainer:
             for start in range(0, count, config.train.batch_size):
                 rows = order[start:start + config.train.batch_size]
                 rows = rows[keep[rows]]
-                step_order = torch.randperm(steps, generator=generator)
+                step_order = torch.randperm(steps, generator=generator)[:config.trained_steps]
                 for step in step_order.tolist():
                     with self.accelerator.accumulate(self.unet):
                         terms = self._step_terms(trajectories, advantages, rows, step, scheduler)
@@ -290,9 +305,24 @@ class Trainer:
         if config.beta > 0:
             reference_mean = trajectories.reference_means[rows, step].float()
             kl = gaussian_kl(kernel.mean, kernel.variance, reference_mean, kernel.variance)
+        if config.train.estimator == "pathwise":
+            action = kernel.mean + kernel.std * trajectories.noises[rows, step].float()
+            return pathwise_step_loss(self._tweedie_reward(trajectories, rows, step, action), kl, config.beta)
         return step_loss(log_prob, trajectories.log_probs[rows, step].float(),
                          advantages[rows, step].to(log_prob.device), kl, config.beta, config.train.clip_range,
                          config.train.advantage_clip)
+
+    def _tweedie_reward(self, trajectories: Trajectories, rows: torch.Tensor, step: int,
+                        action: torch.Tensor) -> torch.Tensor:
+        """r(x0_hat_ref(x_{t-1})) with grad flowing back to the action (the reference's weights stay frozen)."""
+        config, timesteps = self.config, trajectories.timesteps
+        clean = action
+        if step + 1 < len(timesteps):  # the reference (adapter off) has no LoRA rows, so only the action gets grad
+            clean = adapter_kernels(self.unwrapped, self.pipeline.scheduler, action, timesteps[step + 1],
+                                    trajectories.prompt_embeds[rows], trajectories.negative_embeds[rows], [BASE],
+                                    config.sampling.guidance_scale, config.sampling.eta)[0].pred_original_sample
+        images = decode_latents(self.pipeline, clean, grad=True)
+        return self.reward(images, [trajectories.prompts[i] for i in rows.tolist()], grad=True)
 
     def _sample_grid(self, epoch: int) -> None:
         from msdda.world.sampling import image_grid
@@ -384,6 +414,7 @@ def _concatenate(batches: list[Trajectories]) -> Trajectories:
         negative_embeds=torch.cat([b.negative_embeds for b in batches]),
         timesteps=first.timesteps,
         latents=torch.cat([b.latents for b in batches]),
+        noises=torch.cat([b.noises for b in batches]),
         log_probs=torch.cat([b.log_probs for b in batches]),
         reference_means=torch.cat([b.reference_means for b in batches]) if first.reference_means is not None else None,
         step_rewards=torch.cat([b.step_rewards for b in batches]),

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole job on the embedded world, about 25 minutes on 2 CPU cores: train the two reward adapters, sweep
+# every fusion method over the weight grid (16 prompts x 8 seeds), write the report with the Pareto plot.
+# Re-running continues where a stopped run ended (training resumes from its checkpoints; finished sweep cells
+# are kept).   Usage: bash launch/demo.sh [output folder, default runs/demo]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/demo}"
+msdda="${MSDDA:-.venv/bin/msdda}"
+[ -x "$msdda" ] || msdda=msdda
+
+train() {  # $1: the recipe's reward (aesthetic or consistency)
+    local folder="$out/$1"
+    if [ -f "$folder/final/msdda_adapter.json" ]; then
+        echo "demo: $folder/final exists; not retraining"
+        return
+    fi
+    local resume=()
+    [ -f "$folder/run_config.yaml" ] && resume=(--resume)
+    "$msdda" train --config "configs/train/world_$1.yaml" "output_dir=$folder" "${resume[@]}"
+}
+
+start=$(date +%s)
+train aesthetic
+train consistency
+"$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep" \
+    "adapters=[$out/aesthetic/final,$out/consistency/final]"
+"$msdda" report "$out/sweep"
+echo "demo: done in $(( ($(date +%s) - start) / 60 )) min; the report is $out/sweep/report.md (and report.html)"

@@ -1,0 +1,1 @@
+"""Reports of weight sweeps: Pareto fronts, hypervolume, weighted objectives (``msdda report``)."""

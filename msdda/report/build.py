@@ -1,0 +1,239 @@
+"""``msdda report``: from a sweep folder, the Pareto plot, hypervolumes, weighted objectives, costs and grids,
+written as report.md, report.html and metrics.json beside the sweep's tables."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from msdda.report.metrics import (
+    bootstrap_standard_error,
+    hypervolume,
+    standard_error,
+    weighted_objective,
+)
+from msdda.sweep.grid import weight_key
+from msdda.sweep.run import CONFIG_FILE, RESULTS, weight_column
+
+__all__ = ["Curve", "load_curves", "build_report"]
+
+SWEEPING = ("msdda", "soup", "output-average", "diffusion-blend", "code", "oracle")
+
+
+@dataclass
+class Curve:
+    """One method's cells: weight vectors and per-sample rewards, rows paired across curves by (prompt, seed)."""
+
+    label: str
+    method: str
+    weights: list[tuple[float, ...]]
+    rewards: list[np.ndarray]  # one [N, K] array per weight vector
+    costs: dict[str, float]
+
+    def means(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return np.stack([(r if rows is None else r[rows]).mean(axis=0) for r in self.rewards])
+
+    def errors(self) -> np.ndarray:
+        return np.stack([[standard_error(r[:, k]) for k in range(r.shape[1])] for r in self.rewards])
+
+    @property
+    def sweeps_weights(self) -> bool:
+        return self.method in SWEEPING
+
+
+def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
+    """The sweep's curves (``single`` split per reward), its reward names and its config."""
+    import pandas as pd
+
+    config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    table = pd.read_csv(folder / f"{RESULTS}.csv")
+    names = [c[2:] for c in table.columns if c.startswith("w:")]
+    weight_columns = [weight_column(n) for n in names]
+    table = table.sort_values(["prompt", "seed"], kind="stable")
+    curves: dict[str, Curve] = {}
+    for (method, *weights), cell in table.groupby(["method", *weight_columns], sort=False):
+        weights = tuple(float(w) for w in weights)
+        label = f"single: {names[int(np.argmax(weights))]}" if method == "single" else method
+        curve = curves.setdefault(label, Curve(label, method, [], [], {}))
+        curve.weights.append(weights)
+        curve.rewards.append(cell[names].to_numpy(dtype=np.float64))
+        for key in ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image"):
+            curve.costs[key] = curve.costs.get(key, 0.0) + float(cell[key].iloc[0])
+    for curve in curves.values():
+        order = np.argsort([w[0] for w in curve.weights], kind="stable")
+        curve.weights = [curve.weights[i] for i in order]
+        curve.rewards = [curve.rewards[i] for i in order]
+        curve.costs = {k: v / len(curve.weights) for k, v in curve.costs.items()}
+    sizes = {len(r) for c in curves.values() for r in c.rewards}
+    if len(sizes) != 1:
+        raise ValueError(f"{folder}: cells hold different numbers of samples {sorted(sizes)}; re-run the sweep")
+    return list(curves.values()), names, config
+
+
+def _objective_weights(count: int, firsts: list[float]) -> list[tuple[float, ...]]:
+    if count == 2:
+        return [(w, 1.0 - w) for w in firsts]
+    return [tuple(1.0 / count for _ in range(count))]
+
+
+def _objective(curve: Curve, weights: tuple[float, ...]) -> np.ndarray | None:
+    """Per-sample sum_i w_i r_i of the curve's samples at ``weights`` (any of its cells when it does not sweep)."""
+    if not curve.sweeps_weights:
+        return weighted_objective(curve.rewards[0], weights)
+    for cell_weights, rewards in zip(curve.weights, curve.rewards):
+        if np.allclose(cell_weights, weights):
+            return weighted_objective(rewards, weights)
+    return None
+
+
+def compute_metrics(curves: list[Curve], names: list[str], reference: list[float] | None,
+                    objective_firsts: list[float], resamples: int) -> dict:
+    all_means = np.concatenate([c.means() for c in curves])
+    reference_point = np.asarray(reference if reference is not None else all_means.min(axis=0), dtype=np.float64)
+    count = len(curves[0].rewards[0])
+    metrics: dict = {"rewards": names, "reference_point": reference_point.tolist(), "samples_per_cell": count,
+                     "reference_point_rule": "given" if reference is not None else
+                     "the lowest mean of each reward over all cells", "methods": {}}
+    targets = _objective_weights(len(names), objective_firsts)
+    for curve in curves:
+        volume = hypervolume(curve.means(), reference_point)
+        error = bootstrap_standard_error(lambda rows, c=curve: hypervolume(c.means(rows), reference_point), count,
+                                         resamples)
+        objectives = {}
+        for weights in targets:
+            values = _objective(curve, weights)
+            if values is not None:
+                objectives[weight_key(weights)] = {"mean": float(values.mean()), "sem": standard_error(values)}
+        metrics["methods"][curve.label] = {
+            "hypervolume": volume, "hypervolume_sem": error, "weighted_objective": objectives,
+            "points": [{"weights": list(w), "mean": m.tolist(), "sem": e.tolist()}
+                       for w, m, e in zip(curve.weights, curve.means(), curve.errors())],
+            "costs": curve.costs,
+        }
+    return metrics
+
+
+def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:
+    """Mean rewards per weight with standard-error bars; one curve per weight-sweeping method (first two
+    rewards when there are more)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5.5))
+    markers = iter("osD^v<>ph*")
+    for curve in curves:
+        means, errors = curve.means(), curve.errors()
+        style = "-" if curve.sweeps_weights and curve.method != "oracle" and len(means) > 1 else "none"
+        axes.errorbar(means[:, 0], means[:, 1], xerr=errors[:, 0], yerr=errors[:, 1], linestyle=style,
+                      marker=next(markers, "o"), markersize=5, capsize=2, linewidth=1.2, label=curve.label)
+    axes.set_xlabel(f"{names[0]} (mean, higher is better)")
+    axes.set_ylabel(f"{names[1]} (mean, higher is better)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+
+
+def method_grids(folder: Path, curves: list[Curve]) -> dict[str, Path]:
+    """One image per weight-sweeping method: a row per weight (its cell's first prompts, first seed)."""
+    from PIL import Image, ImageDraw
+
+    out = folder / "grids"
+    out.mkdir(exist_ok=True)
+    grids = {}
+    for curve in curves:
+        if not curve.sweeps_weights or curve.method == "oracle":
+            continue
+        stems = [f"{curve.method}_{weight_key(w).replace(',', '-')}" for w in curve.weights]
+        strips = [Image.open(folder / "cells" / f"{stem}.png").convert("RGB") for stem in stems
+                  if (folder / "cells" / f"{stem}.png").is_file()]
+        if not strips:
+            continue
+        label_width = 110
+        canvas = Image.new("RGB", (label_width + strips[0].width, sum(s.height for s in strips)), "white")
+        draw, top = ImageDraw.Draw(canvas), 0
+        for weights, strip in zip(curve.weights, strips):
+            canvas.paste(strip, (label_width, top))
+            draw.text((6, top + strip.height // 2 - 6), "w = " + weight_key(weights), fill="black")
+            top += strip.height
+        grids[curve.label] = out / f"{curve.method}.png"
+        canvas.save(grids[curve.label])
+    return grids
+
+
+def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[list[str]]]]:
+    methods = metrics["methods"]
+    volume_rows = [[label, f"{m['hypervolume']:.4g} ± {m['hypervolume_sem']:.2g}"] for label, m in methods.items()]
+    keys = sorted({k for m in methods.values() for k in m["weighted_objective"]})
+    objective_rows = [[label] + [f"{m['weighted_objective'][k]['mean']:.4g} ± {m['weighted_objective'][k]['sem']:.2g}"
+                                 if k in m["weighted_objective"] else "" for k in keys] for label, m in methods.items()]
+    cost_rows = [[label, f"{m['costs']['seconds_per_image']:.3f}", f"{m['costs']['unet_rows_per_image']:.0f}",
+                  f"{m['costs']['reward_images_per_image']:.0f}"] for label, m in methods.items()]
+    return [
+        ("Hypervolume (± bootstrap standard error)", ["method", "hypervolume"], volume_rows),
+        (f"Weighted objective sum_i w_i r_i (w over {names}; mean ± standard error)", ["method", *keys],
+         objective_rows),
+        ("Cost per image (mean over the method's cells)", ["method", "seconds", "UNet rows", "reward calls (images)"],
+         cost_rows),
+    ]
+
+
+def _markdown(title: str, intro: list[str], tables, plot: str, grids: dict[str, str]) -> str:
+    lines = [f"# {title}", "", *intro, "", f"![Pareto plot]({plot})", ""]
+    for caption, header, rows in tables:
+        lines += [f"## {caption}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    lines += ["## Images per method", "", "Each row is one weight; columns are the first prompts at the first seed.", ""]
+    for label, path in grids.items():
+        lines += [f"### {label}", "", f"![{label}]({path})", ""]
+    return "\n".join(lines)
+
+
+def _html(title: str, intro: list[str], tables, plot: str, grids: dict[str, str]) -> str:
+    escape = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{padding:2px 8px;"
+             "border-bottom:1px solid #ddd}img{max-width:100%}</style>", f"<h1>{escape(title)}</h1>"]
+    parts += [f"<p>{escape(line)}</p>" for line in intro]
+    parts.append(f"<img src='{escape(plot)}' alt='Pareto plot'>")
+    for caption, header, rows in tables:
+        parts.append(f"<h2>{escape(caption)}</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("<h2>Images per method</h2>")
+    for label, path in grids.items():
+        parts.append(f"<h3>{escape(label)}</h3><img src='{escape(path)}' alt='{escape(label)}'>")
+    return "\n".join(parts)
+
+
+def build_report(folder: str | Path, reference_point: list[float] | None = None,
+                 objective_weights: list[float] = (0.25, 0.5, 0.75), resamples: int = 200) -> Path:
+    """Write pareto.png, grids/, metrics.json, report.md and report.html into the sweep ``folder``."""
+    folder = Path(folder)
+    if not (folder / f"{RESULTS}.csv").is_file():
+        raise FileNotFoundError(f"{folder} holds no {RESULTS}.csv; run msdda sweep with output_dir={folder} first")
+    curves, names, config = load_curves(folder)
+    if reference_point is not None and len(reference_point) != len(names):
+        raise ValueError(f"reference point {reference_point} needs one value per reward {names}")
+    metrics = compute_metrics(curves, names, reference_point, list(objective_weights), resamples)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    title = f"MSDDA sweep: {' vs '.join(names)}"
+    pareto_plot(curves, names, folder / "pareto.png", title)
+    grids = {label: str(path.relative_to(folder)) for label, path in method_grids(folder, curves).items()}
+    intro = [f"{metrics['samples_per_cell']} samples per cell ({config.get('num_prompts') or 'all'} prompts × seeds "
+             f"{config.get('seeds')}), base {config.get('base')}, adapters {config.get('adapters')}.",
+             f"Hypervolume reference point: {[round(v, 4) for v in metrics['reference_point']]} "
+             f"({metrics['reference_point_rule']})."]
+    tables = _tables(metrics, names)
+    (folder / "report.md").write_text(_markdown(title, intro, tables, "pareto.png", grids))
+    (folder / "report.html").write_text(_html(title, intro, tables, "pareto.png", grids))
+    return folder / "report.md"

@@ -1,0 +1,91 @@
+"""The sweep config: which adapters, methods, weights, prompts and seeds; loaded from YAML with overrides."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from msdda.fuse.sampler import METHODS
+from msdda.prompts import check_prompts_spec, load_prompts
+
+__all__ = ["SweepConfig", "DEFAULT_METHODS"]
+
+DEFAULT_METHODS = ["msdda", "soup", "output-average", "diffusion-blend", "code", "single", "base"]
+
+
+@dataclass
+class SweepConfig:
+    base: str = "world"
+    """The base pipeline every adapter was trained on (a folder, a Hub id, or 'world')."""
+    adapters: list[str] = field(default_factory=list)
+    """K reward adapters (folders or Hub ids), in the order of the weights."""
+    betas: list[float] | None = None
+    """The adapters' KL weights, when their metadata lacks them."""
+    rewards: list[str] | None = None
+    """The rewards to score, one per adapter (default: the reward each adapter was trained on)."""
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    weights: int | list[list[float]] = 11
+    """Points per edge of the simplex grid (11: 0, 0.1, ..., 1 for K = 2), or explicit weight vectors."""
+    oracles: dict[str, str] = field(default_factory=dict)
+    """Adapters trained on the weighted reward: {'0.25,0.75': folder, ...}, sampled alone as method 'oracle'."""
+    prompts: list[str] | str = "world"
+    """A list, a text file with one prompt per line, or 'world' (the embedded world's training prompts)."""
+    num_prompts: int | None = 16
+    """Use this many prompts, evenly spaced through the list (None: all)."""
+    seeds: str = "0-7"
+    num_inference_steps: int | None = None
+    """Default: the adapters' own (from their metadata); likewise guidance_scale and eta."""
+    guidance_scale: float | None = None
+    eta: float | None = None
+    batch_size: int = 16
+    """Prompts per sampling call."""
+    code_candidates: int = 8
+    code_block: int = 5
+    grid_prompts: int = 4
+    """Images kept per cell for the report's grids (the first prompts, first seed)."""
+    output_dir: str = "runs/sweep"
+
+    def validate(self) -> None:
+        """Refuse bad settings before any sampling; each message names the key and the fix."""
+        from msdda.fuse.cli import parse_seeds
+
+        if len(self.adapters) < 1:
+            raise ValueError("adapters is empty: give the K reward adapters to sweep (folders or Hub ids)")
+        unknown = [m for m in self.methods if m not in METHODS and m != "oracle"]
+        if unknown:
+            raise ValueError(f"methods {unknown} are unknown; choose from {list(METHODS)}")
+        if "oracle" in self.methods:
+            raise ValueError("'oracle' is not a method to list: give the oracle adapters under oracles: {weights: folder}")
+        if isinstance(self.weights, int):
+            if self.weights < 2:
+                raise ValueError(f"weights={self.weights}: a grid needs at least 2 points per edge")
+        else:
+            for vector in self.weights:
+                self._check_weights(vector, "weights")
+        for key in self.oracles:
+            self._check_weights(self.parse_weight_key(key), f"oracles[{key!r}]")
+        if self.rewards is not None and len(self.rewards) != len(self.adapters):
+            raise ValueError(f"rewards names {len(self.rewards)} rewards for {len(self.adapters)} adapters; give one "
+                             "per adapter, or leave it out to use the rewards the adapters were trained on")
+        check_prompts_spec(self.prompts)
+        parse_seeds(self.seeds)
+        for name, value in (("batch_size", self.batch_size), ("code_candidates", self.code_candidates),
+                            ("code_block", self.code_block)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
+    def _check_weights(self, vector: list[float] | tuple[float, ...], where: str) -> None:
+        if len(vector) != len(self.adapters):
+            raise ValueError(f"{where}: {list(vector)} has {len(vector)} weights for {len(self.adapters)} adapters")
+        if any(not math.isfinite(w) or w < 0 for w in vector) or not sum(vector) > 0:
+            raise ValueError(f"{where}: {list(vector)} must be non-negative numbers, not all zero")
+
+    @staticmethod
+    def parse_weight_key(key: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in str(key).split(","))
+        except ValueError as error:
+            raise ValueError(f"oracle weights {key!r} must be comma-separated numbers like '0.25,0.75'") from error
+
+    def load_prompts(self) -> list[str]:
+        return load_prompts(self.prompts, self.num_prompts)

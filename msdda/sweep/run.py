@@ -1,0 +1,220 @@
+"""Run a weight sweep: every method at every weight on the same prompts and seeds, scored by every reward.
+
+Each (method, weights) cell samples all prompts x seeds and writes its rows to ``cells/<cell>.csv`` atomically
+(temp file, then rename), so an interrupted sweep resumes without redoing finished cells. Every cell draws
+the same initial noise for the same (prompt, seed), so methods are compared on paired samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from msdda.config import config_to_dict
+from msdda.sweep.config import SweepConfig
+from msdda.sweep.grid import simplex_grid, weight_key
+
+__all__ = ["Cell", "plan_cells", "run_sweep", "SAMPLE_SETTINGS", "weight_column"]
+
+CONFIG_FILE = "sweep.yaml"
+RESULTS = "results"
+SUMMARY = "summary.csv"
+SAMPLE_SETTINGS = ("base", "adapters", "betas", "rewards", "prompts", "num_prompts", "seeds", "num_inference_steps",
+                   "guidance_scale", "eta", "batch_size", "code_candidates", "code_block")
+"""Settings that decide the samples: a sweep folder can only be resumed with the same ones."""
+
+
+def weight_column(reward: str) -> str:
+    return f"w:{reward}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep: a method at a weight vector (``oracle``: its own adapter, sampled alone)."""
+
+    method: str
+    weights: tuple[float, ...]
+    adapter: str | None = None
+
+    @property
+    def stem(self) -> str:
+        return f"{self.method}_{weight_key(self.weights).replace(',', '-')}"
+
+
+def plan_cells(config: SweepConfig, count: int) -> list[Cell]:
+    """The sweep's cells: every method over the weight grid; ``single`` at each corner; ``base`` once."""
+    grid = simplex_grid(count, config.weights) if isinstance(config.weights, int) else \
+        [tuple(float(w) for w in vector) for vector in config.weights]
+    corners = [tuple(float(i == j) for j in range(count)) for i in range(count)]
+    cells: list[Cell] = []
+    for method in config.methods:
+        if method == "base":
+            cells.append(Cell("base", tuple(1.0 / count for _ in range(count))))
+        elif method == "single":
+            cells.extend(Cell("single", corner) for corner in corners)
+        else:
+            cells.extend(Cell(method, weights) for weights in grid)
+    cells.extend(Cell("oracle", SweepConfig.parse_weight_key(key), folder) for key, folder in config.oracles.items())
+    return cells
+
+
+@contextmanager
+def _counting(modules: list[torch.nn.Module], counter: dict, key: str):
+    """Count the batch rows that go through ``modules`` (UNet evaluations, images scored)."""
+    def hook(_module, args, kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        counter[key] += int(first.shape[0])
+
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Sweep:
+    """Loads the adapters and rewards once, checks the folder, then runs the cells that are not done yet."""
+
+    def __init__(self, config: SweepConfig) -> None:
+        from msdda.fuse.cli import parse_seeds
+        from msdda.fuse.pipeline import MSDDAPipeline
+        from msdda.rewards import load_reward
+
+        config.validate()
+        self.config = config
+        self.folder = Path(config.output_dir)
+        self._check_folder()
+        self.prompts, self.seeds = config.load_prompts(), parse_seeds(config.seeds)
+        self.pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters, betas=config.betas)
+        self.pipeline.set_progress_bar_config(disable=True)
+        names = config.rewards or [self._trained_reward(a) for a in self.pipeline.adapters]
+        self.rewards = [load_reward(name) for name in names]
+        self.reward_names = [reward.name for reward in self.rewards]
+        self.cells = plan_cells(config, len(config.adapters))
+
+    @staticmethod
+    def _trained_reward(adapter) -> str:
+        if adapter.metadata is None:
+            raise ValueError(f"adapter {adapter.source} has no msdda metadata naming its reward; give rewards: "
+                             "[one per adapter] in the sweep config")
+        return adapter.metadata.reward_name
+
+    def _check_folder(self) -> None:
+        saved = self.folder / CONFIG_FILE
+        if not saved.is_file():
+            return
+        previous = yaml.safe_load(saved.read_text()) or {}
+        current = config_to_dict(self.config)
+        changed = [key for key in SAMPLE_SETTINGS if previous.get(key) != current.get(key)]
+        if changed:
+            raise ValueError(f"output_dir {self.folder} holds a sweep with other {changed} "
+                             f"(was {[previous.get(k) for k in changed]}); resume it with the same settings or choose "
+                             "another output_dir")
+
+    # ---------------------------------------------------------------------------------------------- cells
+    def _cell_pipeline(self, cell: Cell):
+        if cell.method != "oracle":
+            return self.pipeline, cell.method, list(cell.weights)
+        from msdda.fuse.pipeline import MSDDAPipeline
+
+        oracle = MSDDAPipeline.from_pretrained(self.config.base, adapters=[cell.adapter])
+        oracle.set_progress_bar_config(disable=True)
+        return oracle, "single", [1.0]
+
+    def _run_cell(self, cell: Cell, progress: tqdm) -> tuple[list[dict], list]:
+        config = self.config
+        pipeline, method, weights = self._cell_pipeline(cell)
+        counts = {"unet": 0, "reward": 0}
+        rows, strip, seconds = [], [], 0.0
+        call = dict(weights=weights, method=method, num_inference_steps=config.num_inference_steps,
+                    guidance_scale=config.guidance_scale, eta=config.eta, code_candidates=config.code_candidates,
+                    code_block=config.code_block, rewards=self.rewards if method == "code" else None, output_type="pt")
+        for seed in self.seeds:
+            for start in range(0, len(self.prompts), config.batch_size):
+                prompts = self.prompts[start:start + config.batch_size]
+                started = time.perf_counter()
+                with _counting([pipeline.unet], counts, "unet"), _counting(self.rewards, counts, "reward"):
+                    images = pipeline(prompts, generator=torch.Generator().manual_seed(seed), **call).images
+                seconds += time.perf_counter() - started
+                scores = [reward(images, prompts).tolist() for reward in self.rewards]
+                for index, prompt in enumerate(prompts):
+                    row = {"method": cell.method, **{weight_column(n): w for n, w in zip(self.reward_names, cell.weights)},
+                           "prompt": prompt, "seed": seed, **{n: s[index] for n, s in zip(self.reward_names, scores)}}
+                    rows.append(row)
+                if seed == self.seeds[0]:
+                    strip.extend(images[: max(0, config.grid_prompts - len(strip))])
+                progress.update(len(prompts))
+        per_image = len(rows)
+        for row in rows:
+            row.update(seconds_per_image=seconds / per_image, unet_rows_per_image=counts["unet"] / per_image,
+                       reward_images_per_image=counts["reward"] / per_image)
+        return rows, strip
+
+    def _write_cell(self, cell: Cell, rows: list[dict], strip: list) -> None:
+        from msdda.world.sampling import image_grid
+
+        folder = self.folder / "cells"
+        folder.mkdir(parents=True, exist_ok=True)
+        if strip:
+            processor = self.pipeline.image_processor
+            pil = processor.numpy_to_pil(processor.pt_to_numpy(torch.stack(list(strip)).cpu().float()))
+            image_grid(pil, columns=len(pil)).save(folder / f"{cell.stem}.png")
+        _atomic_csv(folder / f"{cell.stem}.csv", rows)
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self) -> Path:
+        """Run the cells not yet done, then write the tidy table and the summary; returns the folder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        per_cell = len(self.prompts) * len(self.seeds)
+        todo = [cell for cell in self.cells if not (self.folder / "cells" / f"{cell.stem}.csv").is_file()]
+        done = len(self.cells) - len(todo)
+        progress = tqdm(total=len(self.cells) * per_cell, initial=done * per_cell, unit="img", desc="sweep")
+        for cell in todo:
+            progress.set_postfix_str(f"{cell.method} {weight_key(cell.weights)}")
+            rows, strip = self._run_cell(cell, progress)
+            self._write_cell(cell, rows, strip)
+        progress.close()
+        write_tables(self.folder, self.cells, self.reward_names)
+        return self.folder
+
+
+def _atomic_csv(path: Path, rows: list[dict]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_tables(folder: Path, cells: list[Cell], reward_names: list[str]):
+    """results.csv / results.parquet (one row per image) and summary.csv (mean and standard error per cell)."""
+    import pandas as pd
+
+    table = pd.concat([pd.read_csv(folder / "cells" / f"{cell.stem}.csv") for cell in cells], ignore_index=True)
+    table.to_csv(folder / f"{RESULTS}.csv", index=False)
+    table.to_parquet(folder / f"{RESULTS}.parquet", index=False)
+    keys = ["method", *[weight_column(n) for n in reward_names]]
+    grouped = table.groupby(keys, sort=False)
+    summary = grouped[reward_names].agg(["mean", "sem"])
+    summary.columns = [f"{name}_{stat}" for name, stat in summary.columns]
+    costs = grouped[["seconds_per_image", "unet_rows_per_image", "reward_images_per_image"]].first()
+    summary = summary.join(costs).join(grouped.size().rename("samples")).reset_index()
+    summary.to_csv(folder / SUMMARY, index=False)
+    return table, summary
+
+
+def run_sweep(config: SweepConfig) -> Path:
+    return Sweep(config).run()

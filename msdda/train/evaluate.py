@@ -1,0 +1,115 @@
+"""Before and after: an adapter against its base on the same prompts and seeds, with its KL to the base.
+
+For each (prompt, seed) the base and the adapter start from the same noise and draw the same per-step noise,
+so the reward differences are paired. The KL is the trajectory's sum over steps of KL(pi_theta(.|x_t) ||
+p_ref(.|x_t)) along the adapter's own samples: the quantity the step-level objective charges beta for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.kernels import gaussian_kl
+from msdda.prompts import load_prompts
+
+__all__ = ["evaluate_adapter"]
+
+
+@torch.no_grad()
+def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guidance: float, eta: float):
+    """Images of ``name`` ("__base__": the reference) and, for an adapter, each trajectory's summed KL."""
+    positive, negative = pipeline.encode_prompt(prompts, pipeline._execution_device, 1, guidance > 1.0)
+    scheduler, unet = pipeline.scheduler, pipeline.unet
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latents = torch.randn(shape, generator=generator, dtype=positive.dtype) * scheduler.init_noise_sigma
+    kl = torch.zeros(len(prompts), dtype=torch.float64)
+    for timestep in scheduler.timesteps:
+        names = [name] if name == BASE else [name, BASE]
+        kernels = adapter_kernels(unet, scheduler, latents, timestep, positive, negative, names, guidance, eta)
+        kernel = kernels[0]
+        if name != BASE and not kernel.is_deterministic:
+            kl += gaussian_kl(kernel.mean, kernel.variance, kernels[1].mean, kernel.variance).double().cpu()
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+        latents = kernel.mean + kernel.std * noise
+    return decode_latents(pipeline, latents), kl
+
+
+def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: list[str] | str = "world",
+                     num_prompts: int | None = 32, seeds: list[int] = (0, 1, 2, 3), batch_size: int = 16,
+                     out: str | Path | None = None, grid_prompts: int = 8) -> dict:
+    """Rewards (mean, std, paired difference with its standard error) of base and adapter, and the KL.
+
+    ``rewards`` default to the one the adapter was trained on plus the world's other reward when the base is
+    the world. With ``out``, writes ``evaluation.json`` and ``before_after.png`` (rows: prompts; each row the
+    base's samples, then the adapter's) there.
+    """
+    from msdda.fuse.pipeline import MSDDAPipeline
+    from msdda.rewards import load_reward
+
+    pipeline = MSDDAPipeline.from_pretrained(_base_of(adapter), adapters=[adapter])
+    metadata = pipeline.adapters[0].metadata
+    names = rewards or [metadata.reward_name]
+    scorers = [load_reward(name) for name in names]
+    prompt_list = load_prompts(prompts, num_prompts)
+    steps, guidance, eta = metadata.num_inference_steps, metadata.guidance_scale, metadata.eta
+    scores = {side: {n: [] for n in names} for side in ("base", "adapter")}
+    kls, pictures = [], {"base": [], "adapter": []}
+    chunks = [(seed, start) for seed in seeds for start in range(0, len(prompt_list), batch_size)]
+    for seed, start in tqdm(chunks, desc="evaluate", mininterval=2):
+        batch = prompt_list[start:start + batch_size]
+        for side, name in (("base", BASE), ("adapter", pipeline.adapters[0].name)):
+            images, kl = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, eta)
+            for reward_name, scorer in zip(names, scorers):
+                scores[side][reward_name].extend(scorer(images, batch).tolist())
+            if side == "adapter":
+                kls.extend(kl.tolist())
+            if start == 0 and seed in seeds[:2]:
+                pictures[side].append(images[:grid_prompts].cpu())
+    report = {"adapter": str(adapter), "reward_trained": metadata.reward_name, "beta": metadata.beta,
+              "samples": len(kls), "prompts": len(prompt_list), "seeds": list(seeds), "rewards": {},
+              "kl_to_base": {"mean": float(np.mean(kls)), "std": float(np.std(kls))}}
+    for name in names:
+        before, after = np.asarray(scores["base"][name]), np.asarray(scores["adapter"][name])
+        difference = after - before
+        report["rewards"][name] = {
+            "base_mean": float(before.mean()), "base_std": float(before.std()),
+            "adapter_mean": float(after.mean()), "adapter_std": float(after.std()),
+            "paired_difference": float(difference.mean()),
+            "paired_difference_sem": float(difference.std(ddof=1) / np.sqrt(len(difference))),
+        }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+        _before_after_grid(pipeline, pictures, out / "before_after.png")
+    return report
+
+
+def _base_of(adapter: str) -> str:
+    from msdda.adapters import load_adapter_metadata
+    from msdda.fuse.pipeline import resolve_adapter
+
+    return load_adapter_metadata(resolve_adapter(adapter)).base_model
+
+
+def _before_after_grid(pipeline, pictures: dict, path: Path) -> None:
+    from msdda.world.sampling import image_grid
+
+    processor = pipeline.image_processor
+    before, after = torch.cat(pictures["base"], dim=0), torch.cat(pictures["adapter"], dim=0)
+    per_seed = len(pictures["base"])
+    rows = len(before) // per_seed
+    ordered = []
+    for row in range(rows):  # a row per prompt: base at each seed, then the adapter at each seed
+        ordered += [before[seed * rows + row] for seed in range(per_seed)]
+        ordered += [after[seed * rows + row] for seed in range(per_seed)]
+    pil = processor.numpy_to_pil(processor.pt_to_numpy(torch.stack(ordered).float()))
+    image_grid(pil, columns=2 * per_seed).save(path)
