@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from msdda import __version__
 from msdda.fuse.cli import add_fuse_parser
+from msdda.push import add_push_parser
 from msdda.report.cli import add_report_parser
 from msdda.sweep.cli import add_sweep_parser
 from msdda.train.cli import add_evaluate_parser, add_train_parser
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fuse_parser(subparsers)
     add_sweep_parser(subparsers)
     add_report_parser(subparsers)
+    add_push_parser(subparsers)
     add_world_parser(subparsers)
     return parser
 

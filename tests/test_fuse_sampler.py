@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+
 from msdda.adapters import METADATA_FILE
-from msdda.fuse import MSDDAPipeline
 from msdda.diffusion import mixed_adapter_batch
+from msdda.fuse import MSDDAPipeline
 from msdda.testing import random_world_adapter
 from msdda.world import world_path
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msdda.report.metrics import bootstrap_standard_error, hypervolume, pareto_mask, weighted_objective
+from msdda.report.metrics import (
+    bootstrap_standard_error,
+    hypervolume,
+    pareto_mask,
+    weighted_objective,
+)
 from msdda.sweep.grid import simplex_grid, weight_key
 
 

@@ -9,7 +9,14 @@ import torch
 
 from msdda.rewards import FunctionReward, Reward, available_rewards, load_reward
 from msdda.rewards.world import centredness, colourfulness
-from msdda.world.data import COLOURS, Attributes, PromptError, prompt_for, render_images, sample_attributes
+from msdda.world.data import (
+    COLOURS,
+    Attributes,
+    PromptError,
+    prompt_for,
+    render_images,
+    sample_attributes,
+)
 
 
 def _procedural(count: int, seed: int = 0) -> tuple[torch.Tensor, list[Attributes]]:

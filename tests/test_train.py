@@ -15,7 +15,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from msdda.adapters import METADATA_FILE, WEIGHTS_FILE, load_adapter_metadata, weights_hash
+from msdda.adapters import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    load_adapter_metadata,
+    weights_hash,
+)
 from msdda.config import ConfigError, load_config
 from msdda.diffusion import decode_latents, encode_prompts, load_base_pipeline
 from msdda.rewards import load_reward
