@@ -70,7 +70,7 @@ def test_preprocessing_matches_the_model_processor(clip_folder: Path) -> None:
     from transformers import CLIPImageProcessor
 
     processor = CLIPImageProcessor.from_pretrained(clip_folder)
-    ours = ClipImagePreprocess(processor)
+    ours = ClipImagePreprocess.from_processor(processor)
     square = _images(2, 32, 32)  # no resize: identical up to float rounding
     reference = torch.as_tensor(np.asarray(processor(images=_pil(square), return_tensors="np").pixel_values))
     torch.testing.assert_close(ours(square), reference, atol=1e-5, rtol=0)
@@ -142,3 +142,50 @@ def test_jpeg_rewards_rank_flat_images_as_more_compressible() -> None:
                                -compressibility(noise, ["x"] * 2))
     with pytest.raises(ValueError, match="not differentiable"):
         compressibility(flat, ["x"] * 2, grad=True)
+
+
+def _tiny_blip(folder: Path) -> Path:
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+
+    words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "at", "top", "photo", "of", "cat"]
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", *words])}
+    BertTokenizer(vocab=vocab).save_pretrained(folder)
+    torch.manual_seed(1)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    BlipForImageTextRetrieval(config).save_pretrained(folder)
+    return folder
+
+
+def test_imagereward_is_the_standardised_head_on_the_image_grounded_cls(tmp_path: Path) -> None:
+    from transformers import BertTokenizer, BlipForImageTextRetrieval
+
+    from msdda.rewards.imagereward import MAX_PROMPT_TOKENS, SCORE_MEAN, SCORE_STD
+
+    folder = _tiny_blip(tmp_path / "blip")
+    torch.manual_seed(2)
+    head = AestheticHead(dim=32)
+    save_file(head.state_dict(), tmp_path / "head.safetensors")
+    reward = load_reward("imagereward", model=str(folder), head=str(tmp_path / "head.safetensors"))
+    images = _images(3)
+    scores = reward(images, PROMPTS)
+    assert scores.shape == (3,)
+    singles = torch.cat([reward(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(singles, scores, rtol=1e-4, atol=1e-4)
+    # independently: the stock ITM forward's image-grounded question embedding, [ENC] first as ImageReward does
+    tokenizer, model = BertTokenizer.from_pretrained(folder), BlipForImageTextRetrieval.from_pretrained(folder)
+    tokens = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
+                       return_tensors="pt")
+    tokens.input_ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")
+    pixels = ClipImagePreprocess(32, (32, 32))(images)
+    with torch.no_grad():
+        grounded = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
+                         use_itm_head=True).question_embeds[:, 0]
+        expected = (head.eval()(grounded).squeeze(-1) - SCORE_MEAN) / SCORE_STD
+    torch.testing.assert_close(scores, expected)
+    with pytest.raises(ValueError, match="imagereward needs model="):
+        load_reward("imagereward")

@@ -7,6 +7,7 @@ A reward is ``reward(images, prompts) -> Tensor[B]`` where ``images`` are ``[B, 
 
 # importing the modules registers their rewards
 from msdda.rewards import clip as _clip  # noqa: F401,E402
+from msdda.rewards import imagereward as _imagereward  # noqa: F401,E402
 from msdda.rewards import jpeg as _jpeg  # noqa: F401,E402
 from msdda.rewards import weighted as _weighted  # noqa: F401,E402
 from msdda.rewards import world as _world  # noqa: F401,E402

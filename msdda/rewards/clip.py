@@ -18,7 +18,8 @@ from torch import nn
 
 from msdda.rewards.base import Reward, register_reward
 
-__all__ = ["CLIPPreference", "LaionAesthetic", "ClipImagePreprocess", "load_pretrained"]
+__all__ = ["CLIPPreference", "LaionAesthetic", "ClipImagePreprocess", "AestheticHead", "load_pretrained",
+           "resolve_weights_file"]
 
 
 def load_pretrained(cls, source: str, what: str, **kwargs):
@@ -33,17 +34,27 @@ def load_pretrained(cls, source: str, what: str, **kwargs):
             "are required") from error
 
 
-class ClipImagePreprocess(nn.Module):
-    """CLIPImageProcessor's resize, centre crop and normalisation as differentiable torch ops on [0, 1] images."""
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-    def __init__(self, processor) -> None:
+
+class ClipImagePreprocess(nn.Module):
+    """CLIP's resize (shortest side, bicubic), centre crop and normalisation as differentiable torch ops on
+    [0, 1] images."""
+
+    def __init__(self, shortest_edge: int, crop: tuple[int, int], mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD) -> None:
         super().__init__()
-        size = processor.size
-        self.shortest_edge = size["shortest_edge"] if "shortest_edge" in size else min(size["height"], size["width"])
-        crop = processor.crop_size
-        self.crop = (crop["height"], crop["width"])
-        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
+        self.shortest_edge, self.crop = shortest_edge, crop
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_processor(cls, processor) -> ClipImagePreprocess:
+        """The same steps with a CLIPImageProcessor's settings."""
+        size, crop = processor.size, processor.crop_size
+        shortest = size["shortest_edge"] if "shortest_edge" in size else min(size["height"], size["width"])
+        return cls(shortest, (crop["height"], crop["width"]), processor.image_mean, processor.image_std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
@@ -76,7 +87,8 @@ class CLIPPreference(Reward):
         self.model.eval().requires_grad_(False)
         processor = processor or model
         self.tokenizer = load_pretrained(AutoTokenizer, processor, f"{name} tokenizer")
-        self.preprocess = ClipImagePreprocess(load_pretrained(CLIPImageProcessor, processor, f"{name} processor"))
+        self.preprocess = ClipImagePreprocess.from_processor(
+            load_pretrained(CLIPImageProcessor, processor, f"{name} processor"))
         self.scale = float(self.model.logit_scale.exp()) if scale is None else float(scale)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -144,10 +156,10 @@ class LaionAesthetic(Reward):
         self.vision = load_pretrained(CLIPVisionModelWithProjection, model, "aesthetic CLIP vision model",
                                       use_safetensors=True)
         self.vision.eval().requires_grad_(False)
-        self.preprocess = ClipImagePreprocess(load_pretrained(CLIPImageProcessor, processor or model,
-                                                              "aesthetic CLIP processor"))
+        self.preprocess = ClipImagePreprocess.from_processor(
+            load_pretrained(CLIPImageProcessor, processor or model, "aesthetic CLIP processor"))
         self.head = AestheticHead(self.vision.config.projection_dim)
-        self.head.load_state_dict(load_file(_resolve_file(head, "aesthetic head")))
+        self.head.load_state_dict(load_file(resolve_weights_file(head, "aesthetic head")))
         self.head.eval().requires_grad_(False)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -156,7 +168,7 @@ class LaionAesthetic(Reward):
         return self.head(embeddings).squeeze(-1)
 
 
-def _resolve_file(source: str, what: str) -> str:
+def resolve_weights_file(source: str, what: str) -> str:
     """A local file, or ``repo_id:filename`` fetched with huggingface_hub; safetensors only."""
     if Path(source).is_file():
         path = source
