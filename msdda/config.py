@@ -42,6 +42,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
     if origin is typing.Literal:
+        if value is False and "no" in typing.get_args(annotation):  # YAML 1.1 reads a bare no as false
+            return "no"
         if value not in typing.get_args(annotation):
             raise ConfigError(f"{key} must be one of {list(typing.get_args(annotation))}, got {value!r}")
         return value

@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: reward adapters with random weights on the embedded world."""
+"""Helpers for tests and benchmarks: random reward adapters on the embedded world, and tiny randomly
+initialised models of the real classes (Stable Diffusion, CLIP, BLIP), built offline from configs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 
-__all__ = ["random_world_adapter"]
+__all__ = ["random_world_adapter", "tiny_clip", "tiny_blip", "tiny_stable_diffusion", "byte_vocabulary"]
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -45,3 +46,94 @@ def random_world_adapter(folder: str | Path, seed: int, beta: float = 0.01, num_
         num_inference_steps=num_inference_steps, eta=1.0, guidance_scale=3.0, lora_rank=rank,
         lora_alpha=float(rank), lora_target_modules=list(TARGETS), training={"note": "random weights"})
     return save_adapter(folder, unet, metadata)
+
+
+def byte_vocabulary() -> dict[str, int]:
+    """A CLIP tokenizer vocabulary with no merges: the 256 byte stand-ins of byte-level BPE (GPT-2's table),
+    alone and word-final, plus CLIP's two special tokens. Every text tokenizes, one byte per token."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    characters = [chr(c) for c in codes]
+    vocabulary = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in characters + [c + "</w>" for c in characters]:
+        vocabulary[token] = len(vocabulary)
+    return vocabulary
+
+
+def _tiny_clip_text_config(vocabulary_size: int) -> dict:
+    return dict(vocab_size=vocabulary_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A CLIPModel (32-wide, 2 layers, 32 px images, 16-d projections) with tokenizer and image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    vocabulary = byte_vocabulary()
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=_tiny_clip_text_config(len(vocabulary)),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16),
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def tiny_blip(folder: str | Path, seed: int = 1) -> Path:
+    """A BlipForImageTextRetrieval (ImageReward's layout) with a word-level BERT tokenizer holding [ENC]."""
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+
+    folder = Path(folder)
+    words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "at", "top", "photo", "of", "cat"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]"]
+    BertTokenizer(vocab={token: index for index, token in enumerate(specials + words)}).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(specials + words), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    BlipForImageTextRetrieval(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_stable_diffusion(folder: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A StableDiffusionPipeline of SD 1.5's classes and schedule at toy size (8x8 latents, 16 px images).
+
+    ``prediction_type="v_prediction"`` gives the SD 2.x flavour.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    vocabulary = byte_vocabulary()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                        norm_num_groups=16, sample_size=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_clip_text_config(len(vocabulary))))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
+                                       tokenizer=CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77), unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    return folder

@@ -12,46 +12,14 @@ from safetensors.torch import save_file
 
 from msdda.rewards import load_reward
 from msdda.rewards.clip import AestheticHead, ClipImagePreprocess
+from msdda.testing import tiny_blip, tiny_clip
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a photo of a cat"]
 
 
-def _byte_characters() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes (what CLIP's byte-level BPE vocabulary is made of)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def _tiny_clip(folder: Path, seed: int) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    characters = _byte_characters()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for character in characters + [c + "</w>" for c in characters]:
-        vocab[character] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, projection_dim=16),
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> Path:
-    return _tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+    return tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
 
 
 def _images(count: int, height: int = 48, width: int = 64, seed: int = 0) -> torch.Tensor:
@@ -144,29 +112,12 @@ def test_jpeg_rewards_rank_flat_images_as_more_compressible() -> None:
         compressibility(flat, ["x"] * 2, grad=True)
 
 
-def _tiny_blip(folder: Path) -> Path:
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
-
-    words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "at", "top", "photo", "of", "cat"]
-    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", *words])}
-    BertTokenizer(vocab=vocab).save_pretrained(folder)
-    torch.manual_seed(1)
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    BlipForImageTextRetrieval(config).save_pretrained(folder)
-    return folder
-
-
 def test_imagereward_is_the_standardised_head_on_the_image_grounded_cls(tmp_path: Path) -> None:
     from transformers import BertTokenizer, BlipForImageTextRetrieval
 
     from msdda.rewards.imagereward import MAX_PROMPT_TOKENS, SCORE_MEAN, SCORE_STD
 
-    folder = _tiny_blip(tmp_path / "blip")
+    folder = tiny_blip(tmp_path / "blip")
     torch.manual_seed(2)
     head = AestheticHead(dim=32)
     save_file(head.state_dict(), tmp_path / "head.safetensors")
