@@ -142,6 +142,14 @@ def test_fuse_cli_writes_images_grid_and_settings(adapters, tmp_path) -> None:
     assert len(settings["images"]) == 3 and (out / "grid.png").is_file()
     assert main(["fuse", "--adapter", str(adapters[0]), "--weights", "-1", "--prompt", PROMPT,
                  "--out", str(out)]) == 2
+    # a YAML config, with flags overriding it
+    config = tmp_path / "fuse.yaml"
+    config.write_text(f"adapters: [{adapters[0]}, {adapters[1]}]\nweights: [0.5, 0.5]\nprompts: ['{PROMPT}']\n"
+                      f"seeds: '0-3'\nout: {tmp_path / 'from_config'}\n")
+    assert main(["fuse", "--config", str(config), "--seeds", "5", "--method", "output-average"]) == 0
+    settings = json.loads((tmp_path / "from_config" / "settings.json").read_text())
+    assert settings["seeds"] == "5" and settings["method"] == "output-average" and settings["weights"] == [0.5, 0.5]
+    assert [image["seed"] for image in settings["images"]] == [5]
 
 
 @pytest.fixture(scope="module")
