@@ -59,7 +59,7 @@ def test_config_loads_yaml_with_dotted_overrides(tmp_path) -> None:
     ("beta=-0.1", "beta must be"),
     ("lora.target_modules=[to_qq]", "match no module"),
     ("train.batch_size=3", "must divide"),
-    ("train.estimator=pathwise", "set reward.step_reward=tweedie"),
+    ("reward.step_reward=terminal train.estimator=pathwise", "set reward.step_reward=tweedie"),
     ("train.timestep_fraction=0", "timestep_fraction must be in"),
     ("reward.name=tests.user_rewards:brightness reward.step_reward=tweedie train.estimator=pathwise",
      "needs a differentiable reward"),
