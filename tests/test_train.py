@@ -186,3 +186,21 @@ def test_accelerate_launch_with_two_cpu_processes_exports_one_adapter(tmp_path) 
     assert result.returncode == 0, result.stderr[-3000:]
     metadata = load_adapter_metadata(tmp_path / "run" / "final")
     assert metadata.training["processes"] == 2 and metadata.training["trajectories_per_epoch"] == 8
+
+
+def test_evaluate_compares_an_adapter_with_its_base_on_paired_samples(tmp_path) -> None:
+    from msdda.testing import random_world_adapter
+    from msdda.train.evaluate import evaluate_adapter
+
+    adapter = random_world_adapter(tmp_path / "adapter", seed=1, num_inference_steps=4)
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    report = evaluate_adapter(str(adapter), rewards=["world-aesthetic", "world-consistency"], prompts=prompts,
+                              seeds=[0, 1], batch_size=2, out=tmp_path / "eval")
+    assert report["samples"] == 4 and report["kl_to_base"]["mean"] > 0
+    for values in report["rewards"].values():
+        assert values["paired_difference"] == pytest.approx(values["adapter_mean"] - values["base_mean"])
+    assert (tmp_path / "eval" / "before_after.png").is_file() and (tmp_path / "eval" / "evaluation.json").is_file()
+    # a zero-weight adapter is its base: identical samples, zero KL
+    zero = random_world_adapter(tmp_path / "zero", seed=2, num_inference_steps=4, scale=0.0)
+    same = evaluate_adapter(str(zero), rewards=["world-aesthetic"], prompts=prompts, seeds=[0], batch_size=2)
+    assert same["kl_to_base"]["mean"] == 0 and same["rewards"]["world-aesthetic"]["paired_difference"] == 0
