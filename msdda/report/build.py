@@ -131,8 +131,11 @@ def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -
     for curve in curves:
         means, errors = curve.means(), curve.errors()
         style = "-" if curve.sweeps_weights and curve.method != "oracle" and len(means) > 1 else "none"
+        # MSDDA on top as open circles: with equal variances and betas it coincides with output averaging
+        emphasis = dict(markersize=10, markerfacecolor="none", linewidth=2.2, zorder=5) \
+            if curve.method == "msdda" else dict(markersize=5, linewidth=1.2)
         axes.errorbar(means[:, 0], means[:, 1], xerr=errors[:, 0], yerr=errors[:, 1], linestyle=style,
-                      marker=next(markers, "o"), markersize=5, capsize=2, linewidth=1.2, label=curve.label)
+                      marker=next(markers, "o"), capsize=2, label=curve.label, **emphasis)
     axes.set_xlabel(f"{names[0]} (mean, higher is better)")
     axes.set_ylabel(f"{names[1]} (mean, higher is better)")
     axes.set_title(title)
@@ -187,18 +190,18 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
     ]
 
 
-def _markdown(title: str, intro: list[str], tables, plot: str, grids: dict[str, str]) -> str:
+def _markdown(title: str, intro: list[str], tables, plot: str, grids: dict[str, str], grid_caption: str) -> str:
     lines = [f"# {title}", "", *intro, "", f"![Pareto plot]({plot})", ""]
     for caption, header, rows in tables:
         lines += [f"## {caption}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
-    lines += ["## Images per method", "", "Each row is one weight; columns are the first prompts at the first seed.", ""]
+    lines += ["## Images per method", "", grid_caption, ""]
     for label, path in grids.items():
         lines += [f"### {label}", "", f"![{label}]({path})", ""]
     return "\n".join(lines)
 
 
-def _html(title: str, intro: list[str], tables, plot: str, grids: dict[str, str]) -> str:
+def _html(title: str, intro: list[str], tables, plot: str, grids: dict[str, str], grid_caption: str) -> str:
     escape = html.escape
     parts = [f"<!doctype html><meta charset='utf-8'><title>{escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{padding:2px 8px;"
@@ -209,10 +212,19 @@ def _html(title: str, intro: list[str], tables, plot: str, grids: dict[str, str]
         parts.append(f"<h2>{escape(caption)}</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
-    parts.append("<h2>Images per method</h2>")
+    parts.append(f"<h2>Images per method</h2><p>{escape(grid_caption)}</p>")
     for label, path in grids.items():
         parts.append(f"<h3>{escape(label)}</h3><img src='{escape(path)}' alt='{escape(label)}'>")
     return "\n".join(parts)
+
+
+def _grid_prompts(folder: Path, config: dict) -> list[str]:
+    """The prompts the cells' image strips show, in order (the sweep's first prompts at its first seed)."""
+    import pandas as pd
+
+    table = pd.read_csv(folder / f"{RESULTS}.csv", usecols=["method", "prompt", "seed"])
+    first = table[(table.method == table.method.iloc[0]) & (table.seed == table.seed.iloc[0])]
+    return list(first.prompt.iloc[: int(config.get("grid_prompts", 4))])
 
 
 def build_report(folder: str | Path, reference_point: list[float] | None = None,
@@ -229,11 +241,18 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
     title = f"MSDDA sweep: {' vs '.join(names)}"
     pareto_plot(curves, names, folder / "pareto.png", title)
     grids = {label: str(path.relative_to(folder)) for label, path in method_grids(folder, curves).items()}
+    by_method = {c.method: c for c in curves}
+    same = {"msdda", "output-average"} <= set(by_method) and len(by_method["msdda"].weights) == len(
+        by_method["output-average"].weights) and np.allclose(by_method["msdda"].means(), by_method["output-average"].means())
+    notes = [" MSDDA and output-average gave identical samples here: the adapters share one beta and one variance (as"
+             " LoRAs on a DDIM base do), and then the fused Gaussian is the weighted average of the means."] if same else []
     intro = [f"{metrics['samples_per_cell']} samples per cell ({config.get('num_prompts') or 'all'} prompts × seeds "
              f"{config.get('seeds')}), base {config.get('base')}, adapters {config.get('adapters')}.",
              f"Hypervolume reference point: {[round(v, 4) for v in metrics['reference_point']]} "
-             f"({metrics['reference_point_rule']})."]
+             f"({metrics['reference_point_rule']})." + "".join(notes)]
     tables = _tables(metrics, names)
-    (folder / "report.md").write_text(_markdown(title, intro, tables, "pareto.png", grids))
-    (folder / "report.html").write_text(_html(title, intro, tables, "pareto.png", grids))
+    shown = _grid_prompts(folder, config)
+    grid_caption = (f"Rows: weights w = ({', '.join(names)}). Columns: the first seed of {shown}.")
+    (folder / "report.md").write_text(_markdown(title, intro, tables, "pareto.png", grids, grid_caption))
+    (folder / "report.html").write_text(_html(title, intro, tables, "pareto.png", grids, grid_caption))
     return folder / "report.md"
