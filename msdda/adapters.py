@@ -101,7 +101,6 @@ by their betas.
 def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata) -> Path:
     """Write the adapter atomically: into ``folder.tmp``, then renamed over ``folder``."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     import msdda
@@ -110,7 +109,9 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata) -> Path:
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # PEFT's key format throughout: diffusers' converter renames attention keys to its old format but not the
+    # ResNet convs', and load_lora_weights then reads the mixed file as PEFT format and drops the attention keys
+    lora_state = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(temporary, unet_lora_layers=lora_state, safe_serialization=True)
     metadata = dataclasses.replace(metadata, msdda_version=msdda.__version__)
     (temporary / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))

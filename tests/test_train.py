@@ -204,3 +204,18 @@ def test_evaluate_compares_an_adapter_with_its_base_on_paired_samples(tmp_path) 
     zero = random_world_adapter(tmp_path / "zero", seed=2, num_inference_steps=4, scale=0.0)
     same = evaluate_adapter(str(zero), rewards=["world-aesthetic"], prompts=prompts, seeds=[0], batch_size=2)
     assert same["kl_to_base"]["mean"] == 0 and same["rewards"]["world-aesthetic"]["paired_difference"] == 0
+
+
+def test_attention_and_conv_lora_both_reach_stock_diffusers(tmp_path) -> None:
+    """The recipes train LoRA on attention and ResNet convs: load_lora_weights must load every tensor."""
+    config = _config(tmp_path, "lora.target_modules=[to_q,to_k,to_v,to_out.0,conv1,conv2]")
+    trainer = Trainer(config)
+    final = trainer.run()
+    saved = load_file(final / WEIGHTS_FILE)
+    pipeline = StableDiffusionPipeline.from_pretrained(world_path(), local_files_only=True)
+    pipeline.load_lora_weights(final)
+    loaded = {name: p for name, p in pipeline.unet.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(saved) and any("attn" in n for n in loaded) and any("conv1" in n for n in loaded)
+    trained = {n.replace(".default", ""): p for n, p in trainer.unwrapped.named_parameters() if "lora_" in n}
+    for name, parameter in loaded.items():
+        torch.testing.assert_close(parameter, trained[name.replace(".default_0", "")].detach())
