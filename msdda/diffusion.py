@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, step_kernel
 
 __all__ = ["WORLD", "resolve_base", "load_base_pipeline", "encode_prompts", "guided_output", "apply_guidance",
-           "decode_latents", "mixed_adapter_batch", "adapter_kernels", "BASE"]
+           "decode_latents", "images_to_pil", "mixed_adapter_batch", "adapter_kernels", "BASE"]
 
 WORLD = "world"
 """The base name of the embedded default world."""
@@ -95,6 +95,12 @@ def decode_latents(pipeline, latents: torch.Tensor, grad: bool = False) -> torch
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def images_to_pil(pipeline, images: torch.Tensor) -> list:
+    """PIL images from ``[B, 3, H, W]`` tensors in [0, 1], with the pipeline's own image processor."""
+    processor = pipeline.image_processor
+    return processor.numpy_to_pil(processor.pt_to_numpy(images.detach().cpu().float()))
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from msdda.config import config_to_dict
+from msdda.diffusion import images_to_pil
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key
 
@@ -165,8 +166,7 @@ class Sweep:
         folder = self.folder / "cells"
         folder.mkdir(parents=True, exist_ok=True)
         if strip:
-            processor = self.pipeline.image_processor
-            pil = processor.numpy_to_pil(processor.pt_to_numpy(torch.stack(list(strip)).cpu().float()))
+            pil = images_to_pil(self.pipeline, torch.stack(list(strip)))
             image_grid(pil, columns=len(pil)).save(folder / f"{cell.stem}.png")
         _atomic_csv(folder / f"{cell.stem}.csv", rows)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil
 from msdda.kernels import gaussian_kl
 from msdda.prompts import load_prompts
 
@@ -47,8 +47,7 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
                      out: str | Path | None = None, grid_prompts: int = 8) -> dict:
     """Rewards (mean, std, paired difference with its standard error) of base and adapter, and the KL.
 
-    ``rewards`` default to the one the adapter was trained on plus the world's other reward when the base is
-    the world. With ``out``, writes ``evaluation.json`` and ``before_after.png`` (rows: prompts; each row the
+    ``rewards`` default to the one the adapter was trained on. With ``out``, writes ``evaluation.json`` and ``before_after.png`` (rows: prompts; each row the
     base's samples, then the adapter's) there.
     """
     from msdda.fuse.pipeline import MSDDAPipeline
@@ -103,7 +102,6 @@ def _base_of(adapter: str) -> str:
 def _before_after_grid(pipeline, pictures: dict, path: Path) -> None:
     from msdda.world.sampling import image_grid
 
-    processor = pipeline.image_processor
     before, after = torch.cat(pictures["base"], dim=0), torch.cat(pictures["adapter"], dim=0)
     per_seed = len(pictures["base"])
     rows = len(before) // per_seed
@@ -111,5 +109,5 @@ def _before_after_grid(pipeline, pictures: dict, path: Path) -> None:
     for row in range(rows):  # a row per prompt: base at each seed, then the adapter at each seed
         ordered += [before[seed * rows + row] for seed in range(per_seed)]
         ordered += [after[seed * rows + row] for seed in range(per_seed)]
-    pil = processor.numpy_to_pil(processor.pt_to_numpy(torch.stack(ordered).float()))
+    pil = images_to_pil(pipeline, torch.stack(ordered))
     image_grid(pil, columns=2 * per_seed).save(path)

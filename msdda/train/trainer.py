@@ -31,6 +31,7 @@ from msdda.diffusion import (
     decode_latents,
     encode_prompts,
     guided_output,
+    images_to_pil,
     load_base_pipeline,
 )
 from msdda.kernels import gaussian_kl, step_kernel
@@ -300,7 +301,6 @@ class Trainer:
         output = guided_output(self.unet, latents, timestep, trajectories.prompt_embeds[rows],
                                trajectories.negative_embeds[rows], config.sampling.guidance_scale)
         kernel = step_kernel(scheduler, output.float(), timestep, latents.float(), eta=config.sampling.eta)
-        log_prob = kernel.log_prob(trajectories.latents[rows, step + 1].float())
         kl = None
         if config.beta > 0:
             reference_mean = trajectories.reference_means[rows, step].float()
@@ -308,6 +308,7 @@ class Trainer:
         if config.train.estimator == "pathwise":
             action = kernel.mean + kernel.std * trajectories.noises[rows, step].float()
             return pathwise_step_loss(self._tweedie_reward(trajectories, rows, step, action), kl, config.beta)
+        log_prob = kernel.log_prob(trajectories.latents[rows, step + 1].float())
         return step_loss(log_prob, trajectories.log_probs[rows, step].float(),
                          advantages[rows, step].to(log_prob.device), kl, config.beta, config.train.clip_range,
                          config.train.advantage_clip)
@@ -334,8 +335,7 @@ class Trainer:
             self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
             self.config.sampling.num_inference_steps, self.config.sampling.eta, self.config.sampling.guidance_scale,
             "terminal", need_reference=False, generator=torch.Generator().manual_seed(self.config.seed)).images
-        processor = self.pipeline.image_processor
-        pil = processor.numpy_to_pil(processor.pt_to_numpy(images.cpu().float()))
+        pil = images_to_pil(self.pipeline, images)
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         image_grid(pil, columns=len(pil)).save(folder / f"epoch-{epoch + 1:05d}.png")

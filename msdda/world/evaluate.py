@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from msdda.diffusion import images_to_pil
 from msdda.rewards.world import WorldAesthetic, WorldConsistency
 from msdda.world.data import (
     HELD_OUT,
@@ -100,7 +101,7 @@ def evaluate_world(base: str | Path | None = None, num_prompts: int = 64, sample
     if grid is not None:
         rows_shown = min(8, num_prompts)
         shown = images[: rows_shown * samples_per_prompt]
-        pil_images = pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(shown))
+        pil_images = images_to_pil(pipeline, shown)
         grid = Path(grid)
         grid.parent.mkdir(parents=True, exist_ok=True)
         image_grid(pil_images, columns=samples_per_prompt).save(grid)
