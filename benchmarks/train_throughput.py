@@ -35,6 +35,9 @@ def ours(beta: float, args: argparse.Namespace) -> list[float]:
             f"beta={beta}", f"epochs={args.epochs}", f"sampling.num_inference_steps={args.steps}",
             f"sampling.batch_size={args.batch}", f"sampling.batches_per_epoch={args.batches}",
             f"train.batch_size={args.batch}", f"sampling.guidance_scale={args.guidance}", "sample_every=0",
+            # DDPO's update and trl's LoRA, whatever the world recipe uses
+            "train.estimator=policy-gradient", "reward.step_reward=terminal", "train.learning_rate=3e-4",
+            "lora.rank=4", "lora.alpha=4", "lora.target_modules=[to_q,to_k,to_v,to_out.0]",
             "log_with=null", f"checkpoint.every={10 * args.epochs}", f"output_dir={folder}/run"])
         trainer = Trainer(config)
         trainer.run()

@@ -52,7 +52,8 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
             f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is in your "
             f"cache (or reachable), or '{WORLD}' for the embedded world"
         ) from error
-    pipeline.to(dtype=dtype)
+    if dtype != torch.float32:  # diffusers warns on every dtype cast, even a no-op one
+        pipeline.to(dtype=dtype)
     pipeline.scheduler = choices[scheduler].from_config(pipeline.scheduler.config)
     assert isinstance(pipeline.scheduler, SUPPORTED_SCHEDULERS)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):

@@ -179,13 +179,56 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes_exports_one_adapter(tmp_path) -> None:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch/accelerate/cpu_2proc.yaml"), "-m", "msdda.train", "--config",
-               str(ROOT / "configs/train/world_consistency.yaml"), *TINY, f"output_dir={tmp_path / 'run'}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = _launch("cpu_2proc.yaml", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     metadata = load_adapter_metadata(tmp_path / "run" / "final")
     assert metadata.training["processes"] == 2 and metadata.training["trajectories_per_epoch"] == 8
+
+
+def _launch(config_file: str, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch/accelerate" / config_file), "-m", "msdda.train", "--config",
+               str(ROOT / "configs/train/world_consistency.yaml"), *TINY, f"output_dir={output_dir}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_with_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path) -> None:
+    """ZeRO-2 shards the optimizer state: checkpoints hold DeepSpeed's shards, and a resume reads them back."""
+    pytest.importorskip("deepspeed", reason="pip install --no-build-isolation deepspeed (DS_BUILD_OPS=0)")
+    result = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", "sampling.batches_per_epoch=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    shards = sorted(p.name for p in (checkpoint / "deepspeed").rglob("*optim_states*"))
+    assert len(shards) == 2, shards  # one optimizer shard per process, beside our own files
+    assert not (checkpoint / "optimizer.safetensors").exists()
+    resumed = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", "sampling.batches_per_epoch=2", "epochs=2",
+                      "resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metadata = load_adapter_metadata(tmp_path / "run" / "final")
+    assert metadata.training["processes"] == 2 and metadata.training["epochs"] == 2
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state; a test with other precision settings needs its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_bf16_run_keeps_the_stored_base_hash_and_a_float32_lora(tmp_path, fresh_accelerator_state) -> None:
+    """Mixed precision casts the frozen base for speed; the adapter still names the weights fusion loads."""
+    trainer = Trainer(_config(tmp_path, "mixed_precision=bf16"))
+    final = trainer.run()
+    assert trainer.pipeline.unet.dtype == torch.bfloat16
+    stored = load_base_pipeline("world")
+    assert load_adapter_metadata(final).base_model_hash == weights_hash(stored.unet)
+    assert all(t.dtype == torch.float32 for t in load_file(final / WEIGHTS_FILE).values())
 
 
 def test_evaluate_compares_an_adapter_with_its_base_on_paired_samples(tmp_path) -> None:

@@ -6,6 +6,8 @@ import argparse
 
 
 def _train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from msdda.config import load_config
     from msdda.train import TrainConfig, train
 
@@ -14,7 +16,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("resume=latest")
     config = load_config(TrainConfig, args.config, overrides)
     final = train(config)
-    print(f"adapter written to {final}")
+    if PartialState().is_main_process:  # one line, however many processes were launched
+        print(f"adapter written to {final}")
     return 0
 
 

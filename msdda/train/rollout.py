@@ -32,7 +32,7 @@ class Trajectories:
     timesteps: torch.Tensor  # [T]
     latents: torch.Tensor  # [B, T + 1, C, H, W]: x_T ... x_0
     log_probs: torch.Tensor  # [B, T]
-    noises: torch.Tensor  # [B, T, C, H, W]: the standard normal draw of each step (x_{t-1} = mean + std * noise)
+    noises: torch.Tensor | None  # [B, T, C, H, W]: each step's standard normal draw (kept for the pathwise update)
     reference_means: torch.Tensor | None  # [B, T, C, H, W]
     step_rewards: torch.Tensor  # [B, T]: R_t for the step leaving timesteps[t]
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]: the decoded x_0
@@ -64,8 +64,12 @@ def sample_trajectories(
     step_reward: StepRewardName,
     need_reference: bool,
     generator: torch.Generator,
+    keep_noises: bool = False,
 ) -> Trajectories:
-    """Sample with the adapter on; score each step with ``step_reward``; see the module docstring."""
+    """Sample with the adapter on; score each step with ``step_reward``; see the module docstring.
+
+    ``keep_noises`` stores each step's noise draw (as large as the latents), which only the pathwise update reads.
+    """
     if step_reward not in STEP_REWARDS:
         raise ValueError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
     scheduler = pipeline.scheduler
@@ -95,7 +99,8 @@ def sample_trajectories(
             reference_x0.append(reference.pred_original_sample)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         latents = kernel.sample(noise=noise)
-        noises.append(noise)
+        if keep_noises:
+            noises.append(noise)
         log_probs.append(kernel.log_prob(latents))
         states.append(latents)
 
@@ -117,7 +122,7 @@ def sample_trajectories(
         step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
     return Trajectories(
         prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
-        latents=torch.stack(states, dim=1), noises=torch.stack(noises, dim=1), log_probs=torch.stack(log_probs, dim=1),
+        latents=torch.stack(states, dim=1), noises=torch.stack(noises, dim=1) if keep_noises else None, log_probs=torch.stack(log_probs, dim=1),
         reference_means=torch.stack(reference_means, dim=1) if need_reference else None,
         step_rewards=step_rewards, images=images, state_values=state_values,
     )

@@ -45,6 +45,7 @@ __all__ = ["Trainer", "train", "latest_checkpoint"]
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.yaml"
 STATE_FILE = "trainer_state.json"
+DEEPSPEED_STATE = "deepspeed"  # Accelerate's save_state folder; DeepSpeed's own (torch.save) format, written by this run
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -54,12 +55,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _launched_with_deepspeed() -> bool:
+    """``accelerate launch`` with a DeepSpeed config (it sets this variable for every process)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def _several_processes_without_cuda() -> bool:
     """Launched as several processes (torchrun's WORLD_SIZE) on a machine without CUDA: gloo on the CPU.
 
-    Accelerate only picks its multi-CPU mode when asked for the CPU explicitly.
+    Accelerate only picks its multi-CPU mode when asked for the CPU explicitly; DeepSpeed picks gloo itself.
     """
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _launched_with_deepspeed()
 
 
 def _seed(*parts: int) -> int:
@@ -103,7 +109,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
         from peft import LoraConfig
 
         config.validate()
@@ -111,8 +117,11 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self._check_output_dir()
         self.prompts = config.load_prompts()
+        # DeepSpeed without CUDA runs on gloo, which Accelerate only counts processes for when named
+        deepspeed_on_cpu = _launched_with_deepspeed() and not torch.cuda.is_available()
         self.accelerator = Accelerator(
             cpu=_several_processes_without_cuda(),
+            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else None,
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.train.gradient_accumulation_steps * config.trained_steps,
             log_with=config.log_with,
@@ -127,9 +136,12 @@ class Trainer:
         self.pipeline = load_base_pipeline(config.base, config.sampling.scheduler)
         unet = self.pipeline.unet
         _check_lora_targets(unet, config.lora.target_modules)
-        self.base_hash = weights_hash(unet)
+        self.base_hash = weights_hash(unet)  # of the stored float32 weights, which fusion loads
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-        self.pipeline.to(self.accelerator.device, weight_dtype)
+        self.pipeline.to(self.accelerator.device)
+        if weight_dtype != torch.float32:
+            self.pipeline.to(dtype=weight_dtype)
+        self.frozen_hash = weights_hash(unet)  # as trained: must not change
         unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, init_lora_weights="gaussian",
                                     target_modules=config.lora.target_modules))
         for parameter in unet.parameters():  # LoRA trains in float32 whatever the base dtype
@@ -140,6 +152,9 @@ class Trainer:
         self.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.lora_parameters, lr=config.train.learning_rate,
                                       weight_decay=config.train.adam_weight_decay)
+        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        if self.deepspeed:
+            self._configure_deepspeed()
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.tracker = PerPromptStatTracker(config.train.stat_buffer, config.train.stat_min_count,
                                             config.train.advantage_normalisation)
@@ -154,6 +169,15 @@ class Trainer:
         if self.config.resume is not None and self.config.resume != "latest" and not Path(self.config.resume).is_dir():
             raise ValueError(f"resume={self.config.resume!r}: no such checkpoint folder; use 'latest' or a path")
 
+    def _configure_deepspeed(self) -> None:
+        """The DeepSpeed engine counts micro-batches itself; ours are (row batch, denoising step) pairs, not a
+        DataLoader's, so the trainer's own settings replace the launch config's."""
+        train = self.config.train
+        values = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_clipping": train.max_grad_norm,
+                  "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps}
+        self.accelerator.state.deepspeed_plugin.deepspeed_config.update(values)
+        self.accelerator.state.deepspeed_plugin.deepspeed_config.pop("train_batch_size", None)
+
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.unet)
@@ -163,18 +187,23 @@ class Trainer:
         """Write checkpoint-<epoch> atomically (temp folder, then rename) and keep the newest few."""
         from peft.utils import get_peft_model_state_dict
 
-        self.accelerator.wait_for_everyone()
+        folder = self.output_dir / "checkpoints" / f"checkpoint-{epoch + 1:05d}"
+        temporary = folder.with_name(folder.name + ".tmp")
         if self.accelerator.is_main_process:
-            folder = self.output_dir / "checkpoints" / f"checkpoint-{epoch + 1:05d}"
-            temporary = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if self.deepspeed:  # ZeRO shards the optimizer state over processes: every process saves its own shard
+            self.accelerator.save_state(str(temporary / DEEPSPEED_STATE), exclude_frozen_parameters=True)
+            self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
             lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unwrapped).items()}
             save_file(lora, temporary / "lora.safetensors")
-            tensors, meta = _optimizer_to_files(self.optimizer.optimizer)
-            save_file(tensors, temporary / "optimizer.safetensors")
             state = {"epoch": epoch + 1, "bad_epochs": self.bad_epochs, "history": self.history,
-                     "optimizer": meta, "tracker": self.tracker.state_dict()}
+                     "tracker": self.tracker.state_dict()}
+            if not self.deepspeed:
+                tensors, state["optimizer"] = _optimizer_to_files(self.optimizer.optimizer)
+                save_file(tensors, temporary / "optimizer.safetensors")
             (temporary / STATE_FILE).write_text(json.dumps(state))
             save_adapter(temporary / "adapter", self.unwrapped, self._metadata())
             os.replace(temporary, folder)
@@ -188,9 +217,19 @@ class Trainer:
 
         state = json.loads((folder / STATE_FILE).read_text())
         set_peft_model_state_dict(self.unwrapped, load_file(folder / "lora.safetensors"))
-        for parameter in self.lora_parameters:
-            parameter.data = parameter.data.float()
-        _optimizer_from_files(self.optimizer.optimizer, load_file(folder / "optimizer.safetensors"), state["optimizer"])
+        if self.deepspeed:  # the engine restores its own parameter copies and optimizer shards
+            if not (folder / DEEPSPEED_STATE).is_dir():
+                raise ValueError(f"{folder} was written without DeepSpeed; resume it with the launch config it "
+                                 "was trained with")
+            self.accelerator.load_state(str(folder / DEEPSPEED_STATE), load_module_strict=False)
+        elif "optimizer" not in state:
+            raise ValueError(f"{folder} was written under DeepSpeed (its optimizer state is sharded); resume it with "
+                             "a DeepSpeed launch config")
+        else:
+            for parameter in self.lora_parameters:
+                parameter.data = parameter.data.float()
+            _optimizer_from_files(self.optimizer.optimizer, load_file(folder / "optimizer.safetensors"),
+                                  state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.start_epoch, self.bad_epochs, self.history = state["epoch"], state["bad_epochs"], state["history"]
 
@@ -229,7 +268,7 @@ class Trainer:
                 self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
                 config.sampling.num_inference_steps, config.sampling.eta, config.sampling.guidance_scale,
                 "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
-                generator=generator))
+                generator=generator, keep_noises=pathwise))
         merged = _concatenate(batches)
         if pathwise:  # the step rewards are recomputed with grad in the update
             finite = torch.isfinite(merged.final_rewards)
@@ -384,7 +423,7 @@ class Trainer:
                 self.save_checkpoint(epoch)
             if config.sample_every and (epoch + 1) % config.sample_every == 0 and accelerator.is_main_process:
                 self._sample_grid(epoch)
-        if weights_hash(self.unwrapped) != self.base_hash:
+        if weights_hash(self.unwrapped) != self.frozen_hash:
             raise RuntimeError("the base UNet weights changed during training; only the LoRA may train")
         final = self.output_dir / "final"
         if accelerator.is_main_process:
@@ -414,7 +453,7 @@ def _concatenate(batches: list[Trajectories]) -> Trajectories:
         negative_embeds=torch.cat([b.negative_embeds for b in batches]),
         timesteps=first.timesteps,
         latents=torch.cat([b.latents for b in batches]),
-        noises=torch.cat([b.noises for b in batches]),
+        noises=torch.cat([b.noises for b in batches]) if first.noises is not None else None,
         log_probs=torch.cat([b.log_probs for b in batches]),
         reference_means=torch.cat([b.reference_means for b in batches]) if first.reference_means is not None else None,
         step_rewards=torch.cat([b.step_rewards for b in batches]),

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# After launch/demo.sh: train the retrained oracles (one adapter on w * aesthetic + (1 - w) * consistency for
+# w = 0.25, 0.5, 0.75, same beta, estimator and budget as each single-reward adapter), add them to the demo's
+# sweep (only their cells are sampled; finished cells are kept) and rewrite the report. About 26 min on 2 CPU
+# cores. Re-running continues where a stopped run ended.   Usage: bash launch/oracles.sh [demo folder, default runs/demo]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/demo}"
+msdda="${MSDDA:-.venv/bin/msdda}"
+[ -x "$msdda" ] || msdda=msdda
+[ -f "$out/sweep/sweep.yaml" ] || { echo "oracles: no sweep in $out/sweep; run bash launch/demo.sh first" >&2; exit 2; }
+
+oracles=()
+for w in 0.25 0.5 0.75; do
+    rest=$(python3 -c "print(round(1 - $w, 10))")
+    folder="$out/oracle_$w"
+    oracles+=("'$w,$rest': $folder/final")
+    if [ -f "$folder/final/msdda_adapter.json" ]; then
+        echo "oracles: $folder/final exists; not retraining"
+        continue
+    fi
+    resume=()
+    [ -f "$folder/run_config.yaml" ] && resume=(--resume)
+    "$msdda" train --config configs/train/world_oracle.yaml "reward.kwargs.weights=[$w,$rest]" "output_dir=$folder" \
+        "${resume[@]}"
+done
+joined=$(IFS=,; echo "${oracles[*]}")
+"$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep" \
+    "adapters=[$out/aesthetic/final,$out/consistency/final]" "oracles={$joined}"
+"$msdda" report "$out/sweep"
+echo "oracles: done; the report is $out/sweep/report.md (and report.html)"
