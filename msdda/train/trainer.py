@@ -147,8 +147,9 @@ class Trainer:
         for parameter in unet.parameters():  # LoRA trains in float32 whatever the base dtype
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
-        if config.train.gradient_checkpointing:
+        if config.train.gradient_checkpointing:  # pathwise also backpropagates through the VAE decoder
             unet.enable_gradient_checkpointing()
+            self.pipeline.vae.enable_gradient_checkpointing()
         self.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.lora_parameters, lr=config.train.learning_rate,
                                       weight_decay=config.train.adam_weight_decay)
