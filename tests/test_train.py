@@ -177,19 +177,19 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
+def _launch(config_file: str, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch/accelerate" / config_file), "-m", "msdda.train", "--config",
+               str(ROOT / "configs/train/world_consistency.yaml"), *TINY, f"output_dir={output_dir}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes_exports_one_adapter(tmp_path) -> None:
     result = _launch("cpu_2proc.yaml", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     metadata = load_adapter_metadata(tmp_path / "run" / "final")
     assert metadata.training["processes"] == 2 and metadata.training["trajectories_per_epoch"] == 8
-
-
-def _launch(config_file: str, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch/accelerate" / config_file), "-m", "msdda.train", "--config",
-               str(ROOT / "configs/train/world_consistency.yaml"), *TINY, f"output_dir={output_dir}", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
@@ -207,6 +207,17 @@ def test_deepspeed_zero2_with_two_cpu_processes_trains_checkpoints_and_resumes(t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metadata = load_adapter_metadata(tmp_path / "run" / "final")
     assert metadata.training["processes"] == 2 and metadata.training["epochs"] == 2
+
+
+def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(tmp_path) -> None:
+    """Its optimizer state is ZeRO's shards, which only a DeepSpeed engine can read back."""
+    Trainer(_config(tmp_path)).run()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["optimizer"]  # as a DeepSpeed run writes it: the shards live in deepspeed/
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="written under DeepSpeed"):
+        Trainer(_config(tmp_path, "resume=latest", "epochs=2")).run()
 
 
 @pytest.fixture
