@@ -120,7 +120,7 @@ def compute_metrics(curves: list[Curve], names: list[str], reference: list[float
 
 def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:
     """Mean rewards per weight with standard-error bars; one curve per weight-sweeping method (first two
-    rewards when there are more)."""
+    rewards when there are more). MSDDA's and the oracles' points carry the first reward's weight."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,8 +134,13 @@ def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -
         # MSDDA on top as open circles: with equal variances and betas it coincides with output averaging
         emphasis = dict(markersize=10, markerfacecolor="none", linewidth=2.2, zorder=5) \
             if curve.method == "msdda" else dict(markersize=5, linewidth=1.2)
-        axes.errorbar(means[:, 0], means[:, 1], xerr=errors[:, 0], yerr=errors[:, 1], linestyle=style,
-                      marker=next(markers, "o"), capsize=2, label=curve.label, **emphasis)
+        drawn = axes.errorbar(means[:, 0], means[:, 1], xerr=errors[:, 0], yerr=errors[:, 1], linestyle=style,
+                              marker=next(markers, "o"), capsize=2, label=curve.label, **emphasis)
+        if curve.method in ("msdda", "oracle"):  # the pairs the method is judged by, labelled with w_1
+            for weights, (x, y) in zip(curve.weights, means[:, :2]):
+                axes.annotate(f"{weights[0]:g}", (x, y), xytext=(5, 5), textcoords="offset points", fontsize=7,
+                              color=drawn[0].get_color(), bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none",
+                                                                    alpha=0.75), zorder=6)
     axes.set_xlabel(f"{names[0]} (mean, higher is better)")
     axes.set_ylabel(f"{names[1]} (mean, higher is better)")
     axes.set_title(title)
