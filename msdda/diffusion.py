@@ -82,6 +82,7 @@ def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, chann
 def guided_output(unet, latents: torch.Tensor, timestep: torch.Tensor | int, prompt_embeds: torch.Tensor,
                   negative_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
     """The UNet output with classifier-free guidance (one batched forward of 2B rows when guidance > 1)."""
+    latents = latents.to(prompt_embeds.dtype)  # the chain runs in float32, the UNet in the pipeline's dtype
     if negative_embeds is None or guidance_scale <= 1.0:
         return unet(latents, timestep, prompt_embeds).sample
     doubled = torch.cat([latents, latents])
@@ -135,7 +136,7 @@ def adapter_kernels(unet, scheduler, latents, timestep, positive, negative, name
     batch, groups = len(latents), len(names or [None])
     guided = negative is not None and guidance_scale > 1.0
     halves = 2 if guided else 1
-    rows = torch.cat([latents] * groups * halves)
+    rows = torch.cat([latents] * groups * halves).to(positive.dtype)  # the UNet runs in the pipeline's dtype
     embeds = torch.cat(([negative, positive] if guided else [positive]) * groups)
     if names is None:
         output = unet(rows, timestep, embeds).sample

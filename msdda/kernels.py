@@ -152,6 +152,9 @@ def step_kernel(
     if is_ddim and not (eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
 
+    # at least float32: in half precision 1 - alpha_bar rounds to 0 near the data and the variance vanishes
+    compute = torch.promote_types(sample.dtype, torch.float32)
+    sample, model_output = sample.to(compute), model_output.to(compute)
     timesteps = _as_timesteps(timestep, sample.device)
     prev_timesteps = previous_timestep(scheduler, timesteps).to(sample.device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)

@@ -76,6 +76,19 @@ def test_one_adapter_reproduces_stock_diffusers_with_that_lora(adapters) -> None
     torch.testing.assert_close(_images(ours, weights=[1.0]), expected, rtol=0, atol=1e-5)
 
 
+def test_a_bf16_pipeline_fuses_in_float32_close_to_the_float32_pipeline(adapters, pipeline) -> None:
+    """Half-precision UNets, float32 chain: at the last steps 1 - alpha_bar is below bf16's resolution, so
+    kernels in bf16 would have no variance left to fuse."""
+    half = MSDDAPipeline.from_pretrained("world", adapters=[str(a) for a in adapters[:2]])
+    half.set_progress_bar_config(disable=True)
+    half.to(dtype=torch.bfloat16)
+    for method in ("msdda", "soup", "diffusion-blend"):
+        images = _images(half, weights=[0.5, 0.5], method=method)
+        assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    difference = (_images(half, weights=[0.5, 0.5]) - _images(pipeline, weights=[0.5, 0.5])).abs().mean()
+    assert difference < 0.01
+
+
 def test_equal_variances_and_betas_make_msdda_output_averaging(pipeline) -> None:
     fused = _images(pipeline, weights=[0.3, 0.7])
     averaged = _images(pipeline, weights=[0.3, 0.7], method="output-average")

@@ -160,3 +160,20 @@ def test_ddim_clipped_model_output_matches_scheduler() -> None:
                               variance_noise=noise).prev_sample
     kernel = step_kernel(scheduler, model_output, timestep, sample, eta=1.0, use_clipped_model_output=True)
     torch.testing.assert_close(kernel.sample(noise=noise), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_model_outputs_give_float32_kernels(half: torch.dtype) -> None:
+    """A bf16/fp16 pipeline's outputs: the kernel is still computed in float32 (in half precision
+    1 - alpha_bar rounds to 0 near the data and the step would look deterministic)."""
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(2)
+    timestep = int(scheduler.timesteps[0])
+    model_output, sample = _model_output().to(half), _sample().to(half)
+    kernel = step_kernel(scheduler, model_output, timestep, sample, eta=1.0)
+    exact = step_kernel(scheduler, model_output.double(), timestep, sample.double(), eta=1.0)
+    assert kernel.mean.dtype == torch.float32 and not kernel.is_deterministic
+    torch.testing.assert_close(kernel.variance.double().expand_as(exact.mean),
+                               torch.as_tensor(exact.variance).expand_as(exact.mean), rtol=1e-5, atol=0)
+    torch.testing.assert_close(kernel.mean.double(), exact.mean, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,12 @@ def test_one_epoch_with_each_reward_exports_an_adapter(models, tmp_path, reward:
     assert metadata.scheduler_class == "DDIMScheduler" and metadata.num_inference_steps == 2
 
 
+def test_the_recipes_own_precision_bf16_with_checkpointing_trains(models, tmp_path, fresh_accelerator_state) -> None:
+    """The SD recipes run in bf16 with gradient checkpointing (UNet and, for pathwise, the VAE decoder)."""
+    final = _train(models, tmp_path, "clip-score", "mixed_precision=bf16", "train.gradient_checkpointing=true")
+    assert load_adapter_metadata(final).training["last_reward_mean"] is not None
+
+
 def test_v_prediction_base_trains_and_fuses(models, tmp_path) -> None:
     final = _train(models, tmp_path, "clip-score", "train.gradient_checkpointing=true", base="sd_v")
     pipe = MSDDAPipeline.from_pretrained(models["sd_v"], adapters=[str(final)])

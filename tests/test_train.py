@@ -220,18 +220,6 @@ def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(tmp_path) -> No
         Trainer(_config(tmp_path, "resume=latest", "epochs=2")).run()
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state; a test with other precision settings needs its own."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_bf16_run_keeps_the_stored_base_hash_and_a_float32_lora(tmp_path, fresh_accelerator_state) -> None:
     """Mixed precision casts the frozen base for speed; the adapter still names the weights fusion loads."""
     trainer = Trainer(_config(tmp_path, "mixed_precision=bf16"))

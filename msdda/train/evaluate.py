@@ -29,7 +29,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = torch.randn(shape, generator=generator, dtype=positive.dtype) * scheduler.init_noise_sigma
+    latents = torch.randn(shape, generator=generator, dtype=positive.dtype).float() * scheduler.init_noise_sigma
     kl = torch.zeros(len(prompts), dtype=torch.float64)
     for timestep in scheduler.timesteps:
         names = [name] if name == BASE else [name, BASE]
@@ -37,7 +37,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
         kernel = kernels[0]
         if name != BASE and not kernel.is_deterministic:
             kl += gaussian_kl(kernel.mean, kernel.variance, kernels[1].mean, kernel.variance).double().cpu()
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+        noise = torch.randn(latents.shape, generator=generator, dtype=positive.dtype).float()
         latents = kernel.mean + kernel.std * noise
     return decode_latents(pipeline, latents), kl
 

@@ -78,7 +78,8 @@ def sample_trajectories(
     need_reference = need_reference or step_reward == "tweedie"
     batch = len(prompts)
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).to(prompt_embeds.device)
+    # drawn as diffusers draws them (in the pipeline's dtype), then kept in float32 like every kernel
+    latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).float().to(prompt_embeds.device)
     latents = latents * scheduler.init_noise_sigma
     states, noises, log_probs, reference_means, reference_x0 = [latents], [], [], [], []
     adapter = unet.active_adapters()[0]
@@ -97,7 +98,7 @@ def sample_trajectories(
             reference = kernels[1]
             reference_means.append(reference.mean)
             reference_x0.append(reference.pred_original_sample)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=prompt_embeds.dtype).float().to(latents.device)
         latents = kernel.sample(noise=noise)
         if keep_noises:
             noises.append(noise)
