@@ -79,9 +79,9 @@ def test_one_adapter_reproduces_stock_diffusers_with_that_lora(adapters) -> None
 def test_a_bf16_pipeline_fuses_in_float32_close_to_the_float32_pipeline(adapters, pipeline) -> None:
     """Half-precision UNets, float32 chain: at the last steps 1 - alpha_bar is below bf16's resolution, so
     kernels in bf16 would have no variance left to fuse."""
-    half = MSDDAPipeline.from_pretrained("world", adapters=[str(a) for a in adapters[:2]])
+    half = MSDDAPipeline.from_pretrained("world", adapters=[str(a) for a in adapters[:2]], torch_dtype=torch.bfloat16)
     half.set_progress_bar_config(disable=True)
-    half.to(dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16
     for method in ("msdda", "soup", "diffusion-blend"):
         images = _images(half, weights=[0.5, 0.5], method=method)
         assert images.dtype == torch.float32 and torch.isfinite(images).all()

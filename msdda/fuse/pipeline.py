@@ -59,9 +59,13 @@ class MSDDAPipeline(StableDiffusionPipeline):
                         **kwargs) -> MSDDAPipeline:
         location = resolve_base(base)
         kwargs.setdefault("local_files_only", Path(location).is_dir())
+        # adapters record the hash of the stored weights: hash them as stored, then cast (torch_dtype=float16 works)
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
         pipeline = super().from_pretrained(location, safety_checker=None, requires_safety_checker=False, **kwargs)
         pipeline.base_model = base
         pipeline.base_hash = weights_hash(pipeline.unet)
+        if dtype is not None and dtype != pipeline.unet.dtype:
+            pipeline.to(dtype=dtype)
         pipeline.adapters = []
         pipeline.unet.requires_grad_(False)
         if adapters:
