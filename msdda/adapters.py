@@ -98,8 +98,12 @@ by their betas.
 """
 
 
-def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata) -> Path:
-    """Write the adapter atomically: into ``folder.tmp``, then renamed over ``folder``."""
+def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
+                 lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter atomically: into ``folder.tmp``, then renamed over ``folder``.
+
+    ``lora_state`` (PEFT keys) replaces the UNet's own LoRA values, e.g. DeepSpeed's float32 master copies.
+    """
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -111,7 +115,8 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata) -> Path:
     temporary.mkdir(parents=True)
     # PEFT's key format throughout: diffusers' converter renames attention keys to its old format but not the
     # ResNet convs', and load_lora_weights then reads the mixed file as PEFT format and drops the attention keys
-    lora_state = get_peft_model_state_dict(unet)
+    if lora_state is None:
+        lora_state = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(temporary, unet_lora_layers=lora_state, safe_serialization=True)
     metadata = dataclasses.replace(metadata, msdda_version=msdda.__version__)
     (temporary / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))

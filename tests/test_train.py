@@ -194,19 +194,23 @@ def test_accelerate_launch_with_two_cpu_processes_exports_one_adapter(tmp_path) 
 
 @pytest.mark.slow
 def test_deepspeed_zero2_with_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path) -> None:
-    """ZeRO-2 shards the optimizer state: checkpoints hold DeepSpeed's shards, and a resume reads them back."""
+    """ZeRO-2 shards the optimizer state: checkpoints hold DeepSpeed's shards, and a resume reads them back.
+    In bf16 (the GPU config's precision) the export is the float32 master LoRA, not the engine's bf16 copy."""
     pytest.importorskip("deepspeed", reason="pip install --no-build-isolation deepspeed (DS_BUILD_OPS=0)")
-    result = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", "sampling.batches_per_epoch=2")
+    settings = ["sampling.batches_per_epoch=2", "mixed_precision=bf16"]
+    result = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", *settings)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = latest_checkpoint(tmp_path / "run")
     shards = sorted(p.name for p in (checkpoint / "deepspeed").rglob("*optim_states*"))
     assert len(shards) == 2, shards  # one optimizer shard per process, beside our own files
     assert not (checkpoint / "optimizer.safetensors").exists()
-    resumed = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", "sampling.batches_per_epoch=2", "epochs=2",
-                      "resume=latest")
+    resumed = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", *settings, "epochs=2", "resume=latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metadata = load_adapter_metadata(tmp_path / "run" / "final")
     assert metadata.training["processes"] == 2 and metadata.training["epochs"] == 2
+    lora = load_file(tmp_path / "run" / "final" / WEIGHTS_FILE)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in lora.values())  # more than bf16's precision
 
 
 def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(tmp_path) -> None:

@@ -184,10 +184,24 @@ class Trainer:
         return self.accelerator.unwrap_model(self.unet)
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, epoch: int) -> None:
-        """Write checkpoint-<epoch> atomically (temp folder, then rename) and keep the newest few."""
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights to save (PEFT keys, on the CPU). Under DeepSpeed they are the optimizer's float32
+        master copies, partitioned over the processes, so every process must call this."""
         from peft.utils import get_peft_model_state_dict
 
+        values = self.unwrapped.state_dict()
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, parameter in self.unwrapped.named_parameters():
+                master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
+                if master is not None:
+                    values[name] = master
+        state = get_peft_model_state_dict(self.unwrapped, state_dict=values)
+        return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """Write checkpoint-<epoch> atomically (temp folder, then rename) and keep the newest few."""
         folder = self.output_dir / "checkpoints" / f"checkpoint-{epoch + 1:05d}"
         temporary = folder.with_name(folder.name + ".tmp")
         if self.accelerator.is_main_process:
@@ -197,8 +211,8 @@ class Trainer:
         if self.deepspeed:  # ZeRO shards the optimizer state over processes: every process saves its own shard
             self.accelerator.save_state(str(temporary / DEEPSPEED_STATE), exclude_frozen_parameters=True)
             self.accelerator.wait_for_everyone()
+        lora = self.lora_state()
         if self.accelerator.is_main_process:
-            lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unwrapped).items()}
             save_file(lora, temporary / "lora.safetensors")
             state = {"epoch": epoch + 1, "bad_epochs": self.bad_epochs, "history": self.history,
                      "tracker": self.tracker.state_dict()}
@@ -206,7 +220,7 @@ class Trainer:
                 tensors, state["optimizer"] = _optimizer_to_files(self.optimizer.optimizer)
                 save_file(tensors, temporary / "optimizer.safetensors")
             (temporary / STATE_FILE).write_text(json.dumps(state))
-            save_adapter(temporary / "adapter", self.unwrapped, self._metadata())
+            save_adapter(temporary / "adapter", self.unwrapped, self._metadata(), lora)
             os.replace(temporary, folder)
             kept = sorted(p for p in folder.parent.glob("checkpoint-*") if p.suffix != ".tmp")
             for old in kept[: -self.config.checkpoint.keep]:
@@ -427,8 +441,9 @@ class Trainer:
         if weights_hash(self.unwrapped) != self.frozen_hash:
             raise RuntimeError("the base UNet weights changed during training; only the LoRA may train")
         final = self.output_dir / "final"
+        lora = self.lora_state()
         if accelerator.is_main_process:
-            save_adapter(final, self.unwrapped, self._metadata())
+            save_adapter(final, self.unwrapped, self._metadata(), lora)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return final
