@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels
+from msdda.diffusion import BASE, adapter_kernels, standard_normal
 from msdda.fuse.closed_form import fuse_gaussians, reference_exponent
 from msdda.kernels import StepKernel
 
@@ -90,8 +90,7 @@ def sample_latents(unet, scheduler, positive: torch.Tensor, negative: torch.Tens
     scheduler.set_timesteps(num_inference_steps, device=positive.device)
     if latents is None:
         shape = (len(positive), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        # drawn as diffusers draws them (in the pipeline's dtype), then kept in float32 like every kernel
-        latents = torch.randn(shape, generator=generator, dtype=positive.dtype).float().to(positive.device)
+        latents = standard_normal(shape, generator, positive)
         latents = latents * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     steps = enumerate(timesteps) if progress is None else progress(list(enumerate(timesteps)))
@@ -103,7 +102,7 @@ def sample_latents(unet, scheduler, positive: torch.Tensor, negative: torch.Tens
         if plan.method == "code":
             continue
         kernel = _fused_step(unet, scheduler, latents, timestep, positive, negative, plan, index, generator)
-        noise = torch.randn(latents.shape, generator=generator, dtype=positive.dtype).float().to(latents.device)
+        noise = standard_normal(latents.shape, generator, positive)
         latents = kernel.mean + kernel.std * noise
     return latents
 
@@ -124,7 +123,7 @@ def _code_block(unet, scheduler, latents, block_timesteps, positive, negative, p
     for timestep in block_timesteps:
         kernel = adapter_kernels(unet, scheduler, states, timestep, positive_n, negative_n, [BASE], plan.guidance_scale,
                           plan.eta)[0]
-        noise = torch.randn(states.shape, generator=generator, dtype=positive.dtype).float().to(states.device)
+        noise = standard_normal(states.shape, generator, positive)
         states = kernel.mean + kernel.std * noise
     estimate_timestep = block_timesteps[-1]
     final_block = int(estimate_timestep) == int(scheduler.timesteps[-1])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil
+from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil, standard_normal
 from msdda.kernels import gaussian_kl
 from msdda.prompts import load_prompts
 
@@ -29,7 +29,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = torch.randn(shape, generator=generator, dtype=positive.dtype).float() * scheduler.init_noise_sigma
+    latents = standard_normal(shape, generator, positive) * scheduler.init_noise_sigma
     kl = torch.zeros(len(prompts), dtype=torch.float64)
     for timestep in scheduler.timesteps:
         names = [name] if name == BASE else [name, BASE]
@@ -37,7 +37,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
         kernel = kernels[0]
         if name != BASE and not kernel.is_deterministic:
             kl += gaussian_kl(kernel.mean, kernel.variance, kernels[1].mean, kernel.variance).double().cpu()
-        noise = torch.randn(latents.shape, generator=generator, dtype=positive.dtype).float()
+        noise = standard_normal(latents.shape, generator, positive)
         latents = kernel.mean + kernel.std * noise
     return decode_latents(pipeline, latents), kl
 
@@ -47,8 +47,8 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
                      out: str | Path | None = None, grid_prompts: int = 8) -> dict:
     """Rewards (mean, std, paired difference with its standard error) of base and adapter, and the KL.
 
-    ``rewards`` default to the one the adapter was trained on. With ``out``, writes ``evaluation.json`` and ``before_after.png`` (rows: prompts; each row the
-    base's samples, then the adapter's) there.
+    ``rewards`` default to the one the adapter was trained on. With ``out``, writes ``evaluation.json`` and
+    ``before_after.png`` (rows: prompts; each row the base's samples, then the adapter's) there.
     """
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.diffusion import BASE, adapter_kernels, decode_latents, standard_normal
 
 __all__ = ["Trajectories", "sample_trajectories", "StepRewardName", "STEP_REWARDS"]
 
@@ -78,8 +78,7 @@ def sample_trajectories(
     need_reference = need_reference or step_reward == "tweedie"
     batch = len(prompts)
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    # drawn as diffusers draws them (in the pipeline's dtype), then kept in float32 like every kernel
-    latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).float().to(prompt_embeds.device)
+    latents = standard_normal(shape, generator, prompt_embeds)
     latents = latents * scheduler.init_noise_sigma
     states, noises, log_probs, reference_means, reference_x0 = [latents], [], [], [], []
     adapter = unet.active_adapters()[0]
@@ -98,7 +97,7 @@ def sample_trajectories(
             reference = kernels[1]
             reference_means.append(reference.mean)
             reference_x0.append(reference.pred_original_sample)
-        noise = torch.randn(latents.shape, generator=generator, dtype=prompt_embeds.dtype).float().to(latents.device)
+        noise = standard_normal(latents.shape, generator, prompt_embeds)
         latents = kernel.sample(noise=noise)
         if keep_noises:
             noises.append(noise)
