@@ -45,9 +45,10 @@ def ours(beta: float, args: argparse.Namespace) -> list[float]:
 
 
 def trl(args: argparse.Namespace, prompts: list[str]) -> list[float]:
-    python = ROOT / ".venv-bench/bin/python"
+    python = Path(args.trl_python)
     if not python.exists():
-        raise SystemExit("no .venv-bench: run `bash scripts/setup_bench_env.sh` first (trl 0.23.1 in its own venv)")
+        raise SystemExit(f"no {python}: run `bash scripts/setup_bench_env.sh` first (trl 0.23.1 in its own venv), "
+                         "or pass --trl-python for a Python that has trl 0.23.1")
     result = subprocess.run(
         [str(python), str(ROOT / "benchmarks/_ddpo_trl.py"), "--pipeline", str(world_path()), "--steps",
          str(args.steps), "--batch", str(args.batch), "--batches", str(args.batches), "--epochs", str(args.epochs),
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--trl-python", default=str(ROOT / ".venv-bench/bin/python"),
+                        help="a Python with trl 0.23.1 (default: the benchmark virtualenv)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     prompts = [prompt_for(a) for a in training_combinations()]

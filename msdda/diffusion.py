@@ -7,16 +7,18 @@ kernel (msdda.kernels), which the stock loop does not expose; everything else is
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, step_kernel
 
 __all__ = ["WORLD", "resolve_base", "load_base_pipeline", "encode_prompts", "guided_output", "apply_guidance",
-           "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch", "adapter_kernels", "BASE"]
+           "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
+           "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE"]
 
 WORLD = "world"
 """The base name of the embedded default world."""
@@ -111,12 +113,17 @@ def images_to_pil(pipeline, images: torch.Tensor) -> list:
     return processor.numpy_to_pil(processor.pt_to_numpy(images.detach().cpu().float()))
 
 
+_active_routings: list[list[str]] = []
+"""The ``adapter_names`` of the mixed-adapter batches now running, innermost last."""
+
+
 @contextmanager
 def mixed_adapter_batch(unet, adapter_names: list[str]):
     """Route batch row i of every LoRA layer to adapter ``adapter_names[i]`` (PEFT mixed-adapter batches).
 
     diffusers' UNet forward has no ``adapter_names`` argument, so we hand it to each PEFT LoRA layer with a
-    forward pre-hook.
+    forward pre-hook. Under gradient checkpointing, enable it with ``checkpoint_keeping_adapter_routing`` so that
+    backward recomputes each block with the same routing.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -126,11 +133,25 @@ def mixed_adapter_batch(unet, adapter_names: list[str]):
 
     handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
                for module in unet.modules() if isinstance(module, LoraLayer)]
+    _active_routings.append(adapter_names)
     try:
         yield
     finally:
+        _active_routings.pop()
         for handle in handles:
             handle.remove()
+
+
+def checkpoint_keeping_adapter_routing(block, *args):
+    """diffusers' gradient checkpointing (non-reentrant), recomputing ``block`` with the mixed-adapter routing
+    its forward ran with. diffusers' default recomputes in backward, after ``mixed_adapter_batch`` has ended, so
+    the reference's rows (adapter off) would be recomputed with the adapter on."""
+    names = _active_routings[-1] if _active_routings else None
+
+    def contexts():
+        return nullcontext(), mixed_adapter_batch(block, names) if names is not None else nullcontext()
+
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=contexts)
 
 
 def adapter_kernels(unet, scheduler, latents, timestep, positive, negative, names: list[str] | None,

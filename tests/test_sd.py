@@ -67,8 +67,10 @@ def test_one_epoch_with_each_reward_exports_an_adapter(models, tmp_path, reward:
 
 
 def test_the_recipes_own_precision_bf16_with_checkpointing_trains(models, tmp_path, fresh_accelerator_state) -> None:
-    """The SD recipes run in bf16 with gradient checkpointing (UNet and, for pathwise, the VAE decoder)."""
-    final = _train(models, tmp_path, "clip-score", "mixed_precision=bf16", "train.gradient_checkpointing=true")
+    """The SD recipes run in bf16 with gradient checkpointing (UNet and, for pathwise, the VAE decoder), on every
+    step, so also through the reference forward that the tweedie reward takes at x_{t-1}."""
+    final = _train(models, tmp_path, "clip-score", "mixed_precision=bf16", "train.gradient_checkpointing=true",
+                   "train.timestep_fraction=1.0")
     assert load_adapter_metadata(final).training["last_reward_mean"] is not None
 
 

@@ -147,6 +147,28 @@ def test_pathwise_update_follows_the_step_reward_gradient(tmp_path) -> None:
     assert after > before
 
 
+def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path) -> None:
+    """Backward recomputes each checkpointed UNet block. The pathwise step's reference forward (adapter off, a
+    mixed-adapter batch) must be recomputed with the adapter off too, or the gradient is wrong (or the recompute
+    fails on a shape mismatch)."""
+    gradients = []
+    for checkpointing in ("false", "true"):
+        trainer = Trainer(_config(tmp_path / checkpointing, "reward.step_reward=tweedie", "train.estimator=pathwise",
+                                  f"train.gradient_checkpointing={checkpointing}"))
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # a non-zero adapter, so that adapter on and off differ
+            for parameter in trainer.lora_parameters:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        trajectories, advantages = trainer._sample(0)
+        trainer.unet.train()
+        steps = range(len(trajectories.timesteps) - 1)  # each with a reference forward at x_{t-1}
+        sum(trainer._step_terms(trajectories, advantages, torch.arange(4), step, trainer.pipeline.scheduler).loss
+            for step in steps).backward()
+        gradients.append(torch.cat([parameter.grad.flatten() for parameter in trainer.lora_parameters]))
+    assert gradients[0].abs().max() > 0
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-6)
+
+
 def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "msdda.train", "--config", str(ROOT / "configs/train/world_aesthetic.yaml"),
                *TINY, "epochs=4", "sampling.batch_size=8", "train.batch_size=4", f"output_dir={output_dir}", *extra]

@@ -28,6 +28,7 @@ from msdda.config import config_to_dict
 from msdda.diffusion import (
     BASE,
     adapter_kernels,
+    checkpoint_keeping_adapter_routing,
     decode_latents,
     encode_prompts,
     guided_output,
@@ -148,7 +149,7 @@ class Trainer:
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
         if config.train.gradient_checkpointing:  # pathwise also backpropagates through the VAE decoder
-            unet.enable_gradient_checkpointing()
+            unet.enable_gradient_checkpointing(checkpoint_keeping_adapter_routing)
             self.pipeline.vae.enable_gradient_checkpointing()
         self.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.lora_parameters, lr=config.train.learning_rate,
@@ -413,8 +414,11 @@ class Trainer:
             accelerator.init_trackers("msdda-train", config=flat)
         progress = tqdm(range(self.start_epoch, config.epochs), desc="epochs", initial=self.start_epoch,
                         total=config.epochs, disable=not accelerator.is_local_main_process)
+        on_cuda = accelerator.device.type == "cuda"
         for epoch in progress:
             started = time.time()
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats(accelerator.device)
             trajectories, advantages = self._sample(epoch)
             dropped = int((~torch.isfinite(advantages).all(dim=1)).sum())
             rewards = trajectories.final_rewards
@@ -430,6 +434,8 @@ class Trainer:
             metrics = self._train_epoch(epoch, trajectories, advantages)
             metrics.update(reward_mean=float(finite_rewards.mean()), reward_std=float(finite_rewards.std()),
                            dropped_samples=dropped, epoch_seconds=time.time() - started)
+            if on_cuda:  # what this process's GPU needed at most, to size train.batch_size (docs/training.md)
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             self.history.append({"epoch": epoch + 1, **metrics})
             if config.log_with:
                 accelerator.log(metrics, step=epoch + 1)
