@@ -104,7 +104,8 @@ def decode_latents(pipeline, latents: torch.Tensor, grad: bool = False) -> torch
 def standard_normal(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """A float32 standard normal draw on ``like``'s device. It is drawn in ``like``'s dtype (the pipeline's), as
     diffusers draws its noise, so the values match diffusers' in every precision; the chain itself stays float32."""
-    return torch.randn(shape, generator=generator, dtype=like.dtype).float().to(like.device)
+    # non_blocking: a blocking copy would make the CPU wait for all queued GPU work at every step
+    return torch.randn(shape, generator=generator, dtype=like.dtype).float().to(like.device, non_blocking=True)
 
 
 def images_to_pil(pipeline, images: torch.Tensor) -> list:

@@ -89,7 +89,7 @@ def _check_scheduler(scheduler: object) -> None:
         )
 
 
-def _as_timesteps(timestep: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _as_timesteps(timestep: int | torch.Tensor, device: torch.device | None) -> torch.Tensor:
     timesteps = torch.as_tensor(timestep, device=device).long()
     if timesteps.ndim > 1:
         raise ValueError(f"timestep must be an int, a 0-d tensor or a [B] tensor, got shape {tuple(timesteps.shape)}")
@@ -101,7 +101,7 @@ def previous_timestep(
 ) -> torch.Tensor:
     """The timestep the scheduler steps to from ``timestep`` (-1 after the last step), elementwise."""
     _check_scheduler(scheduler)
-    timesteps = _as_timesteps(timestep, scheduler.alphas_cumprod.device)
+    timesteps = _as_timesteps(timestep, timestep.device if torch.is_tensor(timestep) else None)
     if isinstance(scheduler, DDIMScheduler) or not (scheduler.custom_timesteps or scheduler.num_inference_steps):
         if isinstance(scheduler, DDIMScheduler) and scheduler.num_inference_steps is None:
             raise ValueError("call scheduler.set_timesteps(num_inference_steps) before computing step kernels")
@@ -119,6 +119,17 @@ def previous_timestep(
     index = matches.long().argmax(dim=1)
     following = torch.cat([schedule, schedule.new_tensor([-1])])
     return following[index + 1].reshape(timesteps.shape)
+
+
+_device_copies: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _on_device(table: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``table`` on ``device``, copied once: a copy per step would make the GPU wait for the CPU at every step."""
+    key = (id(table), device, dtype)
+    if key not in _device_copies or _device_copies[key][0] is not table:  # the id of a freed table can come back
+        _device_copies[key] = (table, table.to(device=device, dtype=dtype))
+    return _device_copies[key][1]
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -156,12 +167,10 @@ def step_kernel(
     compute = torch.promote_types(sample.dtype, torch.float32)
     sample, model_output = sample.to(compute), model_output.to(compute)
     timesteps = _as_timesteps(timestep, sample.device)
-    prev_timesteps = previous_timestep(scheduler, timesteps).to(sample.device)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
-    if is_ddim:
-        final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=sample.device, dtype=sample.dtype)
-    else:
-        final_alpha = torch.ones((), device=sample.device, dtype=sample.dtype)
+    prev_timesteps = previous_timestep(scheduler, timesteps)
+    alphas_cumprod = _on_device(scheduler.alphas_cumprod, sample.device, sample.dtype)
+    final_alpha = torch.full((), float(scheduler.final_alpha_cumprod) if is_ddim else 1.0, device=sample.device,
+                             dtype=sample.dtype)
     alpha_prod_t = _per_row(alphas_cumprod[timesteps], sample)
     alpha_prod_t_prev = _per_row(
         torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final_alpha), sample

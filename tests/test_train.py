@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -151,22 +152,45 @@ def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path)
     """Backward recomputes each checkpointed UNet block. The pathwise step's reference forward (adapter off, a
     mixed-adapter batch) must be recomputed with the adapter off too, or the gradient is wrong (or the recompute
     fails on a shape mismatch)."""
-    gradients = []
-    for checkpointing in ("false", "true"):
-        trainer = Trainer(_config(tmp_path / checkpointing, "reward.step_reward=tweedie", "train.estimator=pathwise",
-                                  f"train.gradient_checkpointing={checkpointing}"))
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # a non-zero adapter, so that adapter on and off differ
-            for parameter in trainer.lora_parameters:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-        trajectories, advantages = trainer._sample(0)
-        trainer.unet.train()
+    trainer = Trainer(_config(tmp_path, "reward.step_reward=tweedie", "train.estimator=pathwise",
+                              "train.gradient_checkpointing=true"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so that adapter on and off differ
+        for parameter in trainer.lora_parameters:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    trajectories, advantages = trainer._sample(0)
+    trainer.unet.train()
+
+    def gradient() -> torch.Tensor:
+        trainer.optimizer.zero_grad()
         steps = range(len(trajectories.timesteps) - 1)  # each with a reference forward at x_{t-1}
         sum(trainer._step_terms(trajectories, advantages, torch.arange(4), step, trainer.pipeline.scheduler).loss
             for step in steps).backward()
-        gradients.append(torch.cat([parameter.grad.flatten() for parameter in trainer.lora_parameters]))
-    assert gradients[0].abs().max() > 0
-    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-6)
+        return torch.cat([parameter.grad.flatten() for parameter in trainer.lora_parameters])
+
+    checkpointed = gradient()
+    trainer.unwrapped.disable_gradient_checkpointing()
+    trainer.pipeline.vae.disable_gradient_checkpointing()
+    plain = gradient()
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None:
+    trainer = Trainer(_config(tmp_path, "epochs=3"))
+    clean_terms = trainer._step_terms
+
+    def poisoned(*args, **kwargs):  # the second epoch's loss is NaN
+        terms = clean_terms(*args, **kwargs)
+        return dataclasses.replace(terms, loss=terms.loss * float("nan")) if len(trainer.history) == 1 else terms
+
+    monkeypatch.setattr(trainer, "_step_terms", poisoned)
+    with pytest.raises(RuntimeError, match="loss became nan at epoch 2.*checkpoint-00001"):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-00001"
+    assert not (tmp_path / "run" / "final").exists()
+    lora = load_file(latest_checkpoint(tmp_path / "run") / "lora.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in lora.values())
 
 
 def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
@@ -271,7 +295,9 @@ def test_evaluate_compares_an_adapter_with_its_base_on_paired_samples(tmp_path) 
     # a zero-weight adapter is its base: identical samples, zero KL
     zero = random_world_adapter(tmp_path / "zero", seed=2, num_inference_steps=4, scale=0.0)
     same = evaluate_adapter(str(zero), rewards=["world-aesthetic"], prompts=prompts, seeds=[0], batch_size=2)
-    assert same["kl_to_base"]["mean"] == 0 and same["rewards"]["world-aesthetic"]["paired_difference"] == 0
+    # exactly 0 on the CPU; on a GPU the base and adapter batches may take kernels that round differently
+    assert abs(same["kl_to_base"]["mean"]) < 1e-6
+    assert abs(same["rewards"]["world-aesthetic"]["paired_difference"]) < 1e-6
 
 
 def test_attention_and_conv_lora_both_reach_stock_diffusers(tmp_path) -> None:

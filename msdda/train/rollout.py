@@ -80,7 +80,7 @@ def sample_trajectories(
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     latents = standard_normal(shape, generator, prompt_embeds)
     latents = latents * scheduler.init_noise_sigma
-    states, noises, log_probs, reference_means, reference_x0 = [latents], [], [], [], []
+    states, noises, log_probs, reference_means, reference_x0, deterministic = [latents], [], [], [], [], []
     adapter = unet.active_adapters()[0]
     for timestep in timesteps:
         # policy and reference rows in one batched forward (PEFT mixed-adapter batch)
@@ -88,11 +88,7 @@ def sample_trajectories(
         kernels = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, names,
                                   guidance_scale, eta)
         kernel = kernels[0]
-        if kernel.is_deterministic:
-            raise ValueError(
-                f"the step at timestep {int(timestep)} is deterministic (variance 0); RL needs stochastic steps: "
-                "use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's config has)"
-            )
+        deterministic.append((kernel.variance == 0).all())  # checked after the loop: a check here waits for the GPU
         if need_reference:
             reference = kernels[1]
             reference_means.append(reference.mean)
@@ -104,6 +100,13 @@ def sample_trajectories(
         log_probs.append(kernel.log_prob(latents))
         states.append(latents)
 
+    deterministic = torch.stack(deterministic).cpu()
+    if deterministic.any():
+        raise ValueError(
+            f"the step at timestep {int(timesteps[deterministic.nonzero()[0, 0]])} is deterministic (variance 0); RL "
+            "needs stochastic steps: use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's "
+            "config has)"
+        )
     images = decode_latents(pipeline, latents)
     final_reward = reward(images, prompts).to(torch.float32)
     steps = len(timesteps)

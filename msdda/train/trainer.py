@@ -287,7 +287,7 @@ class Trainer:
                 generator=generator, keep_noises=pathwise))
         merged = _concatenate(batches)
         if pathwise:  # the step rewards are recomputed with grad in the update
-            finite = torch.isfinite(merged.final_rewards)
+            finite = torch.isfinite(merged.final_rewards).cpu()  # advantages live on the CPU, as _advantages' do
             return merged, torch.where(finite, 0.0, torch.nan)[:, None].expand(-1, len(merged.timesteps))
         return merged, self._advantages(merged)
 
@@ -321,8 +321,10 @@ class Trainer:
         keep = torch.isfinite(advantages).all(dim=1)
         count, steps = len(trajectories.prompts), len(trajectories.timesteps)
         scheduler = self.pipeline.scheduler
-        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        # summed on the device and read once per epoch: reading a value every step would make the CPU wait for the GPU
+        sums = dict.fromkeys(("loss", "policy_loss", "kl", "clip_fraction", "approx_kl"), 0.0)
         updates = 0
+        advantages = advantages.to(self.accelerator.device)
         self.unet.train()
         for inner in range(config.train.inner_epochs):
             generator = torch.Generator().manual_seed(_seed(config.seed, epoch, self.accelerator.process_index, inner, 3))
@@ -339,18 +341,20 @@ class Trainer:
                             self.accelerator.clip_grad_norm_(self.lora_parameters, config.train.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad()
-                    if not math.isfinite(terms.loss.item()):
-                        last = latest_checkpoint(self.output_dir)
-                        raise RuntimeError(f"the loss became {terms.loss.item()} at epoch {epoch + 1}; stopping. The "
-                                           f"last good checkpoint is {last}. Lower train.learning_rate or raise beta")
                     for key in sums:
-                        sums[key] += float(getattr(terms, key).detach())
+                        sums[key] = sums[key] + getattr(terms, key).detach().float()
                     updates += 1
-        return {key: value / max(updates, 1) for key, value in sums.items()}
+        means = {key: float(value) / max(updates, 1) for key, value in sums.items()}
+        if not math.isfinite(means["loss"]):  # before this epoch's checkpoint: the last one written stays the last good
+            raise RuntimeError(f"the loss became {means['loss']} at epoch {epoch + 1}; stopping. The last good "
+                               f"checkpoint is {latest_checkpoint(self.output_dir)}. Lower train.learning_rate or "
+                               "raise beta")
+        return means
 
     def _step_terms(self, trajectories: Trajectories, advantages: torch.Tensor, rows: torch.Tensor, step: int,
                     scheduler):
         config = self.config
+        prompt_rows, rows = rows, rows.to(trajectories.latents.device, non_blocking=True)
         latents = trajectories.latents[rows, step]
         timestep = trajectories.timesteps[step]
         output = guided_output(self.unet, latents, timestep, trajectories.prompt_embeds[rows],
@@ -362,13 +366,14 @@ class Trainer:
             kl = gaussian_kl(kernel.mean, kernel.variance, reference_mean, kernel.variance)
         if config.train.estimator == "pathwise":
             action = kernel.mean + kernel.std * trajectories.noises[rows, step].float()
-            return pathwise_step_loss(self._tweedie_reward(trajectories, rows, step, action), kl, config.beta)
+            return pathwise_step_loss(self._tweedie_reward(trajectories, rows, prompt_rows, step, action), kl,
+                                      config.beta)
         log_prob = kernel.log_prob(trajectories.latents[rows, step + 1].float())
         return step_loss(log_prob, trajectories.log_probs[rows, step].float(),
-                         advantages[rows, step].to(log_prob.device), kl, config.beta, config.train.clip_range,
+                         advantages.to(log_prob.device)[rows, step], kl, config.beta, config.train.clip_range,
                          config.train.advantage_clip)
 
-    def _tweedie_reward(self, trajectories: Trajectories, rows: torch.Tensor, step: int,
+    def _tweedie_reward(self, trajectories: Trajectories, rows: torch.Tensor, prompt_rows: torch.Tensor, step: int,
                         action: torch.Tensor) -> torch.Tensor:
         """r(x0_hat_ref(x_{t-1})) with grad flowing back to the action (the reference's weights stay frozen)."""
         config, timesteps = self.config, trajectories.timesteps
@@ -378,7 +383,7 @@ class Trainer:
                                     trajectories.prompt_embeds[rows], trajectories.negative_embeds[rows], [BASE],
                                     config.sampling.guidance_scale, config.sampling.eta)[0].pred_original_sample
         images = decode_latents(self.pipeline, clean, grad=True)
-        return self.reward(images, [trajectories.prompts[i] for i in rows.tolist()], grad=True)
+        return self.reward(images, [trajectories.prompts[i] for i in prompt_rows.tolist()], grad=True)
 
     def _sample_grid(self, epoch: int) -> None:
         from msdda.world.sampling import image_grid
