@@ -79,6 +79,11 @@ def test_one_adapter_reproduces_stock_diffusers_with_that_lora(adapters) -> None
 def test_a_bf16_pipeline_fuses_in_float32_close_to_the_float32_pipeline(adapters, pipeline) -> None:
     """Half-precision UNets, float32 chain: at the last steps 1 - alpha_bar is below bf16's resolution, so
     kernels in bf16 would have no variance left to fuse."""
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    if not torch.equal(torch.randn(64, generator=generator(), dtype=torch.bfloat16),
+                       torch.randn(64, generator=generator()).bfloat16()):
+        pytest.skip(f"torch {torch.__version__} draws other bf16 noise than float32 noise (2.13 draws the same), so "
+                    "the two pipelines' samples are not comparable")
     half = MSDDAPipeline.from_pretrained("world", adapters=[str(a) for a in adapters[:2]], torch_dtype=torch.bfloat16)
     half.set_progress_bar_config(disable=True)
     assert half.unet.dtype == torch.bfloat16

@@ -34,6 +34,10 @@ TINY = ["epochs=1", "sampling.num_inference_steps=4", "sampling.batch_size=4", "
         "train.batch_size=4", "sample_every=0", "log_with=null", "checkpoint.every=1"]
 
 
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+"""The environment of a subprocess that must run on the CPU, also where there is a GPU."""
+
+
 def _config(tmp_path: Path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml",
                        [*TINY, f"output_dir={tmp_path / 'run'}", *overrides])
@@ -69,6 +73,14 @@ def test_bad_input_is_refused_before_any_work(tmp_path, override: str, message: 
     with pytest.raises(ValueError, match=message):
         Trainer(_config(tmp_path, *override.split()))
     assert not (tmp_path / "run").exists()
+
+
+def test_more_processes_than_gpus_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    """Two processes on one GPU would crash in NCCL; the trainer says what to launch instead."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # as torchrun sets it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # this machine has no GPU to launch on
+    with pytest.raises(ValueError, match="2 processes were launched on this machine, which has 1 GPU.*CUDA_VISIBLE"):
+        Trainer(_config(tmp_path))
 
 
 def test_output_dir_holding_another_run_is_refused(tmp_path) -> None:
@@ -173,7 +185,9 @@ def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path)
     trainer.pipeline.vae.disable_gradient_checkpointing()
     plain = gradient()
     assert plain.abs().max() > 0
-    torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+    # the tolerance allows for the GPU's attention backward, which is not bit-reproducible; the routing bug this
+    # guards against changes the gradient by its own size
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max()))
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None:
@@ -196,7 +210,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
 def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "msdda.train", "--config", str(ROOT / "configs/train/world_aesthetic.yaml"),
                *TINY, "epochs=4", "sampling.batch_size=8", "train.batch_size=4", f"output_dir={output_dir}", *extra]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # on the CPU, as the guarantee is stated: on a GPU, attention's backward kernels are not bit-reproducible
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=CPU_ONLY)
 
 
 @pytest.mark.slow
@@ -227,7 +242,7 @@ def _launch(config_file: str, output_dir: Path, *overrides: str) -> subprocess.C
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "launch/accelerate" / config_file), "-m", "msdda.train", "--config",
                str(ROOT / "configs/train/world_consistency.yaml"), *TINY, f"output_dir={output_dir}", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=CPU_ONLY)  # CPU processes
 
 
 @pytest.mark.slow
@@ -312,4 +327,4 @@ def test_attention_and_conv_lora_both_reach_stock_diffusers(tmp_path) -> None:
     assert len(loaded) == len(saved) and any("attn" in n for n in loaded) and any("conv1" in n for n in loaded)
     trained = {n.replace(".default", ""): p for n, p in trainer.unwrapped.named_parameters() if "lora_" in n}
     for name, parameter in loaded.items():
-        torch.testing.assert_close(parameter, trained[name.replace(".default_0", "")].detach())
+        torch.testing.assert_close(parameter, trained[name.replace(".default_0", "")].detach().cpu())

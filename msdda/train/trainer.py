@@ -69,6 +69,16 @@ def _several_processes_without_cuda() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _launched_with_deepspeed()
 
 
+def _check_one_process_per_gpu() -> None:
+    """Several processes on one GPU crash in NCCL mid-start; say what to launch instead."""
+    processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if gpus and processes > gpus:
+        raise ValueError(
+            f"{processes} processes were launched on this machine, which has {gpus} GPU(s): run one process per GPU "
+            f"(accelerate launch --num_processes {gpus}), or run the processes on the CPU by hiding the GPUs "
+            "(CUDA_VISIBLE_DEVICES= accelerate launch ...)")
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
@@ -114,6 +124,7 @@ class Trainer:
         from peft import LoraConfig
 
         config.validate()
+        _check_one_process_per_gpu()
         self.config = config
         self.output_dir = Path(config.output_dir)
         self._check_output_dir()
