@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/train_throughput.py [--epochs 4] [--steps 10]
 
 Same tiny pipeline (the embedded world), prompt set, reward (world-aesthetic), batch (trajectories per epoch),
-step count, eta, guidance and LoRA (rank 4 on to_q/to_k/to_v/to_out.0), 2 CPU threads, all measured in this
-run. A transition is one denoising step of one trajectory that is sampled, scored and trained on. The first
+step count, eta, guidance and LoRA (rank 4 on to_q/to_k/to_v/to_out.0), 2 CPU threads, on the device Accelerate
+picks for both (the GPU when there is one), all measured in this run. A transition is one denoising step of one trajectory that is sampled, scored and trained on. The first
 epoch of each is a warm-up and is not counted. Prints the ratios last.
 """
 
