@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, step_kernel
 
-__all__ = ["WORLD", "resolve_base", "load_base_pipeline", "encode_prompts", "guided_output", "apply_guidance",
+__all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output", "apply_guidance",
            "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
            "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE"]
 
@@ -33,6 +33,20 @@ def resolve_base(base: str) -> str:
 
         return str(world_path())
     return base
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a sampling command runs on: ``"auto"`` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asks for a GPU but torch sees none (torch {torch.__version__}): use "
+                         "device cpu, or install a CUDA build of torch")
+    return device
 
 
 def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = torch.float32):

@@ -56,6 +56,8 @@ class FuseConfig:
     guidance_scale: float | None = None
     eta: float | None = None
     out: str = "runs/fuse"
+    device: str = "auto"
+    """Where to sample: auto (the GPU when there is one), cpu, cuda or cuda:N."""
 
 
 def _config_from_args(args: argparse.Namespace) -> FuseConfig:
@@ -67,7 +69,7 @@ def _config_from_args(args: argparse.Namespace) -> FuseConfig:
                                ("betas", "betas", lambda v: parse_floats(v, "betas")), ("beta", "beta", None),
                                ("method", "method", None), ("reward", "rewards", None), ("seeds", "seeds", None),
                                ("steps", "num_inference_steps", None), ("guidance_scale", "guidance_scale", None),
-                               ("eta", "eta", None), ("out", "out", None)):
+                               ("eta", "eta", None), ("out", "out", None), ("device", "device", None)):
         value = getattr(args, flag)
         if value not in (None, []):
             overrides[key] = convert(value) if convert else value
@@ -84,15 +86,17 @@ def _config_from_args(args: argparse.Namespace) -> FuseConfig:
 def _fuse(args: argparse.Namespace) -> int:
     import torch
 
+    from msdda.diffusion import resolve_device
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward
     from msdda.world.sampling import image_grid
 
     config = _config_from_args(args)
     seeds, prompts = parse_seeds(config.seeds), load_prompts(config.prompts, config.num_prompts)
-    pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters, betas=config.betas)
+    device = resolve_device(config.device)
+    pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters, betas=config.betas).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    rewards = [load_reward(name) for name in config.rewards] if config.rewards else None
+    rewards = [load_reward(name).to(device) for name in config.rewards] if config.rewards else None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     images, files = [], []
@@ -138,6 +142,7 @@ def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default=None, help="'0-15' or '1,4,9' (default 0-7)")
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the adapters')")
     parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--device", default=None, help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--eta", type=float, default=None)
     parser.add_argument("--out", default=None, help="folder for the PNGs, grid.png and settings.json")
     parser.set_defaults(handler=_fuse)

@@ -44,6 +44,8 @@ class SweepConfig:
     grid_prompts: int = 4
     """Images kept per cell for the report's grids (the first prompts, first seed)."""
     output_dir: str = "runs/sweep"
+    device: str = "auto"
+    """Where to sample: auto (the GPU when there is one), cpu, cuda or cuda:N."""
 
     def validate(self) -> None:
         """Refuse bad settings before any sampling; each message names the key and the fix."""

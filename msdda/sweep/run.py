@@ -19,7 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from msdda.config import config_to_dict
-from msdda.diffusion import images_to_pil
+from msdda.diffusion import images_to_pil, resolve_device
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key
 
@@ -95,10 +95,12 @@ class Sweep:
         self.folder = Path(config.output_dir)
         self._check_folder()
         self.prompts, self.seeds = config.load_prompts(), parse_seeds(config.seeds)
-        self.pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters, betas=config.betas)
+        self.device = resolve_device(config.device)
+        self.pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters,
+                                                      betas=config.betas).to(self.device)
         self.pipeline.set_progress_bar_config(disable=True)
         names = config.rewards or [self._trained_reward(a) for a in self.pipeline.adapters]
-        self.rewards = [load_reward(name) for name in names]
+        self.rewards = [load_reward(name).to(self.device) for name in names]
         self.reward_names = [reward.name for reward in self.rewards]
         self.cells = plan_cells(config, len(config.adapters))
 
@@ -127,7 +129,7 @@ class Sweep:
             return self.pipeline, cell.method, list(cell.weights)
         from msdda.fuse.pipeline import MSDDAPipeline
 
-        oracle = MSDDAPipeline.from_pretrained(self.config.base, adapters=[cell.adapter])
+        oracle = MSDDAPipeline.from_pretrained(self.config.base, adapters=[cell.adapter]).to(self.device)
         oracle.set_progress_bar_config(disable=True)
         return oracle, "single", [1.0]
 
@@ -145,6 +147,8 @@ class Sweep:
                 started = time.perf_counter()
                 with _counting([pipeline.unet], counts, "unet"), _counting(self.rewards, counts, "reward"):
                     images = pipeline(prompts, generator=torch.Generator().manual_seed(seed), **call).images
+                if self.device.type == "cuda":  # the GPU may still be computing the images
+                    torch.cuda.synchronize(self.device)
                 seconds += time.perf_counter() - started
                 scores = [reward(images, prompts).tolist() for reward in self.rewards]
                 for index, prompt in enumerate(prompts):

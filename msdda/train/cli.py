@@ -37,7 +37,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from msdda.train.evaluate import evaluate_adapter
 
     report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,
-                              seeds=parse_seeds(args.seeds), out=args.out)
+                              seeds=parse_seeds(args.seeds), out=args.out, device=args.device)
     print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
           f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
     for name, values in report["rewards"].items():
@@ -58,4 +58,5 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-prompts", type=int, default=32, help="prompts used, evenly spaced (default 32)")
     parser.add_argument("--seeds", default="0-3", help="seeds per prompt, e.g. 0-3")
     parser.add_argument("--out", default=None, help="folder for evaluation.json and before_after.png")
+    parser.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
     parser.set_defaults(handler=_evaluate)

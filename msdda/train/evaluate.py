@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil, standard_normal
+from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil, resolve_device, standard_normal
 from msdda.kernels import gaussian_kl
 from msdda.prompts import load_prompts
 
@@ -44,19 +44,21 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
 
 def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: list[str] | str = "world",
                      num_prompts: int | None = 32, seeds: list[int] = (0, 1, 2, 3), batch_size: int = 16,
-                     out: str | Path | None = None, grid_prompts: int = 8) -> dict:
+                     out: str | Path | None = None, grid_prompts: int = 8, device: str = "auto") -> dict:
     """Rewards (mean, std, paired difference with its standard error) of base and adapter, and the KL.
 
     ``rewards`` default to the one the adapter was trained on. With ``out``, writes ``evaluation.json`` and
-    ``before_after.png`` (rows: prompts; each row the base's samples, then the adapter's) there.
+    ``before_after.png`` (rows: prompts; each row the base's samples, then the adapter's) there. ``device``:
+    auto (the GPU when there is one), cpu, cuda or cuda:N.
     """
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward
 
-    pipeline = MSDDAPipeline.from_pretrained(_base_of(adapter), adapters=[adapter])
+    where = resolve_device(device)
+    pipeline = MSDDAPipeline.from_pretrained(_base_of(adapter), adapters=[adapter]).to(where)
     metadata = pipeline.adapters[0].metadata
     names = rewards or [metadata.reward_name]
-    scorers = [load_reward(name) for name in names]
+    scorers = [load_reward(name).to(where) for name in names]
     prompt_list = load_prompts(prompts, num_prompts)
     steps, guidance, eta = metadata.num_inference_steps, metadata.guidance_scale, metadata.eta
     scores = {side: {n: [] for n in names} for side in ("base", "adapter")}
