@@ -8,7 +8,7 @@ for one epoch per setting below (bf16, 50 steps, guidance 5, sampling batch = tr
 prints the trainer's own ``peak_memory_gib`` (torch.cuda.max_memory_allocated over the epoch) and epoch time.
 This checks the estimates in docs/training.md#memory on a real GPU.
 
-    python scripts/sd_gpu_memory.py            # a GPU with 40 GB or more; about 5 minutes on one H100
+    python scripts/sd_gpu_memory.py            # a GPU with 40 GB or more; the first 7 settings took 5 min on an H100
     python scripts/sd_gpu_memory.py --tiny     # the same path on tiny models (any device), to check the script
 """
 
