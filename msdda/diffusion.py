@@ -16,8 +16,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, step_kernel
 
-__all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output", "apply_guidance",
-           "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
+__all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output",
+           "apply_guidance", "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
            "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE"]
 
 WORLD = "world"
