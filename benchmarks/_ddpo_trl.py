@@ -23,6 +23,7 @@ parser.add_argument("--steps", type=int, required=True)
 parser.add_argument("--batch", type=int, required=True)
 parser.add_argument("--batches", type=int, required=True)
 parser.add_argument("--epochs", type=int, required=True)
+parser.add_argument("--accumulation", type=int, required=True)
 parser.add_argument("--guidance", type=float, required=True)
 parser.add_argument("--prompts", required=True, help="JSON list")
 parser.add_argument("--msdda-src", required=True, help="folder holding the msdda package, for the reward")
@@ -48,7 +49,8 @@ with tempfile.TemporaryDirectory() as logs:
     config = DDPOConfig(
         num_epochs=args.epochs, sample_num_steps=args.steps, sample_eta=1.0, sample_guidance_scale=args.guidance,
         sample_batch_size=args.batch, sample_num_batches_per_epoch=args.batches, train_batch_size=args.batch,
-        train_gradient_accumulation_steps=1, train_timestep_fraction=1.0, mixed_precision="no", log_with=None,
+        train_gradient_accumulation_steps=args.accumulation, train_timestep_fraction=1.0, mixed_precision="no",
+        log_with=None,
         save_freq=10_000, project_kwargs={"logging_dir": logs, "project_dir": logs}, per_prompt_stat_tracking=False,
         train_learning_rate=3e-4, seed=0)
     pipeline = DefaultDDPOStableDiffusionPipeline(args.pipeline, use_lora=True)

@@ -4,9 +4,12 @@
     .venv/bin/python benchmarks/train_throughput.py [--epochs 4] [--steps 10]
 
 Same tiny pipeline (the embedded world), prompt set, reward (world-aesthetic), batch (trajectories per epoch),
-step count, eta, guidance and LoRA (rank 4 on to_q/to_k/to_v/to_out.0), 2 CPU threads, on the device Accelerate
-picks for both (the GPU when there is one), all measured in this run. A transition is one denoising step of one trajectory that is sampled, scored and trained on. The first
-epoch of each is a warm-up and is not counted. Prints the ratios last.
+gradient steps per epoch (one, by default: train batch 16 with 2 accumulation steps), step count, eta, guidance
+and LoRA (rank 4 on to_q/to_k/to_v/to_out.0), 2 CPU threads, on the device Accelerate picks for both (the GPU
+when there is one), all measured in this run. A transition is one denoising step of one trajectory that is
+sampled, scored and trained on. msdda runs with its update pass (a second forward per trained step, as DDPO)
+and with ``train.single_pass`` (training on the sampling forward's graph), each with the KL on and off. The
+first epoch of each is a warm-up and is not counted. Prints the ratios last.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from msdda.world.data import prompt_for, training_combinations
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(beta: float, args: argparse.Namespace) -> list[float]:
+def ours(beta: float, single_pass: bool, args: argparse.Namespace) -> list[float]:
     with tempfile.TemporaryDirectory() as folder:
         config = load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml", [
             f"beta={beta}", f"epochs={args.epochs}", f"sampling.num_inference_steps={args.steps}",
             f"sampling.batch_size={args.batch}", f"sampling.batches_per_epoch={args.batches}",
-            f"train.batch_size={args.batch}", f"sampling.guidance_scale={args.guidance}", "sample_every=0",
+            f"train.batch_size={args.batch}", f"train.gradient_accumulation_steps={args.accumulation}",
+            f"train.single_pass={str(single_pass).lower()}", f"sampling.guidance_scale={args.guidance}", "sample_every=0",
             # DDPO's update and trl's LoRA, whatever the world recipe uses
             "train.estimator=policy-gradient", "reward.step_reward=terminal", "train.learning_rate=3e-4",
             "lora.rank=4", "lora.alpha=4", "lora.target_modules=[to_q,to_k,to_v,to_out.0]",
@@ -52,6 +56,7 @@ def trl(args: argparse.Namespace, prompts: list[str]) -> list[float]:
     result = subprocess.run(
         [str(python), str(ROOT / "benchmarks/_ddpo_trl.py"), "--pipeline", str(world_path()), "--steps",
          str(args.steps), "--batch", str(args.batch), "--batches", str(args.batches), "--epochs", str(args.epochs),
+         "--accumulation", str(args.accumulation),
          "--guidance", str(args.guidance), "--prompts", json.dumps(prompts), "--msdda-src", str(ROOT)],
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -65,6 +70,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=2, help="gradient accumulation steps (train batches "
+                        "per gradient step); single_pass needs batch * accumulation = batch * batches")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--trl-python", default=str(ROOT / ".venv-bench/bin/python"),
                         help="a Python with trl 0.23.1 (default: the benchmark virtualenv)")
@@ -72,16 +79,21 @@ def main() -> None:
     torch.set_num_threads(2)
     prompts = [prompt_for(a) for a in training_combinations()]
     transitions = args.batch * args.batches * args.steps
+    runs = {"trl DDPOTrainer": lambda: trl(args, prompts)}
+    for single_pass in (False, True):
+        for beta in (0.01, 0.0):
+            name = f"msdda, KL {'on ' if beta else 'off'}, {'single pass' if single_pass else 'update pass'}"
+            runs[name] = lambda beta=beta, single_pass=single_pass: ours(beta, single_pass, args)
     rates = {}
-    for name, run in (("trl DDPOTrainer", lambda: trl(args, prompts)), ("msdda, KL on (beta=0.01)", lambda: ours(0.01, args)),
-                      ("msdda, KL off (beta=0)", lambda: ours(0.0, args))):
+    for name, run in runs.items():
         seconds = run()[1:]  # the first epoch warms up
         rates[name] = transitions / statistics.median(seconds)
-        print(f"{name:>26}: {statistics.median(seconds):6.2f} s/epoch, {rates[name]:7.1f} transitions/s "
+        print(f"{name:>30}: {statistics.median(seconds):6.2f} s/epoch, {rates[name]:7.1f} transitions/s "
               f"(epochs {', '.join(f'{s:.2f}' for s in seconds)})")
-    baseline = rates["trl DDPOTrainer"]
-    print(f"\nratio KL on  / trl: {rates['msdda, KL on (beta=0.01)'] / baseline:.2f}x")
-    print(f"ratio KL off / trl: {rates['msdda, KL off (beta=0)'] / baseline:.2f}x")
+    baseline = rates.pop("trl DDPOTrainer")
+    print()
+    for name, rate in rates.items():
+        print(f"ratio {name} / trl: {rate / baseline:.2f}x")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def test_config_loads_yaml_with_dotted_overrides(tmp_path) -> None:
     ("train.timestep_fraction=0", "timestep_fraction must be in"),
     ("reward.name=tests.user_rewards:brightness reward.step_reward=tweedie train.estimator=pathwise",
      "needs a differentiable reward"),
+    ("train.single_pass=true", "single_pass needs train.estimator=policy-gradient"),
+    ("train.single_pass=true train.estimator=policy-gradient train.inner_epochs=2", "set train.inner_epochs=1"),
+    ("train.single_pass=true train.estimator=policy-gradient sampling.batch_size=8",
+     "set train.gradient_accumulation_steps=2"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -81,6 +85,46 @@ def test_more_processes_than_gpus_is_refused_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # this machine has no GPU to launch on
     with pytest.raises(ValueError, match="2 processes were launched on this machine, which has 1 GPU.*CUDA_VISIBLE"):
         Trainer(_config(tmp_path))
+
+
+def test_single_pass_is_refused_under_deepspeed(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as accelerate launch sets it for a DeepSpeed config
+    with pytest.raises(ValueError, match="single_pass does not run under DeepSpeed"):
+        Trainer(_config(tmp_path, "train.single_pass=true", "train.estimator=policy-gradient"))
+
+
+SINGLE_PASS_EQUIVALENT = ["epochs=2", "train.estimator=policy-gradient", "sampling.batches_per_epoch=2",
+                          "train.gradient_accumulation_steps=2", "train.learning_rate=3e-3"]
+"""One on-policy gradient step per epoch over two sampling batches, where the two update schemes must agree."""
+
+
+def _relative_difference_of_trained_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||B_a - B_b|| / ||B_a|| over the LoRA B matrices, which start at zero: all they hold is what training
+    wrote. (Adam's first steps are about lr * sign(gradient), so single elements with near-zero gradients can
+    flip on float noise; the norm over all of them cannot.)"""
+    keys = [k for k in a if "lora_B" in k or "lora.up" in k]
+    assert keys and a.keys() == b.keys()
+    difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
+    return float(difference / torch.sqrt(sum((a[k] ** 2).sum() for k in keys)))
+
+
+@pytest.mark.parametrize("step_reward", ["terminal", "tweedie"])
+def test_single_pass_trains_the_adapter_the_update_pass_trains(tmp_path, step_reward, fresh_accelerator_state) -> None:
+    """Backpropagating through the sampling forward's graph is the update pass's first inner step (ratio 1), so
+    two epochs of either end with the same adapter and log the same KL, up to float summation order; tweedie's
+    per-step advantages check that each graph step meets its own advantage."""
+    results = {}
+    for single_pass in ("false", "true"):
+        trainer = Trainer(_config(tmp_path / single_pass, *SINGLE_PASS_EQUIVALENT, f"reward.step_reward={step_reward}",
+                                  f"train.single_pass={single_pass}"))
+        trainer.run()
+        results[single_pass] = trainer.lora_state(), trainer.history
+    (update_lora, update_history), (single_lora, single_history) = results["false"], results["true"]
+    assert _relative_difference_of_trained_weights(update_lora, single_lora) < 1e-2
+    assert update_history[-1]["kl"] > 0
+    for update, single in zip(update_history, single_history):
+        assert single["reward_mean"] == pytest.approx(update["reward_mean"], rel=1e-5)
+        assert single["kl"] == pytest.approx(update["kl"], rel=1e-4, abs=1e-6)
 
 
 def test_output_dir_holding_another_run_is_refused(tmp_path) -> None:
@@ -251,6 +295,19 @@ def test_accelerate_launch_with_two_cpu_processes_exports_one_adapter(tmp_path) 
     assert result.returncode == 0, result.stderr[-3000:]
     metadata = load_adapter_metadata(tmp_path / "run" / "final")
     assert metadata.training["processes"] == 2 and metadata.training["trajectories_per_epoch"] == 8
+
+
+@pytest.mark.slow
+def test_two_processes_single_pass_averages_gradients_as_ddp_does(tmp_path) -> None:
+    """single_pass runs its forwards outside DDP's wrapper and averages the gradients itself: over two
+    processes it must end where the update pass (DDP's all-reduce) ends."""
+    finals = {}
+    for single_pass in ("false", "true"):
+        result = _launch("cpu_2proc.yaml", tmp_path / single_pass, *SINGLE_PASS_EQUIVALENT,
+                         f"train.single_pass={single_pass}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        finals[single_pass] = load_file(tmp_path / single_pass / "final" / WEIGHTS_FILE)
+    assert _relative_difference_of_trained_weights(finals["false"], finals["true"]) < 1e-2
 
 
 @pytest.mark.slow

@@ -65,6 +65,12 @@ class OptimSettings:
     stat_min_count: int = 8
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    single_pass: bool = False
+    """Train on the sampling forward's own autograd graph instead of running each trained step's forward again
+    in an update pass: one UNet forward fewer per trained transition, for holding every trained step's
+    activations until the epoch's rewards are in (gradient checkpointing shrinks them). The same gradient as
+    the update pass when the update is on-policy: estimator policy-gradient, inner_epochs 1 and one gradient
+    step per epoch (train.batch_size * gradient_accumulation_steps = the epoch's trajectories per process)."""
 
 
 @dataclass
@@ -130,6 +136,24 @@ class TrainConfig:
         if per_epoch % self.train.batch_size:
             raise ValueError(f"train.batch_size={self.train.batch_size} must divide the trajectories sampled per "
                              f"epoch (sampling.batch_size * sampling.batches_per_epoch = {per_epoch})")
+        if self.train.single_pass:
+            self._check_single_pass(per_epoch)
+
+    def _check_single_pass(self, per_epoch: int) -> None:
+        train = self.train
+        if train.estimator != "policy-gradient":
+            raise ValueError(f"train.single_pass needs train.estimator=policy-gradient, got {train.estimator!r}: the "
+                             "pathwise update differentiates the reward, which the sampling pass does not; set "
+                             "train.single_pass=false")
+        if train.inner_epochs != 1:
+            raise ValueError(f"train.single_pass trains once on the sampling pass's graph, but train.inner_epochs="
+                             f"{train.inner_epochs}: set train.inner_epochs=1 or train.single_pass=false")
+        if train.batch_size * train.gradient_accumulation_steps != per_epoch:
+            raise ValueError(
+                f"train.single_pass takes one gradient step per epoch, but train.batch_size * "
+                f"train.gradient_accumulation_steps = {train.batch_size * train.gradient_accumulation_steps} is not "
+                f"the {per_epoch} trajectories sampled per epoch: set train.gradient_accumulation_steps="
+                f"{per_epoch // train.batch_size}, or train.single_pass=false")
 
     @property
     def trained_steps(self) -> int:

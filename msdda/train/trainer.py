@@ -125,6 +125,9 @@ class Trainer:
 
         config.validate()
         _check_one_process_per_gpu()
+        if config.train.single_pass and _launched_with_deepspeed():
+            raise ValueError("train.single_pass does not run under DeepSpeed, whose engine expects one backward per "
+                             "micro-batch: set train.single_pass=false, or launch without DeepSpeed")
         self.config = config
         self.output_dir = Path(config.output_dir)
         self._check_output_dir()
@@ -135,7 +138,9 @@ class Trainer:
             cpu=_several_processes_without_cuda(),
             kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else None,
             mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.train.gradient_accumulation_steps * config.trained_steps,
+            # single_pass takes one backward per epoch; the update pass one per (row batch, trained step)
+            gradient_accumulation_steps=(1 if config.train.single_pass
+                                         else config.train.gradient_accumulation_steps * config.trained_steps),
             log_with=config.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")),
@@ -295,12 +300,22 @@ class Trainer:
                 self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
                 config.sampling.num_inference_steps, config.sampling.eta, config.sampling.guidance_scale,
                 "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
-                generator=generator, keep_noises=pathwise))
+                generator=generator, keep_noises=pathwise,
+                graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None))
         merged = _concatenate(batches)
         if pathwise:  # the step rewards are recomputed with grad in the update
             finite = torch.isfinite(merged.final_rewards).cpu()  # advantages live on the CPU, as _advantages' do
             return merged, torch.where(finite, 0.0, torch.nan)[:, None].expand(-1, len(merged.timesteps))
         return merged, self._advantages(merged)
+
+    def _graph_steps(self, epoch: int, batch_index: int) -> torch.Tensor:
+        """The steps of one sampling batch that train (``train.single_pass``): timestep_fraction of them, at random."""
+        config, steps = self.config, self.config.sampling.num_inference_steps
+        generator = torch.Generator().manual_seed(
+            _seed(config.seed, epoch, self.accelerator.process_index, batch_index, 4))
+        chosen = torch.zeros(steps, dtype=torch.bool)
+        chosen[torch.randperm(steps, generator=generator)[:config.trained_steps]] = True
+        return chosen
 
     def _advantages(self, trajectories: Trajectories) -> torch.Tensor:
         """Per-prompt (and per-step for dense step rewards) advantages over all processes' samples."""
@@ -329,6 +344,8 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         config = self.config
+        if config.train.single_pass:
+            return self._check_loss(epoch, self._train_on_sampling_graph(trajectories, advantages))
         keep = torch.isfinite(advantages).all(dim=1)
         count, steps = len(trajectories.prompts), len(trajectories.timesteps)
         scheduler = self.pipeline.scheduler
@@ -355,12 +372,40 @@ class Trainer:
                     for key in sums:
                         sums[key] = sums[key] + getattr(terms, key).detach().float()
                     updates += 1
-        means = {key: float(value) / max(updates, 1) for key, value in sums.items()}
+        return self._check_loss(epoch, {key: float(value) / max(updates, 1) for key, value in sums.items()})
+
+    def _check_loss(self, epoch: int, means: dict[str, float]) -> dict[str, float]:
         if not math.isfinite(means["loss"]):  # before this epoch's checkpoint: the last one written stays the last good
             raise RuntimeError(f"the loss became {means['loss']} at epoch {epoch + 1}; stopping. The last good "
                                f"checkpoint is {latest_checkpoint(self.output_dir)}. Lower train.learning_rate or "
                                "raise beta")
         return means
+
+    def _train_on_sampling_graph(self, trajectories: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
+        """One gradient step through the sampling pass's graph (``train.single_pass``). The policy is still the
+        sampling one, so each transition's loss and gradient are the update pass's at its first step (ratio 1)."""
+        config = self.config
+        keep = torch.isfinite(advantages).all(dim=1).to(trajectories.graph_log_probs.device)
+        log_prob = trajectories.graph_log_probs[keep].reshape(-1)
+        advantages = advantages.to(keep.device).gather(1, trajectories.graph_step_indices.to(keep.device))
+        kl = trajectories.graph_kls[keep].reshape(-1) if trajectories.graph_kls is not None else None
+        terms = step_loss(log_prob, log_prob.detach(), advantages[keep].reshape(-1), kl, config.beta,
+                          config.train.clip_range, config.train.advantage_clip)
+        if len(log_prob):
+            self.accelerator.backward(terms.loss)
+        if self.accelerator.num_processes > 1:  # the forward ran outside DDP's wrapper, which would all-reduce
+            self._average_gradients()
+        self.accelerator.clip_grad_norm_(self.lora_parameters, config.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return {key: float(getattr(terms, key).detach()) for key in ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl")}
+
+    def _average_gradients(self) -> None:
+        """Average the LoRA gradients over processes in one all-reduce, as DDP would."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.lora_parameters]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        for parameter, piece in zip(self.lora_parameters, flat.split([g.numel() for g in grads])):
+            parameter.grad = piece.view_as(parameter)
 
     def _step_terms(self, trajectories: Trajectories, advantages: torch.Tensor, rows: torch.Tensor, step: int,
                     scheduler):
@@ -491,13 +536,20 @@ def _concatenate(batches: list[Trajectories]) -> Trajectories:
         negative_embeds=torch.cat([b.negative_embeds for b in batches]),
         timesteps=first.timesteps,
         latents=torch.cat([b.latents for b in batches]),
-        noises=torch.cat([b.noises for b in batches]) if first.noises is not None else None,
+        noises=_cat_optional([b.noises for b in batches]),
         log_probs=torch.cat([b.log_probs for b in batches]),
-        reference_means=torch.cat([b.reference_means for b in batches]) if first.reference_means is not None else None,
+        reference_means=_cat_optional([b.reference_means for b in batches]),
         step_rewards=torch.cat([b.step_rewards for b in batches]),
         images=torch.cat([b.images for b in batches]),
-        state_values=torch.cat([b.state_values for b in batches]) if first.state_values is not None else None,
+        state_values=_cat_optional([b.state_values for b in batches]),
+        graph_step_indices=_cat_optional([b.graph_step_indices for b in batches]),
+        graph_log_probs=_cat_optional([b.graph_log_probs for b in batches]),
+        graph_kls=_cat_optional([b.graph_kls for b in batches]),
     )
+
+
+def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if tensors[0] is None else torch.cat(tensors)
 
 
 def train(config: TrainConfig) -> Path:
