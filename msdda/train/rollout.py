@@ -114,12 +114,13 @@ def sample_trajectories(
         latents = kernel.sample(noise=noise).detach()
         if keep_noises:
             noises.append(noise)
-        if keep_graph:
-            with torch.enable_grad():
-                graph_log_probs.append(kernel.log_prob(latents))
+        with torch.set_grad_enabled(keep_graph):
+            log_prob = kernel.log_prob(latents)
+            if keep_graph:
+                graph_log_probs.append(log_prob)
                 if need_reference:
                     graph_kls.append(gaussian_kl(kernel.mean, kernel.variance, reference.mean, kernel.variance))
-        log_probs.append(kernel.log_prob(latents).detach())
+        log_probs.append(log_prob.detach())
         states.append(latents)
 
     deterministic = torch.stack(deterministic).cpu()

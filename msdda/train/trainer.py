@@ -398,7 +398,8 @@ class Trainer:
         self.accelerator.clip_grad_norm_(self.lora_parameters, config.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return {key: float(getattr(terms, key).detach()) for key in ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl")}
+        logged = ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl")
+        return {key: float(getattr(terms, key).detach()) for key in logged}
 
     def _average_gradients(self) -> None:
         """Average the LoRA gradients over processes in one all-reduce, as DDP would."""
