@@ -127,6 +127,23 @@ def test_single_pass_trains_the_adapter_the_update_pass_trains(tmp_path, step_re
         assert single["kl"] == pytest.approx(update["kl"], rel=1e-4, abs=1e-6)
 
 
+def test_single_pass_graphs_are_the_trained_steps_of_each_sampling_batch(tmp_path) -> None:
+    """With timestep_fraction < 1 each sampling batch trains its own random steps; the differentiable log-probs
+    and KLs must sit at those steps, and the KL must be the one the update pass computes there."""
+    trainer = Trainer(_config(tmp_path, *SINGLE_PASS_EQUIVALENT, "sampling.num_inference_steps=6",
+                              "train.timestep_fraction=0.5", "train.single_pass=true"))
+    trajectories, _ = trainer._sample(0)
+    indices = trajectories.graph_step_indices
+    assert indices.shape == (8, 3) and trajectories.graph_log_probs.requires_grad
+    assert not torch.equal(indices[0], indices[4]), "both sampling batches drew the same steps (seeded: should not)"
+    torch.testing.assert_close(trajectories.graph_log_probs.detach(), trajectories.log_probs.gather(1, indices))
+    for row in (0, 5):
+        for column, step in enumerate(indices[row].tolist()):
+            terms = trainer._step_terms(trajectories, torch.zeros(8, 6), torch.tensor([row]), step,
+                                        trainer.pipeline.scheduler)
+            torch.testing.assert_close(trajectories.graph_kls[row, column].detach(), terms.kl, rtol=1e-4, atol=1e-6)
+
+
 def test_output_dir_holding_another_run_is_refused(tmp_path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run_config.yaml").write_text("epochs: 1\n")
