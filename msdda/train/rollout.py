@@ -101,25 +101,24 @@ def sample_trajectories(
     graph_log_probs, graph_kls = [], []
     graph_steps = torch.zeros(len(timesteps), dtype=torch.bool) if graph_steps is None else graph_steps.cpu()
     for timestep, keep_graph in zip(timesteps, graph_steps.tolist()):
-        with torch.set_grad_enabled(keep_graph):  # names=None: the UNet as configured, i.e. with the adapter on
-            kernel = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, None,
-                                     guidance_scale, eta)[0]
-        deterministic.append((kernel.variance == 0).all())  # checked after the loop: a check here waits for the GPU
         if need_reference:
             reference = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, [BASE],
                                         guidance_scale, eta)[0]
             reference_means.append(reference.mean)
             reference_x0.append(reference.pred_original_sample)
-        noise = standard_normal(latents.shape, generator, prompt_embeds)
-        latents = kernel.sample(noise=noise).detach()
-        if keep_noises:
-            noises.append(noise)
-        with torch.set_grad_enabled(keep_graph):
+        with torch.set_grad_enabled(keep_graph):  # names=None: the UNet as configured, i.e. with the adapter on
+            kernel = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, None,
+                                     guidance_scale, eta)[0]
+            noise = standard_normal(latents.shape, generator, prompt_embeds)
+            latents = kernel.sample(noise=noise).detach()
             log_prob = kernel.log_prob(latents)
             if keep_graph:
                 graph_log_probs.append(log_prob)
                 if need_reference:
                     graph_kls.append(gaussian_kl(kernel.mean, kernel.variance, reference.mean, kernel.variance))
+        deterministic.append((kernel.variance == 0).all())  # checked after the loop: a check here waits for the GPU
+        if keep_noises:
+            noises.append(noise)
         log_probs.append(log_prob.detach())
         states.append(latents)
 

@@ -46,6 +46,8 @@ __all__ = ["Trainer", "train", "latest_checkpoint"]
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.yaml"
 STATE_FILE = "trainer_state.json"
+LOGGED_TERMS = ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl")
+"""The StepLoss fields an epoch logs, averaged over its updates."""
 DEEPSPEED_STATE = "deepspeed"  # Accelerate's save_state folder; DeepSpeed's own (torch.save) format, written by this run
 
 
@@ -350,7 +352,7 @@ class Trainer:
         count, steps = len(trajectories.prompts), len(trajectories.timesteps)
         scheduler = self.pipeline.scheduler
         # summed on the device and read once per epoch: reading a value every step would make the CPU wait for the GPU
-        sums = dict.fromkeys(("loss", "policy_loss", "kl", "clip_fraction", "approx_kl"), 0.0)
+        sums = dict.fromkeys(LOGGED_TERMS, 0.0)
         updates = 0
         advantages = advantages.to(self.accelerator.device)
         self.unet.train()
@@ -398,8 +400,7 @@ class Trainer:
         self.accelerator.clip_grad_norm_(self.lora_parameters, config.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        logged = ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl")
-        return {key: float(getattr(terms, key).detach()) for key in logged}
+        return {key: float(getattr(terms, key).detach()) for key in LOGGED_TERMS}
 
     def _average_gradients(self) -> None:
         """Average the LoRA gradients over processes in one all-reduce, as DDP would."""
