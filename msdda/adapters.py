@@ -58,7 +58,7 @@ def weights_hash(module: torch.nn.Module) -> str:
         name = name.replace(".base_layer.", ".")  # a PEFT-wrapped layer hashes like the plain one
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
