@@ -27,6 +27,7 @@ parser.add_argument("--accumulation", type=int, required=True)
 parser.add_argument("--guidance", type=float, required=True)
 parser.add_argument("--prompts", required=True, help="JSON list")
 parser.add_argument("--msdda-src", required=True, help="folder holding the msdda package, for the reward")
+parser.add_argument("--channels-last", action="store_true", help="the UNet in NHWC, as msdda loads it")
 args = parser.parse_args()
 sys.path.insert(0, args.msdda_src)
 from msdda.rewards import load_reward  # noqa: E402  (the same reward code as our trainer)
@@ -55,6 +56,8 @@ with tempfile.TemporaryDirectory() as logs:
         train_learning_rate=3e-4, seed=0)
     pipeline = DefaultDDPOStableDiffusionPipeline(args.pipeline, use_lora=True)
     pipeline.sd_pipeline.set_progress_bar_config(disable=True)
+    if args.channels_last:
+        pipeline.sd_pipeline.unet.to(memory_format=torch.channels_last)
     trainer = DDPOTrainer(config, reward_function, prompt_function, pipeline)
     seconds, global_step = [], 0
     for epoch in range(args.epochs):

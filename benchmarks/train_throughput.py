@@ -9,7 +9,9 @@ and LoRA (rank 4 on to_q/to_k/to_v/to_out.0), 2 CPU threads, on the device Accel
 when there is one), all measured in this run. A transition is one denoising step of one trajectory that is
 sampled, scored and trained on. msdda runs with its update pass (a second forward per trained step, as DDPO)
 and with ``train.single_pass`` (training on the sampling forward's graph), each with the KL on and off. The
-first epoch of each is a warm-up and is not counted. Prints the ratios last.
+first epoch of each is a warm-up and is not counted. trl runs twice: as it is (the baseline of every ratio) and
+with its UNet in channels_last, the layout msdda loads, to show what that layout alone is worth. Prints the
+ratios last.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def ours(beta: float, single_pass: bool, args: argparse.Namespace) -> list[float
         return [h["epoch_seconds"] for h in trainer.history]
 
 
-def trl(args: argparse.Namespace, prompts: list[str]) -> list[float]:
+def trl(args: argparse.Namespace, prompts: list[str], channels_last: bool = False) -> list[float]:
     python = Path(args.trl_python)
     if not python.exists():
         raise SystemExit(f"no {python}: run `bash scripts/setup_bench_env.sh` first (trl 0.23.1 in its own venv), "
@@ -57,7 +59,8 @@ def trl(args: argparse.Namespace, prompts: list[str]) -> list[float]:
         [str(python), str(ROOT / "benchmarks/_ddpo_trl.py"), "--pipeline", str(world_path()), "--steps",
          str(args.steps), "--batch", str(args.batch), "--batches", str(args.batches), "--epochs", str(args.epochs),
          "--accumulation", str(args.accumulation),
-         "--guidance", str(args.guidance), "--prompts", json.dumps(prompts), "--msdda-src", str(ROOT)],
+         "--guidance", str(args.guidance), "--prompts", json.dumps(prompts), "--msdda-src", str(ROOT),
+         *(["--channels-last"] if channels_last else [])],
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"trl's DDPOTrainer failed:\n{result.stderr[-3000:]}")
@@ -79,7 +82,9 @@ def main() -> None:
     torch.set_num_threads(2)
     prompts = [prompt_for(a) for a in training_combinations()]
     transitions = args.batch * args.batches * args.steps
-    runs = {"trl DDPOTrainer": lambda: trl(args, prompts)}
+    runs = {"trl DDPOTrainer": lambda: trl(args, prompts),
+            # msdda loads its UNet in channels_last; this row shows what that layout alone would give trl
+            "trl, UNet in channels_last": lambda: trl(args, prompts, channels_last=True)}
     for single_pass in (False, True):
         for beta in (0.01, 0.0):
             name = f"msdda, KL {'on ' if beta else 'off'}, {'single pass' if single_pass else 'update pass'}"

@@ -8,9 +8,19 @@ import pytest
 import torch
 
 from msdda.rewards import FunctionReward, Reward, available_rewards, load_reward
-from msdda.rewards.world import centredness, colourfulness
+from msdda.rewards.world import (
+    COLOUR_SCALE,
+    PLACEMENT_SCALE,
+    centredness,
+    colour_match,
+    colourfulness,
+    placement,
+    shape_probabilities,
+)
 from msdda.world.data import (
     COLOURS,
+    POSITIONS,
+    SHAPES,
     Attributes,
     PromptError,
     prompt_for,
@@ -45,7 +55,7 @@ def test_centredness_is_one_minus_the_normalised_centroid_distance() -> None:
     assert float(scores[0]) > float(scores[1]) + 0.2
 
 
-@pytest.mark.parametrize("name", ["world-consistency", "world-aesthetic"])
+@pytest.mark.parametrize("name", ["world-consistency", "world-consistency-measured", "world-aesthetic"])
 def test_world_rewards_are_deterministic_batched_and_one_float_per_image(name: str) -> None:
     reward = load_reward(name)
     images, attributes = _procedural(12)
@@ -72,10 +82,52 @@ def test_consistency_reads_procedural_images_and_punishes_wrong_prompts() -> Non
     assert float(right.mean()) > float(wrong.mean()) + 0.25
 
 
-def test_consistency_refuses_prompts_outside_the_grammar() -> None:
+def test_measured_consistency_reads_procedural_images_and_punishes_each_wrong_attribute() -> None:
+    reward = load_reward("world-consistency-measured")
+    images, attributes = _procedural(200, seed=4)
+    right = reward(images, [prompt_for(a) for a in attributes])
+    assert 0.0 <= float(right.min()) and float(right.max()) <= 1.0
+    assert float(right.mean()) > 0.85
+    colours, shapes, positions = list(COLOURS), list(SHAPES), list(POSITIONS)
+    for wrong in ([Attributes(colours[(colours.index(a.colour) + 1) % 6], a.shape, a.position) for a in attributes],
+                  [Attributes(a.colour, shapes[(shapes.index(a.shape) + 1) % 3], a.position) for a in attributes],
+                  [Attributes(a.colour, a.shape, "left" if a.position == "right" else "right") for a in attributes]):
+        # each wrong attribute costs most of its third of the score
+        assert float(right.mean()) > float(reward(images, [prompt_for(a) for a in wrong]).mean()) + 0.15
+
+
+def test_measured_consistency_parts_match_closed_forms() -> None:
+    image = torch.zeros(1, 3, 32, 32)
+    image[0, :, 5, 20] = 1.0  # one white pixel on black: the centroid is that pixel's centre, (20.5, 5.5)
+    top = torch.tensor([POSITIONS["top"][1]])
+    expected = 1 - math.hypot(20.5 - top[0, 0], 5.5 - top[0, 1]) / PLACEMENT_SCALE
+    assert float(placement(image, top)) == pytest.approx(expected, rel=1e-6)
+    assert float(placement(image, torch.tensor([POSITIONS["left"][1]]))) == 0.0  # farther than the scale
+    block = torch.zeros(1, 3, 32, 32)
+    colour = torch.tensor([0.8, 0.2, 0.1])
+    block[0, :, 10:18, 12:20] = colour[:, None, None]  # a flat subject: its mean colour is its colour
+    red = torch.tensor([COLOURS["red"]]) / 255
+    assert float(colour_match(block, red)) == pytest.approx(1 - float((colour - red[0]).norm()) / COLOUR_SCALE,
+                                                            rel=1e-5)
+    flat = torch.full((1, 3, 32, 32), 0.4)  # no subject: every part scores 0
+    assert float(placement(flat, top)) == float(colour_match(flat, red)) == 0.0
+    assert float(shape_probabilities(flat).abs().sum()) == 0.0
+
+
+def test_shape_templates_read_every_drawn_shape() -> None:
+    images, attributes = _procedural(300, seed=6)
+    probabilities = shape_probabilities(images)
+    truth = torch.tensor([SHAPES.index(a.shape) for a in attributes])
+    assert bool((probabilities.argmax(dim=1) == truth).all())
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(300))
+    assert float(probabilities.gather(1, truth[:, None]).mean()) > 0.9
+
+
+@pytest.mark.parametrize("name", ["world-consistency", "world-consistency-measured"])
+def test_consistency_refuses_prompts_outside_the_grammar(name: str) -> None:
     images, _ = _procedural(2)
     with pytest.raises(PromptError, match="grammar"):
-        load_reward("world-consistency")(images, ["a zebra", "a red circle on the left"])
+        load_reward(name)(images, ["a zebra", "a red circle on the left"])
 
 
 def test_registry_and_user_rewards() -> None:
@@ -110,6 +162,29 @@ def test_rewards_give_grad_only_when_asked_and_able() -> None:
     assert float((gradient.double() * direction).sum()) == pytest.approx(float(numeric) / (2 * step), rel=1e-3)
     with pytest.raises(ValueError, match="not differentiable"):
         load_reward("tests.user_rewards:brightness")(images, prompts, grad=True)
+
+
+def test_measured_consistency_gradient_is_exact_but_for_the_fitted_shape_templates() -> None:
+    pictures, attributes = _procedural(2, seed=3)
+    jitter = torch.rand(pictures.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    images = (pictures.clamp(0.05, 0.93) + jitter).requires_grad_(True)
+    prompts = [prompt_for(a) for a in attributes]
+    colours = torch.tensor([COLOURS[a.colour] for a in attributes]) / 255
+    positions = torch.tensor([POSITIONS[a.position][1] for a in attributes])
+
+    def measured(x: torch.Tensor) -> torch.Tensor:  # colour and placement: exact gradients
+        return colour_match(x, colours.to(x.dtype)) + placement(x, positions.to(x.dtype))
+
+    (gradient,) = torch.autograd.grad(measured(images).sum(), images)
+    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
+    base, step = images.detach().double(), 1e-4
+    numeric = (measured(base + step * direction) - measured(base - step * direction)).sum() / (2 * step)
+    assert float((gradient.double() * direction).sum()) == pytest.approx(float(numeric), rel=1e-3)
+    reward = load_reward("world-consistency-measured")
+    (total,) = torch.autograd.grad(reward(images, prompts, grad=True).sum(), images)
+    (shape,) = torch.autograd.grad(shape_probabilities(images).gather(
+        1, torch.tensor([[SHAPES.index(a.shape)] for a in attributes])).sum(), images)
+    torch.testing.assert_close(total, (gradient + shape) / 3)
 
 
 def test_weighted_sum_is_the_weighted_sum_of_its_parts() -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import colorsys
 import itertools
+import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 __all__ = [
     "COLOURS",
@@ -26,6 +28,7 @@ __all__ = [
     "all_combinations",
     "training_combinations",
     "render_images",
+    "shape_coverage",
     "sample_attributes",
     "procedural_dataset",
     "PromptError",
@@ -118,19 +121,25 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(base[None, None, :] + ramp, 0, 1)
 
 
-def _shape_alpha(shape: str, centre: tuple[float, float], radius: float) -> np.ndarray:
-    """Anti-aliased coverage of the shape: clip(0.5 - signed distance, 0, 1)."""
-    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
-    dx, dy = xs - centre[0], ys - centre[1]
+def shape_coverage(shape: str, centres: torch.Tensor, radii: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Anti-aliased coverage ``[B, size, size]`` of the shape at each (x, y) centre ``[B, 2]`` (pixels) and radius
+    ``[B]``: clip(0.5 - signed distance, 0, 1). The renderer draws with it and the consistency reward matches
+    templates with it, so both see the same geometry."""
+    grid = torch.arange(size, dtype=centres.dtype, device=centres.device) + 0.5
+    dx = grid[None, None, :] - centres[:, 0, None, None]
+    dy = grid[None, :, None] - centres[:, 1, None, None]
+    radius = radii[:, None, None]
     if shape == "circle":
-        distance = np.hypot(dx, dy) - radius
+        distance = torch.hypot(dx, dy) - radius
     elif shape == "square":
-        distance = np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * radius
-    else:  # upward triangle: the largest distance to its three edges
+        distance = torch.maximum(dx.abs(), dy.abs()) - 0.85 * radius
+    elif shape == "triangle":  # upward: the largest distance to its three edges
         half = radius * 1.1
-        sides = (dy - 0.6 * half, (-np.sqrt(3) * dx - dy - half * 0.9) / 2, (np.sqrt(3) * dx - dy - half * 0.9) / 2)
-        distance = np.maximum.reduce(sides)
-    return np.clip(0.5 - distance, 0, 1)
+        distance = torch.maximum(torch.maximum(dy - 0.6 * half, (-math.sqrt(3) * dx - dy - half * 0.9) / 2),
+                                 (math.sqrt(3) * dx - dy - half * 0.9) / 2)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; the world's shapes are {SHAPES}")
+    return (0.5 - distance).clamp(0, 1)
 
 
 def render_images(attributes: list[Attributes], seed: int) -> np.ndarray:
@@ -141,7 +150,8 @@ def render_images(attributes: list[Attributes], seed: int) -> np.ndarray:
         background = _background(rng)
         x, y = POSITIONS[attribute.position][1]
         centre = (x + rng.uniform(-1.5, 1.5), y + rng.uniform(-1.5, 1.5))
-        alpha = _shape_alpha(attribute.shape, centre, rng.uniform(5.0, 7.0))[..., None]
+        alpha = shape_coverage(attribute.shape, torch.tensor([centre], dtype=torch.float64),
+                               torch.tensor([rng.uniform(5.0, 7.0)], dtype=torch.float64))[0, ..., None].numpy()
         colour = np.clip(np.array(COLOURS[attribute.colour]) + rng.uniform(-15, 15, 3), 0, 255) / 255
         image = background * (1 - alpha) + colour * alpha + rng.normal(0, 0.01, background.shape)
         images[index] = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
