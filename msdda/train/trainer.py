@@ -152,7 +152,9 @@ class Trainer:
         if config.train.estimator == "pathwise" and not self.reward.differentiable:
             raise ValueError(f"train.estimator=pathwise needs a differentiable reward; {self.reward.name!r} is not "
                              "(its class does not set differentiable = True): use train.estimator=policy-gradient")
-        self.pipeline = load_base_pipeline(config.base, config.sampling.scheduler)
+        # DeepSpeed broadcasts each weight viewed as bytes, which needs the default memory layout
+        self.pipeline = load_base_pipeline(config.base, config.sampling.scheduler,
+                                           channels_last=self.accelerator.state.deepspeed_plugin is None)
         unet = self.pipeline.unet
         _check_lora_targets(unet, config.lora.target_modules)
         self.base_hash = weights_hash(unet)  # of the stored float32 weights, which fusion loads
