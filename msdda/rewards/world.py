@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from msdda.rewards.base import Reward, register_reward
 from msdda.world.data import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt, shape_coverage
 
-__all__ = ["WorldConsistency", "WorldConsistencyMeasured", "WorldAesthetic", "colourfulness", "centredness", "placement", "colour_match",
-           "shape_probabilities"]
+__all__ = ["WorldConsistency", "WorldConsistencyMeasured", "WorldAesthetic", "colourfulness", "centredness",
+           "placement", "colour_match", "shape_probabilities"]
 
 SUBJECT_THRESHOLD = 0.15
 """RGB distance from the background above which a pixel belongs to the subject (above gradients and noise)."""
@@ -57,15 +57,20 @@ def subject_saliency(images: torch.Tensor) -> torch.Tensor:
     return ((images - background).norm(dim=1) - SUBJECT_THRESHOLD).clamp(min=0)
 
 
+def _weighted_mean(weights: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean ``[B, C]`` of per-pixel ``values`` ``[B or 1, C, H, W]`` under ``weights`` ``[B, H, W]``, and
+    whether the weights have any mass ``[B]``."""
+    total = weights.flatten(1).sum(dim=1)
+    normalised = weights / total.clamp(min=1e-6)[:, None, None]
+    return (normalised[:, None] * values).flatten(2).sum(2), total > 1e-6
+
+
 def _centroid(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights' centroid ``[B, 2]`` as (x, y) in pixels, and whether they have any mass ``[B]``."""
     _, height, width = weights.shape
-    total = weights.flatten(1).sum(dim=1)
-    normalised = weights / total.clamp(min=1e-6)[:, None, None]
-    ys = (torch.arange(height, device=weights.device, dtype=weights.dtype) + 0.5)[None, :, None]
-    xs = (torch.arange(width, device=weights.device, dtype=weights.dtype) + 0.5)[None, None, :]
-    centroid = torch.stack([(normalised * xs).flatten(1).sum(1), (normalised * ys).flatten(1).sum(1)], dim=1)
-    return centroid, total > 1e-6
+    ys = (torch.arange(height, device=weights.device, dtype=weights.dtype) + 0.5)[:, None].expand(height, width)
+    xs = (torch.arange(width, device=weights.device, dtype=weights.dtype) + 0.5)[None, :].expand(height, width)
+    return _weighted_mean(weights, torch.stack([xs, ys])[None])
 
 
 def centredness(images: torch.Tensor) -> torch.Tensor:
@@ -89,11 +94,9 @@ def placement(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def colour_match(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1 - (distance of the subject's mean colour from its target RGB ``[B, 3]`` in [0, 1]) / COLOUR_SCALE,
     floored at 0; 0 without a subject. Pixels count by their saliency."""
-    saliency = subject_saliency(images)
-    total = saliency.flatten(1).sum(dim=1)
-    colour = (saliency[:, None] * images).flatten(2).sum(2) / total.clamp(min=1e-6)[:, None]
+    colour, has_subject = _weighted_mean(subject_saliency(images), images)
     score = (1 - (colour - targets).norm(dim=1) / COLOUR_SCALE).clamp(min=0)
-    return torch.where(total > 1e-6, score, torch.zeros_like(score))
+    return torch.where(has_subject, score, torch.zeros_like(score))
 
 
 @cache
@@ -172,6 +175,7 @@ class WorldConsistencyMeasured(Reward):
 
 
 def _world_size(images: torch.Tensor) -> torch.Tensor:
+    """The images at the world's 32x32, which the classifier and the measured scores' pixel scales assume."""
     if images.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
         return images
     return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)

@@ -152,9 +152,9 @@ class Trainer:
         if config.train.estimator == "pathwise" and not self.reward.differentiable:
             raise ValueError(f"train.estimator=pathwise needs a differentiable reward; {self.reward.name!r} is not "
                              "(its class does not set differentiable = True): use train.estimator=policy-gradient")
+        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
         # DeepSpeed broadcasts each weight viewed as bytes, which needs the default memory layout
-        self.pipeline = load_base_pipeline(config.base, config.sampling.scheduler,
-                                           channels_last=self.accelerator.state.deepspeed_plugin is None)
+        self.pipeline = load_base_pipeline(config.base, config.sampling.scheduler, channels_last=not self.deepspeed)
         unet = self.pipeline.unet
         _check_lora_targets(unet, config.lora.target_modules)
         self.base_hash = weights_hash(unet)  # of the stored float32 weights, which fusion loads
@@ -174,7 +174,6 @@ class Trainer:
         self.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.lora_parameters, lr=config.train.learning_rate,
                                       weight_decay=config.train.adam_weight_decay)
-        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
         if self.deepspeed:
             self._configure_deepspeed()
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
