@@ -23,7 +23,7 @@ from msdda.adapters import (
     weights_hash,
 )
 from msdda.config import ConfigError, load_config
-from msdda.diffusion import decode_latents, encode_prompts, load_base_pipeline
+from msdda.diffusion import adapter_kernels, decode_latents, encode_prompts, load_base_pipeline
 from msdda.rewards import load_reward
 from msdda.train import TrainConfig
 from msdda.train.trainer import Trainer, latest_checkpoint
@@ -142,6 +142,36 @@ def test_single_pass_graphs_are_the_trained_steps_of_each_sampling_batch(tmp_pat
             terms = trainer._step_terms(trajectories, torch.zeros(8, 6), torch.tensor([row]), step,
                                         trainer.pipeline.scheduler)
             torch.testing.assert_close(trajectories.graph_kls[row, column].detach(), terms.kl, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_reference_gives_the_eager_reference_and_shares_the_base_weights(tmp_path) -> None:
+    """train.compile_reference runs the reference forwards through torch.compile on a copy of the base UNet's
+    module tree: the same reference means and step rewards as the adapter-off eager forward, no LoRA layer in it,
+    no weight copied; and a run with it trains and exports."""
+    from peft.tuners.lora import LoraLayer
+
+    results = {}
+    for compiled in ("false", "true"):
+        trainer = Trainer(_config(tmp_path / compiled, f"train.compile_reference={compiled}"))
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # an adapter that moves the policy, so that the reference must leave it out
+            for parameter in trainer.lora_parameters:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+        results[compiled] = trainer, trainer._sample(0)[0]
+    (_, eager), (trainer, compiled) = results["false"], results["true"]
+    with torch.no_grad():  # the adapter moves the policy's mean, so a reference with the adapter in would show
+        policy = adapter_kernels(trainer.unwrapped, trainer.pipeline.scheduler, compiled.latents[:, 0],
+                                 compiled.timesteps[0], compiled.prompt_embeds, compiled.negative_embeds, None, 3.0, 1.0)
+    assert (policy[0].mean - eager.reference_means[:, 0]).abs().max() > 1e-2
+    torch.testing.assert_close(compiled.latents, eager.latents)
+    torch.testing.assert_close(compiled.reference_means, eager.reference_means, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled.step_rewards, eager.step_rewards, rtol=1e-4, atol=1e-5)
+    reference = trainer.reference_unet._orig_mod
+    assert not any(isinstance(module, LoraLayer) for module in reference.modules())
+    base_weights = {p.data_ptr() for n, p in trainer.unwrapped.named_parameters() if "lora_" not in n}
+    assert {p.data_ptr() for p in reference.parameters()} == base_weights
+    assert (trainer.run() / WEIGHTS_FILE).is_file()
 
 
 def test_output_dir_holding_another_run_is_refused(tmp_path) -> None:

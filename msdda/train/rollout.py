@@ -81,11 +81,14 @@ def sample_trajectories(
     generator: torch.Generator,
     keep_noises: bool = False,
     graph_steps: torch.Tensor | None = None,
+    reference_unet=None,
 ) -> Trajectories:
     """Sample with the adapter on; score each step with ``step_reward``; see the module docstring.
 
     ``keep_noises`` stores each step's noise draw (as large as the latents), which only the pathwise update reads.
     ``graph_steps`` (``[T]`` bool) marks the steps whose log-prob and KL keep their graph.
+    ``reference_unet``, when given, is the base UNet without any adapter (e.g. compiled), run for the reference
+    instead of ``unet`` with its adapter routed off.
     """
     if step_reward not in STEP_REWARDS:
         raise ValueError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
@@ -102,8 +105,8 @@ def sample_trajectories(
     graph_steps = torch.zeros(len(timesteps), dtype=torch.bool) if graph_steps is None else graph_steps.cpu()
     for timestep, keep_graph in zip(timesteps, graph_steps.tolist()):
         if need_reference:
-            reference = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, [BASE],
-                                        guidance_scale, eta)[0]
+            reference = _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds,
+                                          negative_embeds, guidance_scale, eta)
             reference_means.append(reference.mean)
             reference_x0.append(reference.pred_original_sample)
         with torch.set_grad_enabled(keep_graph):  # names=None: the UNet as configured, i.e. with the adapter on
@@ -143,8 +146,8 @@ def sample_trajectories(
             # the estimator at every state x_T ... x_1 is r(x0_hat_ref(state)); at x_0 it is r(x_0)
             values = [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in reference_x0]
         else:  # r of the deterministic reference continuation from every state x_T ... x_1
-            values = [_rollout_reward(pipeline, unet, reward, prompts, states[i], timesteps[i:], prompt_embeds,
-                                      negative_embeds, guidance_scale) for i in range(steps)]
+            values = [_rollout_reward(pipeline, unet, reference_unet, reward, prompts, states[i], timesteps[i:],
+                                      prompt_embeds, negative_embeds, guidance_scale) for i in range(steps)]
         values.append(final_reward)
         state_values = torch.stack(values[:-1], dim=1)  # V(x_t) for the step leaving x_t
         step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
@@ -158,10 +161,20 @@ def sample_trajectories(
     )
 
 
-def _rollout_reward(pipeline, unet, reward, prompts, latents, remaining_timesteps, prompt_embeds, negative_embeds,
-                    guidance_scale) -> torch.Tensor:
+def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds,
+                      guidance_scale, eta):
+    """The reference's step kernel: ``reference_unet`` as it is, or else ``unet`` with its adapter routed off."""
+    if reference_unet is not None:
+        return adapter_kernels(reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, None,
+                               guidance_scale, eta)[0]
+    return adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, [BASE],
+                           guidance_scale, eta)[0]
+
+
+def _rollout_reward(pipeline, unet, reference_unet, reward, prompts, latents, remaining_timesteps, prompt_embeds,
+                    negative_embeds, guidance_scale) -> torch.Tensor:
     """r of the deterministic (eta = 0) reference continuation from ``latents`` over the remaining steps."""
     for timestep in remaining_timesteps:
-        latents = adapter_kernels(unet, pipeline.scheduler, latents, timestep, prompt_embeds, negative_embeds, [BASE],
-                                  guidance_scale, 0.0)[0].mean
+        latents = _reference_kernel(unet, reference_unet, pipeline.scheduler, latents, timestep, prompt_embeds,
+                                    negative_embeds, guidance_scale, 0.0).mean
     return _reward_of_latents(pipeline, reward, latents, prompts)

@@ -9,6 +9,8 @@ so a run resumed from a checkpoint ends with the same weights as one that never 
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import logging
 import math
@@ -79,6 +81,13 @@ def _check_one_process_per_gpu() -> None:
             f"{processes} processes were launched on this machine, which has {gpus} GPU(s): run one process per GPU "
             f"(accelerate launch --num_processes {gpus}), or run the processes on the CPU by hiding the GPUs "
             "(CUDA_VISIBLE_DEVICES= accelerate launch ...)")
+
+
+def _compiled_reference(unet):
+    """The base UNet compiled, for the sampling pass's reference forwards. A copy of the module tree taken before
+    the LoRA goes in, so it never routes through adapter layers; it shares every weight with ``unet`` (no copy)."""
+    shared = {id(tensor): tensor for tensor in itertools.chain(unet.parameters(), unet.buffers())}
+    return torch.compile(copy.deepcopy(unet, memo=shared).eval())
 
 
 def _seed(*parts: int) -> int:
@@ -163,6 +172,7 @@ class Trainer:
         if weight_dtype != torch.float32:
             self.pipeline.to(dtype=weight_dtype)
         self.frozen_hash = weights_hash(unet)  # as trained: must not change
+        self.reference_unet = _compiled_reference(unet) if config.train.compile_reference else None
         unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, init_lora_weights="gaussian",
                                     target_modules=config.lora.target_modules))
         for parameter in unet.parameters():  # LoRA trains in float32 whatever the base dtype
@@ -304,7 +314,8 @@ class Trainer:
                 config.sampling.num_inference_steps, config.sampling.eta, config.sampling.guidance_scale,
                 "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
                 generator=generator, keep_noises=pathwise,
-                graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None))
+                graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None,
+                reference_unet=self.reference_unet))
         merged = _concatenate(batches)
         if pathwise:  # the step rewards are recomputed with grad in the update
             finite = torch.isfinite(merged.final_rewards).cpu()  # advantages live on the CPU, as _advantages' do
