@@ -9,7 +9,7 @@ and LoRA (rank 4 on to_q/to_k/to_v/to_out.0), 2 CPU threads, on the device Accel
 when there is one), all measured in this run. A transition is one denoising step of one trajectory that is
 sampled, scored and trained on. msdda runs with its update pass (a second forward per trained step, as DDPO)
 and with ``train.single_pass`` (training on the sampling forward's graph), each with the KL on and off, and single
-pass with the KL on and ``train.compile_reference`` (the reference forwards compiled). The first epoch of each
+pass with the KL on and ``train.compile`` (the sampling pass's forwards compiled). The first epoch of each
 is a warm-up and is not counted (it holds torch.compile's compiling); rates are the median over the others. In
 msdda's single pass the second epoch is slower too, while the process's heap grows to the graph's peak (page
 faults), which the median over five epochs sets aside. trl runs twice: as it is (the baseline of every ratio) and
@@ -37,13 +37,14 @@ from msdda.world.data import prompt_for, training_combinations
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(beta: float, single_pass: bool, args: argparse.Namespace, compile_reference: bool = False) -> list[float]:
+def ours(beta: float, single_pass: bool, args: argparse.Namespace, compile: bool = False) -> list[float]:
     with tempfile.TemporaryDirectory() as folder:
         config = load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml", [
             f"beta={beta}", f"epochs={args.epochs}", f"sampling.num_inference_steps={args.steps}",
             f"sampling.batch_size={args.batch}", f"sampling.batches_per_epoch={args.batches}",
             f"train.batch_size={args.batch}", f"train.gradient_accumulation_steps={args.accumulation}",
-            f"train.single_pass={str(single_pass).lower()}", f"train.compile_reference={str(compile_reference).lower()}", f"sampling.guidance_scale={args.guidance}", "sample_every=0",
+            f"train.single_pass={str(single_pass).lower()}", f"train.compile={str(compile).lower()}",
+            f"sampling.guidance_scale={args.guidance}", "sample_every=0",
             # DDPO's update and trl's LoRA, whatever the world recipe uses
             "train.estimator=policy-gradient", "reward.step_reward=terminal", "train.learning_rate=3e-4",
             "lora.rank=4", "lora.alpha=4", "lora.target_modules=[to_q,to_k,to_v,to_out.0]",
@@ -92,7 +93,7 @@ def main() -> None:
         for beta in (0.01, 0.0):
             name = f"msdda, KL {'on ' if beta else 'off'}, {'single pass' if single_pass else 'update pass'}"
             runs[name] = lambda beta=beta, single_pass=single_pass: ours(beta, single_pass, args)
-    runs["msdda, KL on, single pass, compiled reference"] = lambda: ours(0.01, True, args, compile_reference=True)
+    runs["msdda, KL on, single pass, compiled"] = lambda: ours(0.01, True, args, compile=True)
     rates = {}
     for name, run in runs.items():
         seconds = run()[1:]  # the first epoch warms up

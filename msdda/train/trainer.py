@@ -172,7 +172,7 @@ class Trainer:
         if weight_dtype != torch.float32:
             self.pipeline.to(dtype=weight_dtype)
         self.frozen_hash = weights_hash(unet)  # as trained: must not change
-        self.reference_unet = _compiled_reference(unet) if config.train.compile_reference else None
+        self.reference_unet = _compiled_reference(unet) if config.train.compile else None
         unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, init_lora_weights="gaussian",
                                     target_modules=config.lora.target_modules))
         for parameter in unet.parameters():  # LoRA trains in float32 whatever the base dtype
@@ -182,6 +182,7 @@ class Trainer:
             unet.enable_gradient_checkpointing(checkpoint_keeping_adapter_routing)
             self.pipeline.vae.enable_gradient_checkpointing()
         self.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
+        self.sampling_unet = torch.compile(unet) if config.train.compile else unet  # shares the module, not a copy
         optimizer = torch.optim.AdamW(self.lora_parameters, lr=config.train.learning_rate,
                                       weight_decay=config.train.adam_weight_decay)
         if self.deepspeed:
@@ -310,7 +311,7 @@ class Trainer:
             positive, negative = encode_prompts(self.pipeline, prompts, device)
             generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
             batches.append(sample_trajectories(
-                self.pipeline, self.unwrapped, self.reward, prompts, positive, negative,
+                self.pipeline, self.sampling_unet, self.reward, prompts, positive, negative,
                 config.sampling.num_inference_steps, config.sampling.eta, config.sampling.guidance_scale,
                 "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
                 generator=generator, keep_noises=pathwise,
