@@ -28,6 +28,7 @@ parser.add_argument("--guidance", type=float, required=True)
 parser.add_argument("--prompts", required=True, help="JSON list")
 parser.add_argument("--msdda-src", required=True, help="folder holding the msdda package, for the reward")
 parser.add_argument("--channels-last", action="store_true", help="the UNet in NHWC, as msdda loads it")
+parser.add_argument("--compile", action="store_true", help="the UNet through torch.compile, as train.compile does")
 args = parser.parse_args()
 sys.path.insert(0, args.msdda_src)
 from msdda.rewards import load_reward  # noqa: E402  (the same reward code as our trainer)
@@ -58,6 +59,8 @@ with tempfile.TemporaryDirectory() as logs:
     pipeline.sd_pipeline.set_progress_bar_config(disable=True)
     if args.channels_last:
         pipeline.sd_pipeline.unet.to(memory_format=torch.channels_last)
+    if args.compile:  # diffusers' way (pipe.unet = torch.compile(pipe.unet)); trl's sampling and training both run it
+        pipeline.sd_pipeline.unet = torch.compile(pipeline.sd_pipeline.unet)
     trainer = DDPOTrainer(config, reward_function, prompt_function, pipeline)
     seconds, global_step = [], 0
     for epoch in range(args.epochs):

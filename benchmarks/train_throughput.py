@@ -13,8 +13,10 @@ pass with the KL on and ``train.compile`` (the sampling pass's forwards compiled
 is a warm-up and is not counted (it holds torch.compile's compiling); rates are the median over the others. In
 msdda's single pass the second epoch is slower too, while the process's heap grows to the graph's peak (page
 faults), which the median over five epochs sets aside. trl runs twice: as it is (the baseline of every ratio) and
-with its UNet in channels_last, the layout msdda loads, to show what that layout alone is worth. Prints the
-ratios last.
+with its UNet in channels_last, the layout msdda loads, to show what that layout alone is worth, and a third
+time with that UNet also through torch.compile (trl has no option for it; the benchmark does it the way
+diffusers documents, ``pipe.unet = torch.compile(pipe.unet)``), the fair baseline for ``train.compile``. Prints
+the ratios last, against trl as it is and against the compiled trl.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ from msdda.world.data import prompt_for, training_combinations
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(beta: float, single_pass: bool, args: argparse.Namespace, compile: bool = False) -> list[float]:
+def ours(beta: float, single_pass: bool, args: argparse.Namespace, compiled: bool = False) -> list[float]:
     with tempfile.TemporaryDirectory() as folder:
         config = load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml", [
             f"beta={beta}", f"epochs={args.epochs}", f"sampling.num_inference_steps={args.steps}",
             f"sampling.batch_size={args.batch}", f"sampling.batches_per_epoch={args.batches}",
             f"train.batch_size={args.batch}", f"train.gradient_accumulation_steps={args.accumulation}",
-            f"train.single_pass={str(single_pass).lower()}", f"train.compile={str(compile).lower()}",
+            f"train.single_pass={str(single_pass).lower()}", f"train.compile={str(compiled).lower()}",
             f"sampling.guidance_scale={args.guidance}", "sample_every=0",
             # DDPO's update and trl's LoRA, whatever the world recipe uses
             "train.estimator=policy-gradient", "reward.step_reward=terminal", "train.learning_rate=3e-4",
@@ -54,7 +56,8 @@ def ours(beta: float, single_pass: bool, args: argparse.Namespace, compile: bool
         return [h["epoch_seconds"] for h in trainer.history]
 
 
-def trl(args: argparse.Namespace, prompts: list[str], channels_last: bool = False) -> list[float]:
+def trl(args: argparse.Namespace, prompts: list[str], channels_last: bool = False,
+        compiled: bool = False) -> list[float]:
     python = Path(args.trl_python)
     if not python.exists():
         raise SystemExit(f"no {python}: run `bash scripts/setup_bench_env.sh` first (trl 0.23.1 in its own venv), "
@@ -64,7 +67,7 @@ def trl(args: argparse.Namespace, prompts: list[str], channels_last: bool = Fals
          str(args.steps), "--batch", str(args.batch), "--batches", str(args.batches), "--epochs", str(args.epochs),
          "--accumulation", str(args.accumulation),
          "--guidance", str(args.guidance), "--prompts", json.dumps(prompts), "--msdda-src", str(ROOT),
-         *(["--channels-last"] if channels_last else [])],
+         *(["--channels-last"] if channels_last else []), *(["--compile"] if compiled else [])],
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"trl's DDPOTrainer failed:\n{result.stderr[-3000:]}")
@@ -88,12 +91,14 @@ def main() -> None:
     transitions = args.batch * args.batches * args.steps
     runs = {"trl DDPOTrainer": lambda: trl(args, prompts),
             # msdda loads its UNet in channels_last; this row shows what that layout alone would give trl
-            "trl, UNet in channels_last": lambda: trl(args, prompts, channels_last=True)}
+            "trl, UNet in channels_last": lambda: trl(args, prompts, channels_last=True),
+            # what train.compile does for msdda, done to trl's UNet by hand (trl has no such option)
+            "trl, UNet channels_last + compiled": lambda: trl(args, prompts, channels_last=True, compiled=True)}
     for single_pass in (False, True):
         for beta in (0.01, 0.0):
             name = f"msdda, KL {'on ' if beta else 'off'}, {'single pass' if single_pass else 'update pass'}"
             runs[name] = lambda beta=beta, single_pass=single_pass: ours(beta, single_pass, args)
-    runs["msdda, KL on, single pass, compiled"] = lambda: ours(0.01, True, args, compile=True)
+    runs["msdda, KL on, single pass, compiled"] = lambda: ours(0.01, True, args, compiled=True)
     rates = {}
     for name, run in runs.items():
         seconds = run()[1:]  # the first epoch warms up
@@ -104,6 +109,9 @@ def main() -> None:
     print()
     for name, rate in rates.items():
         print(f"ratio {name} / trl: {rate / baseline:.2f}x")
+    compiled = rates["trl, UNet channels_last + compiled"]
+    print(f"ratio msdda, KL on, single pass, compiled / trl compiled: "
+          f"{rates['msdda, KL on, single pass, compiled'] / compiled:.2f}x")
 
 
 if __name__ == "__main__":

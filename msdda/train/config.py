@@ -73,8 +73,8 @@ class OptimSettings:
     step per epoch (train.batch_size * gradient_accumulation_steps = the epoch's trajectories per process)."""
     compile: bool = False
     """Run the sampling pass's UNet forwards (the policy's, with the adapter, and the reference's, without it)
-    through ``torch.compile``. On the world's UNet on 2 CPU cores this makes the single pass with the KL on about
-    7% faster per epoch, for about 40 s of compiling in the first epoch, so it pays off on long runs only. Needs
+    through ``torch.compile``. On the world's UNet on 2 CPU cores this makes an epoch of the single pass with the
+    KL on 11-16% shorter, for about 35 s of compiling in the first epoch, so it pays off on long runs only. Needs
     what torch.compile needs: a C++ compiler on CPU, Triton on GPU. The update pass's forwards stay eager."""
 
 
