@@ -83,7 +83,7 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path) -> None:
 
     from msdda.world.pretrain import PretrainConfig, pretrain_world
 
-    config = PretrainConfig(num_images=1000, classifier_steps=20, vae_steps=10, unet_steps=20)
+    config = PretrainConfig(num_images=1000, classifier_steps=20, vae_steps=10, unet_steps=20, layout_steps=5)
     first, second = pretrain_world(tmp_path / "a", config), pretrain_world(tmp_path / "b", config)
     for part in ("pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/vae/diffusion_pytorch_model.safetensors",
                  "pipeline/text_encoder/model.safetensors", "classifier/model.safetensors"):

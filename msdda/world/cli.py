@@ -10,10 +10,12 @@ from pathlib import Path
 def _pretrain(args: argparse.Namespace) -> int:
     from msdda.world.pretrain import PretrainConfig, pretrain_world
 
+    if args.layout_steps < 0:
+        raise SystemExit(f"error: --layout-steps must be 0 or more, got {args.layout_steps}")
     output = Path(args.out)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {output} is not empty; choose another --out or pass --overwrite")
-    pretrain_world(output, PretrainConfig(seed=args.seed))
+    pretrain_world(output, PretrainConfig(seed=args.seed, layout_steps=args.layout_steps))
     print(f"world written to {output} (pipeline/, classifier/, pretraining.json)")
     return 0
 
@@ -54,6 +56,9 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--out", required=True, help="folder to write pipeline/, classifier/ and pretraining.json")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    pretrain.add_argument("--layout-steps", type=int, default=0,
+                          help="steps of the layout phase (x0 error at high noise), after which samples follow the "
+                               "position words; 0 (default) makes the shipped world")
     pretrain.set_defaults(handler=_pretrain)
 
     sample = commands.add_parser("sample", help="write a grid of samples for one prompt")

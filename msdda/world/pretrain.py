@@ -50,6 +50,12 @@ class PretrainConfig:
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1
+    layout_steps: int = 0
+    """Steps of a second UNet phase that trains on the clean-image (x0) error at high noise only (timesteps >=
+    layout_min_timestep), where a sample's layout is decided. Epsilon prediction's loss barely weighs those
+    steps, and without this phase the UNet ignores the position words (docs/world.md). 0: the shipped world."""
+    layout_min_timestep: int = 600
+    layout_lr: float = 2e-4
     threads: int = 2
 
 
@@ -115,6 +121,16 @@ def train_vae(images: torch.Tensor, config: PretrainConfig):
     return vae.eval()
 
 
+def _descend(loss: torch.Tensor, optimiser: torch.optim.Optimizer, parameters: list, emas: list) -> None:
+    """One clipped optimiser step, then each (EMA, module) pair's EMA step."""
+    optimiser.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimiser.step()
+    for ema, module in emas:
+        ema.step(module.parameters())
+
+
 def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: PretrainConfig):
     """Epsilon-prediction training of UNet and text encoder together, prompts dropped for CFG, EMA kept."""
     from diffusers import DDPMScheduler
@@ -143,17 +159,41 @@ def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: Pre
         noisy = noise_scheduler.add_noise(latents[index], noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimiser.step()
-        ema_unet.step(unet.parameters())
-        ema_text.step(text_encoder.parameters())
+        _descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
     ema_unet.copy_to(unet.parameters())
     ema_text.copy_to(text_encoder.parameters())
+    if config.layout_steps:
+        _train_layout(unet, text_encoder, latents, token_ids, empty_ids, noise_scheduler, config)
     return unet.eval(), text_encoder.eval()
+
+
+def _train_layout(unet, text_encoder, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor,
+                  noise_scheduler, config: PretrainConfig) -> None:
+    """The layout phase (``PretrainConfig.layout_steps``): the x0 error at high noise, from the EMA weights."""
+    from diffusers.training_utils import EMAModel
+
+    generator = torch.Generator().manual_seed(config.seed + 5)
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimiser = torch.optim.AdamW(parameters, lr=config.layout_lr, weight_decay=1e-4)
+    ema_unet = EMAModel(unet.parameters(), decay=config.ema_decay)
+    ema_text = EMAModel(text_encoder.parameters(), decay=config.ema_decay)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    for _ in tqdm(range(config.layout_steps), desc="unet layout", mininterval=2):
+        index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
+        ids = token_ids[index].clone()
+        ids[torch.rand(len(ids), generator=generator) < config.prompt_dropout] = empty_ids
+        noise = torch.randn(latents[index].shape, generator=generator)
+        timesteps = torch.randint(config.layout_min_timestep, noise_scheduler.config.num_train_timesteps,
+                                  (len(ids),), generator=generator)
+        alpha_prod = alphas_cumprod[timesteps][:, None, None, None]
+        noisy = noise_scheduler.add_noise(latents[index], noise, timesteps)
+        epsilon = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+        loss = F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), latents[index])
+        _descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
+    ema_unet.copy_to(unet.parameters())
+    ema_text.copy_to(text_encoder.parameters())
 
 
 def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None) -> Path:
