@@ -166,7 +166,6 @@ def test_compiled_sampling_trains_the_adapter_eager_sampling_trains(tmp_path, fr
     torch.testing.assert_close(compiled.reference_means, eager.reference_means, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.graph_log_probs.detach(), eager.graph_log_probs.detach(), rtol=1e-4, atol=1e-3)
     assert compiled.graph_log_probs.requires_grad
-    assert (eager.log_probs - eager_trainer._sample(0)[0].log_probs).abs().max() == 0  # eager: deterministic
     with torch.no_grad():  # the adapter moves the policy's mean, so a reference with the adapter in would show
         policy = adapter_kernels(trainer.unwrapped, trainer.pipeline.scheduler, compiled.latents[:, 0],
                                  compiled.timesteps[0], compiled.prompt_embeds, compiled.negative_embeds, None,

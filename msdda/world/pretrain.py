@@ -53,7 +53,7 @@ class PretrainConfig:
     layout_steps: int = 0
     """Steps of a second UNet phase that trains on the clean-image (x0) error at high noise only (timesteps >=
     layout_min_timestep), where a sample's layout is decided. Epsilon prediction's loss barely weighs those
-    steps, and without this phase the UNet ignores the position words (docs/world.md). 0: the shipped world."""
+    steps, and without this phase the UNet ignores the position words (docs/training.md). 0: the shipped world."""
     layout_min_timestep: int = 600
     layout_lr: float = 2e-4
     threads: int = 2
@@ -132,7 +132,8 @@ def _descend(loss: torch.Tensor, optimiser: torch.optim.Optimizer, parameters: l
 
 
 def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: PretrainConfig):
-    """Epsilon-prediction training of UNet and text encoder together, prompts dropped for CFG, EMA kept."""
+    """Epsilon-prediction training of UNet and text encoder together, prompts dropped for CFG, EMA kept; then the
+    layout phase, if ``config.layout_steps``."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
