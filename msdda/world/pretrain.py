@@ -131,6 +131,20 @@ def _descend(loss: torch.Tensor, optimiser: torch.optim.Optimizer, parameters: l
         ema.step(module.parameters())
 
 
+def _noised_batch(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, noise_scheduler,
+                  generator: torch.Generator, config: PretrainConfig, min_timestep: int = 0):
+    """One training batch: (clean latents, prompt ids with CFG dropout, noise, timesteps >= min_timestep, noisy
+    latents), every draw from ``generator`` in a fixed order."""
+    index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
+    ids = token_ids[index].clone()
+    ids[torch.rand(len(ids), generator=generator) < config.prompt_dropout] = empty_ids
+    clean = latents[index]
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(min_timestep, noise_scheduler.config.num_train_timesteps, (len(ids),),
+                              generator=generator)
+    return clean, ids, noise, timesteps, noise_scheduler.add_noise(clean, noise, timesteps)
+
+
 def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: PretrainConfig):
     """Epsilon-prediction training of UNet and text encoder together, prompts dropped for CFG, EMA kept; then the
     layout phase, if ``config.layout_steps``."""
@@ -151,13 +165,8 @@ def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: Pre
     for step in progress:
         for group in optimiser.param_groups:
             group["lr"] = _cosine_lr(step, config.unet_steps, config.unet_lr)
-        index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
-        ids = token_ids[index].clone()
-        dropped = torch.rand(len(ids), generator=generator) < config.prompt_dropout
-        ids[dropped] = empty_ids
-        noise = torch.randn(latents[index].shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(ids),), generator=generator)
-        noisy = noise_scheduler.add_noise(latents[index], noise, timesteps)
+        _, ids, noise, timesteps, noisy = _noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
+                                                        config)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
         _descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
@@ -182,16 +191,11 @@ def _train_layout(unet, text_encoder, latents: torch.Tensor, token_ids: torch.Te
     ema_text = EMAModel(text_encoder.parameters(), decay=config.ema_decay)
     alphas_cumprod = noise_scheduler.alphas_cumprod
     for _ in tqdm(range(config.layout_steps), desc="unet layout", mininterval=2):
-        index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
-        ids = token_ids[index].clone()
-        ids[torch.rand(len(ids), generator=generator) < config.prompt_dropout] = empty_ids
-        noise = torch.randn(latents[index].shape, generator=generator)
-        timesteps = torch.randint(config.layout_min_timestep, noise_scheduler.config.num_train_timesteps,
-                                  (len(ids),), generator=generator)
+        clean, ids, _, timesteps, noisy = _noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
+                                                        config, min_timestep=config.layout_min_timestep)
         alpha_prod = alphas_cumprod[timesteps][:, None, None, None]
-        noisy = noise_scheduler.add_noise(latents[index], noise, timesteps)
         epsilon = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), latents[index])
+        loss = F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), clean)
         _descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
     ema_unet.copy_to(unet.parameters())
     ema_text.copy_to(text_encoder.parameters())
