@@ -257,6 +257,43 @@ def test_pathwise_update_follows_the_step_reward_gradient(tmp_path) -> None:
     assert after > before
 
 
+def test_pathwise_rollout_reward_differentiates_the_deterministic_reference_continuation(tmp_path) -> None:
+    """The pathwise update's rollout step reward is r of stock DDIM (eta 0, guidance as configured, the frozen
+    base) run from x_{t-1} to the end, and its gradient in x_{t-1} is that function's slope (central differences)."""
+    trainer = Trainer(_config(tmp_path, "reward.step_reward=rollout", "train.estimator=pathwise", "beta=0"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so that a continuation with the adapter on would differ (small,
+        for parameter in trainer.lora_parameters:  # so that the samples stay where the reward is smooth)
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.03)
+    trajectories, _ = trainer._sample(0)
+    rows, step = torch.arange(4), 0
+    action = trajectories.latents[rows, step + 1].clone().requires_grad_(True)
+    reward = trainer._pathwise_reward(trajectories, rows, rows, step, action)
+    direction = torch.randn(action.shape, generator=torch.Generator().manual_seed(1))
+    (slope,) = torch.autograd.grad(reward.sum(), action)
+
+    pipeline, guidance = trainer.pipeline, trainer.config.sampling.guidance_scale
+    scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+    scheduler.set_timesteps(len(trajectories.timesteps))
+    embeds = torch.cat([trajectories.negative_embeds, trajectories.prompt_embeds])
+
+    @torch.no_grad()
+    def stock_rollout_reward(latents: torch.Tensor) -> torch.Tensor:
+        pipeline.unet.disable_adapters()
+        for timestep in scheduler.timesteps[step + 1:]:
+            unconditional, conditional = pipeline.unet(torch.cat([latents] * 2), timestep, embeds).sample.chunk(2)
+            noise = unconditional + guidance * (conditional - unconditional)
+            latents = scheduler.step(noise, timestep, latents, eta=0.0).prev_sample
+        pipeline.unet.enable_adapters()
+        return trainer.reward(decode_latents(pipeline, latents), trajectories.prompts)
+
+    torch.testing.assert_close(reward.detach(), stock_rollout_reward(action.detach()), rtol=1e-4, atol=1e-4)
+    epsilon = 1e-2
+    difference = (stock_rollout_reward(action.detach() + epsilon * direction)
+                  - stock_rollout_reward(action.detach() - epsilon * direction)).sum() / (2 * epsilon)
+    torch.testing.assert_close((slope * direction).sum(), difference, rtol=0.05, atol=1e-4)
+
+
 def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path) -> None:
     """Backward recomputes each checkpointed UNet block. The pathwise step's reference forward (adapter off, a
     mixed-adapter batch) must be recomputed with the adapter off too, or the gradient is wrong (or the recompute

@@ -58,9 +58,9 @@ class OptimSettings:
     estimator: Literal["policy-gradient", "pathwise"] = "policy-gradient"
     """How the step objective's gradient is estimated. ``policy-gradient``: the clipped score-function update
     with per-prompt advantages (DDPO/DPOK; any reward). ``pathwise``: the step reward's own gradient through the
-    reparameterised action x_{t-1} = mean + std * noise (needs ``reward.step_reward: tweedie`` and a
-    differentiable reward); the same objective and optimum, with a variance that does not grow with the latent
-    dimension."""
+    reparameterised action x_{t-1} = mean + std * noise, through the step reward's reference continuation
+    (needs ``reward.step_reward`` tweedie or rollout and a differentiable reward); the same objective and
+    optimum, with a variance that does not grow with the latent dimension."""
     stat_buffer: int = 32
     stat_min_count: int = 8
     max_grad_norm: float = 1.0
@@ -131,9 +131,9 @@ class TrainConfig:
                             ("checkpoint.every", self.checkpoint.every), ("checkpoint.keep", self.checkpoint.keep)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.train.estimator == "pathwise" and self.reward.step_reward != "tweedie":
-            raise ValueError(f"train.estimator=pathwise differentiates the tweedie step reward; got "
-                             f"reward.step_reward={self.reward.step_reward!r}: set reward.step_reward=tweedie or use "
+        if self.train.estimator == "pathwise" and self.reward.step_reward == "terminal":
+            raise ValueError("train.estimator=pathwise differentiates the tweedie or rollout step reward; got "
+                             "reward.step_reward='terminal': set reward.step_reward=tweedie (or rollout) or use "
                              "train.estimator=policy-gradient")
         if self.train.compile and self.train.gradient_checkpointing:
             raise ValueError("train.compile does not run with train.gradient_checkpointing (its recomputation keeps "

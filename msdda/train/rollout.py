@@ -25,7 +25,7 @@ import torch
 from msdda.diffusion import BASE, adapter_kernels, decode_latents, standard_normal
 from msdda.kernels import gaussian_kl
 
-__all__ = ["Trajectories", "sample_trajectories", "StepRewardName", "STEP_REWARDS"]
+__all__ = ["Trajectories", "sample_trajectories", "reference_continuation", "StepRewardName", "STEP_REWARDS"]
 
 StepRewardName = Literal["terminal", "tweedie", "rollout"]
 STEP_REWARDS = ("terminal", "tweedie", "rollout")
@@ -174,7 +174,17 @@ def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt
 def _rollout_reward(pipeline, unet, reference_unet, reward, prompts, latents, remaining_timesteps, prompt_embeds,
                     negative_embeds, guidance_scale) -> torch.Tensor:
     """r of the deterministic (eta = 0) reference continuation from ``latents`` over the remaining steps."""
+    latents = reference_continuation(pipeline, unet, reference_unet, latents, remaining_timesteps, prompt_embeds,
+                                     negative_embeds, guidance_scale)
+    return _reward_of_latents(pipeline, reward, latents, prompts)
+
+
+def reference_continuation(pipeline, unet, reference_unet, latents: torch.Tensor, remaining_timesteps,
+                           prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                           guidance_scale: float) -> torch.Tensor:
+    """x_0 of the deterministic (eta = 0) reference continuation from ``latents`` over ``remaining_timesteps``:
+    the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is enabled (the pathwise update)."""
     for timestep in remaining_timesteps:
         latents = _reference_kernel(unet, reference_unet, pipeline.scheduler, latents, timestep, prompt_embeds,
                                     negative_embeds, guidance_scale, 0.0).mean
-    return _reward_of_latents(pipeline, reward, latents, prompts)
+    return latents

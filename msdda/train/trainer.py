@@ -41,7 +41,7 @@ from msdda.kernels import gaussian_kl, step_kernel
 from msdda.rewards import load_reward
 from msdda.train.config import TrainConfig
 from msdda.train.loss import PerPromptStatTracker, pathwise_step_loss, step_loss
-from msdda.train.rollout import Trajectories, sample_trajectories
+from msdda.train.rollout import Trajectories, reference_continuation, sample_trajectories
 
 __all__ = ["Trainer", "train", "latest_checkpoint"]
 
@@ -437,22 +437,28 @@ class Trainer:
             kl = gaussian_kl(kernel.mean, kernel.variance, reference_mean, kernel.variance)
         if config.train.estimator == "pathwise":
             action = kernel.mean + kernel.std * trajectories.noises[rows, step].float()
-            return pathwise_step_loss(self._tweedie_reward(trajectories, rows, prompt_rows, step, action), kl,
+            return pathwise_step_loss(self._pathwise_reward(trajectories, rows, prompt_rows, step, action), kl,
                                       config.beta)
         log_prob = kernel.log_prob(trajectories.latents[rows, step + 1].float())
         return step_loss(log_prob, trajectories.log_probs[rows, step].float(),
                          advantages.to(log_prob.device)[rows, step], kl, config.beta, config.train.clip_range,
                          config.train.advantage_clip)
 
-    def _tweedie_reward(self, trajectories: Trajectories, rows: torch.Tensor, prompt_rows: torch.Tensor, step: int,
-                        action: torch.Tensor) -> torch.Tensor:
-        """r(x0_hat_ref(x_{t-1})) with grad flowing back to the action (the reference's weights stay frozen)."""
+    def _pathwise_reward(self, trajectories: Trajectories, rows: torch.Tensor, prompt_rows: torch.Tensor, step: int,
+                         action: torch.Tensor) -> torch.Tensor:
+        """The step reward of ``action`` = x_{t-1}, with grad flowing back to it through the reference (whose
+        weights stay frozen: the adapter is routed off): r(x0_hat_ref(x_{t-1})) for ``tweedie``, r of the
+        deterministic reference continuation from x_{t-1} for ``rollout``."""
         config, timesteps = self.config, trajectories.timesteps
+        embeds, negative = trajectories.prompt_embeds[rows], trajectories.negative_embeds[rows]
         clean = action
-        if step + 1 < len(timesteps):  # the reference (adapter off) has no LoRA rows, so only the action gets grad
-            clean = adapter_kernels(self.unwrapped, self.pipeline.scheduler, action, timesteps[step + 1],
-                                    trajectories.prompt_embeds[rows], trajectories.negative_embeds[rows], [BASE],
-                                    config.sampling.guidance_scale, config.sampling.eta)[0].pred_original_sample
+        if step + 1 < len(timesteps) and config.reward.step_reward == "rollout":
+            clean = reference_continuation(self.pipeline, self.unwrapped, None, action, timesteps[step + 1:], embeds,
+                                           negative, config.sampling.guidance_scale)
+        elif step + 1 < len(timesteps):
+            clean = adapter_kernels(self.unwrapped, self.pipeline.scheduler, action, timesteps[step + 1], embeds,
+                                    negative, [BASE], config.sampling.guidance_scale,
+                                    config.sampling.eta)[0].pred_original_sample
         images = decode_latents(self.pipeline, clean, grad=True)
         return self.reward(images, [trajectories.prompts[i] for i in prompt_rows.tolist()], grad=True)
 
