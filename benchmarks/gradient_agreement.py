@@ -4,7 +4,8 @@ For each estimator, sample ``--repeats`` independent sets of ``--trajectories`` 
 world with a fresh adapter, compute the gradient of the step objective (beta 0) over all their steps with the
 trainer's own code, and print the pairwise cosines. Near 0: updates are noise; near 1: every batch agrees.
 
-    .venv/bin/python benchmarks/gradient_agreement.py [--reward world-aesthetic] [--trajectories 64] [key=value ...]
+    .venv/bin/python benchmarks/gradient_agreement.py [--reward world-aesthetic] [--trajectories 64]
+        [--estimator "pathwise, tweedie" ...] [key=value ...]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ESTIMATORS = {
     "policy-gradient, terminal": ["reward.step_reward=terminal", "train.estimator=policy-gradient"],
     "policy-gradient, tweedie + state baseline": ["reward.step_reward=tweedie", "train.estimator=policy-gradient"],
     "pathwise, tweedie": ["reward.step_reward=tweedie", "train.estimator=pathwise"],
+    "pathwise, rollout": ["reward.step_reward=rollout", "train.estimator=pathwise"],
 }
 
 
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--reward", default="world-aesthetic")
     parser.add_argument("--trajectories", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--estimator", action="append", choices=list(ESTIMATORS),
+                        help="measure only this estimator (repeatable; default: all)")
     parser.add_argument("overrides", nargs="*", help="TrainConfig overrides, e.g. lora.rank=8")
     args = parser.parse_args()
     common = [f"reward.name={args.reward}", "beta=0", "log_with=null", "sampling.num_inference_steps=10",
@@ -59,8 +63,8 @@ def main() -> None:
               "lora.target_modules=[to_q,to_k,to_v,to_out.0]", *args.overrides]
     print(f"{args.reward}: cosines between gradients from {args.repeats} independent sets of {args.trajectories} "
           "trajectories (10 steps)")
-    for label, estimator in ESTIMATORS.items():
-        grads = gradients([*common, *estimator], args.repeats)
+    for label in args.estimator or ESTIMATORS:
+        grads = gradients([*common, *ESTIMATORS[label]], args.repeats)
         cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(grads, 2)]
         print(f"  {label:45s} {' '.join(f'{c:+.3f}' for c in cosines)}   mean {np.mean(cosines):+.3f}")
 
