@@ -294,11 +294,12 @@ def test_pathwise_rollout_reward_differentiates_the_deterministic_reference_cont
     torch.testing.assert_close((slope * direction).sum(), difference, rtol=0.05, atol=1e-4)
 
 
-def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path) -> None:
-    """Backward recomputes each checkpointed UNet block. The pathwise step's reference forward (adapter off, a
+@pytest.mark.parametrize("step_reward", ["tweedie", "rollout"])
+def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path, step_reward) -> None:
+    """Backward recomputes each checkpointed UNet block. The pathwise step's reference forwards (adapter off, a
     mixed-adapter batch) must be recomputed with the adapter off too, or the gradient is wrong (or the recompute
     fails on a shape mismatch)."""
-    trainer = Trainer(_config(tmp_path, "reward.step_reward=tweedie", "train.estimator=pathwise",
+    trainer = Trainer(_config(tmp_path, f"reward.step_reward={step_reward}", "train.estimator=pathwise",
                               "train.gradient_checkpointing=true"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so that adapter on and off differ
