@@ -269,7 +269,7 @@ def test_pathwise_rollout_reward_differentiates_the_deterministic_reference_cont
     rows, step = torch.arange(4), 0
     action = trajectories.latents[rows, step + 1].clone().requires_grad_(True)
     reward = trainer._pathwise_reward(trajectories, rows, rows, step, action)
-    direction = torch.randn(action.shape, generator=torch.Generator().manual_seed(1))
+    direction = torch.randn(action.shape, generator=torch.Generator().manual_seed(1)).to(action.device)
     (slope,) = torch.autograd.grad(reward.sum(), action)
 
     pipeline, guidance = trainer.pipeline, trainer.config.sampling.guidance_scale
