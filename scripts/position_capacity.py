@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 
 def main() -> None:
@@ -27,7 +26,8 @@ def main() -> None:
     from msdda.world.data import prompt_for, render_images, sample_attributes
     from msdda.world.evaluate import _accuracy, _generate
     from msdda.world.models import build_scheduler
-    from msdda.world.pretrain import PretrainConfig, _noised_batch, _to_tensor, _train_layout
+    from msdda.world.pretrain import (PretrainConfig, _noised_batch, _to_tensor, _train_layout, _layout_loss,
+                                      _prompt_ids, _vae_moments)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout-steps", type=int, default=0, help="layout phase on the shipped weights first")
@@ -42,13 +42,8 @@ def main() -> None:
     pipeline.set_progress_bar_config(disable=True)
     attributes = sample_attributes(config.num_images, config.seed, "train")  # pretraining's images and prompts
     images = _to_tensor(render_images(attributes, config.seed + 100))
-    with torch.no_grad():
-        latents = torch.cat([pipeline.vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in images.split(256)])
-    latents = latents * pipeline.vae.config.scaling_factor
-    tokenizer = pipeline.tokenizer
-    token_ids = tokenizer([prompt_for(a) for a in attributes] + [""], padding="max_length", truncation=True,
-                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    token_ids, empty_ids = token_ids[:-1], token_ids[-1]
+    latents = _vae_moments(pipeline.vae, images) * pipeline.vae.config.scaling_factor
+    token_ids, empty_ids = _prompt_ids(pipeline.tokenizer, [prompt_for(a) for a in attributes])
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
     unet, text_encoder = pipeline.unet, pipeline.text_encoder
     if args.layout_steps:
@@ -79,9 +74,7 @@ def main() -> None:
                                                         config, min_timestep=config.layout_min_timestep)
         with torch.no_grad():
             embeds = text_encoder(ids)[0]
-        alpha_prod = alphas_cumprod[timesteps][:, None, None, None]
-        epsilon = unet(noisy, timesteps, embeds).sample
-        loss = F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), clean)
+        loss = _layout_loss(unet, embeds, clean, timesteps, noisy, alphas_cumprod)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

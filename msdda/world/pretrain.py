@@ -145,6 +145,27 @@ def _noised_batch(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: tor
     return clean, ids, noise, timesteps, noise_scheduler.add_noise(clean, noise, timesteps)
 
 
+def _vae_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior means of ``images`` (in [0, 1]), unscaled: the world's latents before its scaling factor."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in images.split(256)])
+
+
+def _prompt_ids(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids of ``prompts``, token ids of the empty prompt that classifier-free guidance trains on)."""
+    token_ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    return token_ids[:-1], token_ids[-1]
+
+
+def _layout_loss(unet, embeds: torch.Tensor, clean: torch.Tensor, timesteps: torch.Tensor, noisy: torch.Tensor,
+                alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The layout phase's loss: the error of the x0 the epsilon-predicting ``unet`` implies at ``noisy``."""
+    alpha_prod = alphas_cumprod[timesteps][:, None, None, None]
+    epsilon = unet(noisy, timesteps, embeds).sample
+    return F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), clean)
+
+
 def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: PretrainConfig):
     """Epsilon-prediction training of UNet and text encoder together, prompts dropped for CFG, EMA kept; then the
     layout phase, if ``config.layout_steps``."""
@@ -154,9 +175,7 @@ def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: Pre
     generator = torch.Generator().manual_seed(config.seed + 3)
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
-    token_ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
-    empty_ids, token_ids = token_ids[-1], token_ids[:-1]
+    token_ids, empty_ids = _prompt_ids(tokenizer, prompts)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=1e-4)
     ema_unet = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True)
@@ -193,9 +212,7 @@ def _train_layout(unet, text_encoder, latents: torch.Tensor, token_ids: torch.Te
     for _ in tqdm(range(config.layout_steps), desc="unet layout", mininterval=2):
         clean, ids, _, timesteps, noisy = _noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
                                                         config, min_timestep=config.layout_min_timestep)
-        alpha_prod = alphas_cumprod[timesteps][:, None, None, None]
-        epsilon = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), clean)
+        loss = _layout_loss(unet, text_encoder(ids)[0], clean, timesteps, noisy, alphas_cumprod)
         _descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
     ema_unet.copy_to(unet.parameters())
     ema_text.copy_to(text_encoder.parameters())
@@ -225,8 +242,8 @@ def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None)
     classifier.save(output_dir / "classifier")
 
     vae = train_vae(images, config)
+    moments = _vae_moments(vae, images)
     with torch.no_grad():
-        moments = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in images.split(256)])
         scaling_factor = float(1 / moments.std())
         reconstruction = vae.decode(moments[:512]).sample
         vae_error = float((reconstruction.clamp(-1, 1) - (images[:512] * 2 - 1)).abs().mean() / 2)
