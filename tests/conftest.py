@@ -24,3 +24,17 @@ def fresh_accelerator_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def exact_float32():
+    """Float32 convolutions and matrix products in full precision on a GPU. cuDNN runs float32 convolutions in
+    TF32 by default (a 10-bit mantissa), which on an H200 moved the trained KL of two equivalent code paths by
+    3e-4 relative and their sampled latents by 7e-3, beyond the float-rounding tolerances that tests comparing
+    code paths assert. No effect on the CPU."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

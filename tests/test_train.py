@@ -110,7 +110,8 @@ def _relative_difference_of_trained_weights(a: dict[str, torch.Tensor], b: dict[
 
 
 @pytest.mark.parametrize("step_reward", ["terminal", "tweedie"])
-def test_single_pass_trains_the_adapter_the_update_pass_trains(tmp_path, step_reward, fresh_accelerator_state) -> None:
+def test_single_pass_trains_the_adapter_the_update_pass_trains(tmp_path, step_reward, fresh_accelerator_state,
+                                                              exact_float32) -> None:
     """Backpropagating through the sampling forward's graph is the update pass's first inner step (ratio 1), so
     two epochs of either end with the same adapter and log the same KL, up to float summation order; tweedie's
     per-step advantages check that each graph step meets its own advantage."""
@@ -146,7 +147,8 @@ def test_single_pass_graphs_are_the_trained_steps_of_each_sampling_batch(tmp_pat
 
 
 @pytest.mark.slow
-def test_compiled_sampling_trains_the_adapter_eager_sampling_trains(tmp_path, fresh_accelerator_state) -> None:
+def test_compiled_sampling_trains_the_adapter_eager_sampling_trains(tmp_path, fresh_accelerator_state,
+                                                                   exact_float32) -> None:
     """train.compile runs the sampling pass's policy and reference forwards through torch.compile: the same
     trajectories, reference means and differentiable log-probs as eager (float rounding aside), the reference a
     copy of the module tree without any LoRA layer that copies no weight, and the same trained adapter."""
