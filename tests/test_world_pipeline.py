@@ -78,15 +78,40 @@ def test_cli_refuses_prompts_outside_the_grammar_before_any_work(tmp_path, promp
 
 
 @pytest.mark.slow
-def test_pretraining_is_reproducible_from_its_seed(tmp_path) -> None:
+def test_pretraining_is_reproducible_from_its_seed_in_one_run_or_two(tmp_path) -> None:
+    """A run with the layout phase and a run without it continued by ``--from`` give bit-identical worlds."""
     from safetensors.torch import load_file
 
-    from msdda.world.pretrain import PretrainConfig, pretrain_world
+    from msdda.world.pretrain import PretrainConfig, continue_layout, pretrain_world
 
     config = PretrainConfig(num_images=1000, classifier_steps=20, vae_steps=10, unet_steps=20, layout_steps=5)
-    first, second = pretrain_world(tmp_path / "a", config), pretrain_world(tmp_path / "b", config)
+    first = pretrain_world(tmp_path / "a", config)
+    without_layout = pretrain_world(tmp_path / "b", PretrainConfig(**{**config.__dict__, "layout_steps": 0}))
+    second = continue_layout(without_layout, tmp_path / "c", layout_steps=5)
     for part in ("pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/vae/diffusion_pytorch_model.safetensors",
                  "pipeline/text_encoder/model.safetensors", "classifier/model.safetensors"):
         a, b = load_file(first / part), load_file(second / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    StableDiffusionPipeline.from_pretrained(first / "pipeline", local_files_only=True)
+    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(without_layout / unet), load_file(second / unet)
+    assert not all(torch.equal(before[k], after[k]) for k in after)  # the layout phase ran
+    record = json.loads((second / "pretraining.json").read_text())
+    assert record["config"]["layout_steps"] == 5 and record["continued_from"]["config"]["layout_steps"] == 0
+    StableDiffusionPipeline.from_pretrained(second / "pipeline", local_files_only=True)
+
+
+def test_cli_pretrain_from_refuses_bad_input_before_any_work(tmp_path) -> None:
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    cases = [(["--from", str(tmp_path / "none"), "--layout-steps", "5"], "no pretraining.json"),
+             (["--from", str(earlier), "--layout-steps", "5", "--seed", "1"], "leave out --seed")]
+    for arguments, message in cases:
+        result = _msdda("world", "pretrain", "--out", str(tmp_path / "out"), *arguments)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+    (earlier / "pretraining.json").write_text(json.dumps({"config": {"seed": 0, "layout_steps": 600}}))
+    result = _msdda("world", "pretrain", "--out", str(tmp_path / "out"), "--from", str(earlier), "--layout-steps", "5")
+    assert result.returncode != 0 and "already had 600 layout steps" in result.stderr, result.stderr
+    (earlier / "pretraining.json").write_text(json.dumps({"config": {"seed": 0}}))
+    result = _msdda("world", "pretrain", "--out", str(tmp_path / "out"), "--from", str(earlier))
+    assert result.returncode != 0 and "layout_steps must be 1 or more" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

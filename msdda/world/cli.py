@@ -8,14 +8,25 @@ from pathlib import Path
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from msdda.world.pretrain import PretrainConfig, pretrain_world
+    from msdda.world.pretrain import PretrainConfig, continue_layout, pretrain_world
 
     if args.layout_steps < 0:
         raise SystemExit(f"error: --layout-steps must be 0 or more, got {args.layout_steps}")
     output = Path(args.out)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {output} is not empty; choose another --out or pass --overwrite")
-    pretrain_world(output, PretrainConfig(seed=args.seed, layout_steps=args.layout_steps))
+    if args.from_world:
+        if args.seed is not None:
+            raise SystemExit("error: --from continues with the seed of the world it names; leave out --seed")
+        if not (Path(args.from_world) / "pretraining.json").is_file():
+            raise SystemExit(f"error: --from {args.from_world} holds no pretraining.json; give a folder written by "
+                             "msdda world pretrain")
+        try:
+            continue_layout(args.from_world, output, args.layout_steps)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    else:
+        pretrain_world(output, PretrainConfig(seed=args.seed or 0, layout_steps=args.layout_steps))
     print(f"world written to {output} (pipeline/, classifier/, pretraining.json)")
     return 0
 
@@ -54,7 +65,10 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
 
     pretrain = commands.add_parser("pretrain", help="train the world from scratch (about 16 min on 2 CPU cores)")
     pretrain.add_argument("--out", required=True, help="folder to write pipeline/, classifier/ and pretraining.json")
-    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--seed", type=int, default=None, help="default 0")
+    pretrain.add_argument("--from", dest="from_world", default=None,
+                          help="a world pretrained without the layout phase: run only --layout-steps on it (its "
+                               "seed and settings; same weights as a full run with those steps, in about 3 min)")
     pretrain.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     pretrain.add_argument("--layout-steps", type=int, default=0,
                           help="steps of the layout phase (x0 error at high noise), after which samples follow the "
