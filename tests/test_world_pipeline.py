@@ -97,6 +97,8 @@ def test_pretraining_is_reproducible_from_its_seed_in_one_run_or_two(tmp_path) -
     assert not all(torch.equal(before[k], after[k]) for k in after)  # the layout phase ran
     record = json.loads((second / "pretraining.json").read_text())
     assert record["config"]["layout_steps"] == 5 and record["continued_from"]["config"]["layout_steps"] == 0
+    first_record = json.loads((first / "pretraining.json").read_text())
+    assert record["classifier_test_accuracy"] == first_record["classifier_test_accuracy"]
     StableDiffusionPipeline.from_pretrained(second / "pipeline", local_files_only=True)
 
 

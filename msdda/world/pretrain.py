@@ -294,10 +294,13 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
     _train_layout(unet, text_encoder, moments * pipeline.vae.config.scaling_factor, token_ids, empty_ids,
                   DDPMScheduler.from_config(build_scheduler().config), config)
-    unet.eval(), text_encoder.eval()
+    unet.eval()
+    text_encoder.eval()
     pipeline.save_pretrained(output_dir / "pipeline", safe_serialization=True)
     shutil.copytree(world_dir / "classifier", output_dir / "classifier", dirs_exist_ok=True)
-    _write_record(output_dir, "continue_layout()", config, started, continued_from=earlier)
+    unchanged = {k: earlier[k] for k in ("classifier_test_accuracy", "vae_scaling_factor", "vae_mean_abs_error")
+                 if k in earlier}  # the classifier and the VAE are the earlier world's
+    _write_record(output_dir, "continue_layout()", config, started, **unchanged, continued_from=earlier)
     torch.use_deterministic_algorithms(deterministic)
     return output_dir
 
