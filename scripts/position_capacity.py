@@ -3,11 +3,11 @@
 Trains the LoRA *supervised* (the layout phase's loss: the x0 error at timesteps 600-999 on the drawn training
 images) and reads position and consistency off 128 samples with the attribute classifier every 100 steps. If the
 LoRA learns position here but not under RL, the RL signal is what is missing, not the adapter's capacity
-(docs/training.md, "Capacity or signal?"). ``--layout-steps N`` first runs the layout phase of world pretraining
-on the shipped weights (UNet and text encoder), which gives the base ``msdda world pretrain --layout-steps N``
-would. About 3 minutes per 400 steps on 2 CPU cores, plus 2.7 minutes per 600 layout steps.
+(docs/training.md, "Capacity or signal?"). ``--base`` names another world, e.g. the shipped one given a layout
+phase by ``msdda world pretrain --from msdda/world/assets --layout-steps 600 --out runs/world_600``. About 3
+minutes per 400 steps on 2 CPU cores.
 
-    .venv/bin/python scripts/position_capacity.py --layout-steps 600
+    .venv/bin/python scripts/position_capacity.py --base runs/world_600/pipeline
 """
 
 from __future__ import annotations
@@ -23,32 +23,25 @@ def main() -> None:
 
     from msdda.rewards.world import WorldConsistency
     from msdda.world import world_path
-    from msdda.world.data import prompt_for, render_images, sample_attributes
+    from msdda.world.data import prompt_for, sample_attributes
     from msdda.world.evaluate import _accuracy, _generate
     from msdda.world.models import build_scheduler
-    from msdda.world.pretrain import (PretrainConfig, _noised_batch, _to_tensor, _train_layout, _layout_loss,
-                                      _prompt_ids, _vae_moments)
+    from msdda.world.pretrain import PretrainConfig, _layout_data, _layout_loss, _noised_batch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layout-steps", type=int, default=0, help="layout phase on the shipped weights first")
+    parser.add_argument("--base", default=None, help="a world's pipeline folder (default: the shipped world)")
     parser.add_argument("--steps", type=int, default=400, help="supervised LoRA steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 
-    config = PretrainConfig(layout_steps=args.layout_steps)
+    config = PretrainConfig()
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    pipeline = StableDiffusionPipeline.from_pretrained(world_path(), local_files_only=True)
+    pipeline = StableDiffusionPipeline.from_pretrained(args.base or world_path(), local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
-    attributes = sample_attributes(config.num_images, config.seed, "train")  # pretraining's images and prompts
-    images = _to_tensor(render_images(attributes, config.seed + 100))
-    latents = _vae_moments(pipeline.vae, images) * pipeline.vae.config.scaling_factor
-    token_ids, empty_ids = _prompt_ids(pipeline.tokenizer, [prompt_for(a) for a in attributes])
+    latents, token_ids, empty_ids = _layout_data(pipeline, config)  # pretraining's images and prompts
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
     unet, text_encoder = pipeline.unet, pipeline.text_encoder
-    if args.layout_steps:
-        _train_layout(unet.train(), text_encoder.train(), latents, token_ids, empty_ids, noise_scheduler, config)
-        unet.eval()
     text_encoder.eval().requires_grad_(False)
 
     evaluated = [a for a in sample_attributes(32, 0, "train") for _ in range(4)]

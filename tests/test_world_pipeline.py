@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def test_pretraining_is_reproducible_from_its_seed_in_one_run_or_two(tmp_path) -
 
     config = PretrainConfig(num_images=1000, classifier_steps=20, vae_steps=10, unet_steps=20, layout_steps=5)
     first = pretrain_world(tmp_path / "a", config)
-    without_layout = pretrain_world(tmp_path / "b", PretrainConfig(**{**config.__dict__, "layout_steps": 0}))
+    without_layout = pretrain_world(tmp_path / "b", dataclasses.replace(config, layout_steps=0))
     second = continue_layout(without_layout, tmp_path / "c", layout_steps=5)
     for part in ("pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/vae/diffusion_pytorch_model.safetensors",
                  "pipeline/text_encoder/model.safetensors", "classifier/model.safetensors"):

@@ -11,7 +11,9 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,29 @@ def _layout_loss(unet, embeds: torch.Tensor, clean: torch.Tensor, timesteps: tor
     return F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), clean)
 
 
+@contextmanager
+def _reproducible(config: PretrainConfig) -> Iterator[None]:
+    """Seed, thread count and deterministic algorithms for bit-identical weights from one seed; the process's
+    deterministic-algorithms setting is restored afterwards, also when training fails."""
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # bit-identical weights from one seed, whatever the threading
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _layout_data(pipeline, config: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scaled latents, prompt token ids, empty-prompt ids) of pretraining's images, encoded by a saved world's VAE
+    and tokenizer: the layout phase's inputs, as ``pretrain_world`` has them in memory."""
+    attributes = sample_attributes(config.num_images, config.seed, "train")
+    moments = _vae_moments(pipeline.vae, _to_tensor(render_images(attributes, config.seed + 100)))
+    token_ids, empty_ids = _prompt_ids(pipeline.tokenizer, [prompt_for(a) for a in attributes])
+    return moments * pipeline.vae.config.scaling_factor, token_ids, empty_ids
+
+
 def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: PretrainConfig):
     """Epsilon-prediction training of UNet and text encoder together, prompts dropped for CFG, EMA kept; then the
     layout phase, if ``config.layout_steps``."""
@@ -225,41 +250,39 @@ def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None)
     config = config or PretrainConfig()
     output_dir = Path(output_dir)
     started = time.time()
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(config.threads)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # bit-identical weights from one seed, whatever the threading
+    with _reproducible(config):
+        attributes = sample_attributes(config.num_images, config.seed, "train")
+        images = _to_tensor(render_images(attributes, config.seed + 100))
+        labels = _labels(attributes)
+        test_attributes = sample_attributes(2_000, config.seed + 7, "all")
+        test_images = _to_tensor(render_images(test_attributes, config.seed + 200))
+        test_labels = _labels(test_attributes)
 
-    attributes = sample_attributes(config.num_images, config.seed, "train")
-    images = _to_tensor(render_images(attributes, config.seed + 100))
-    labels = _labels(attributes)
-    test_attributes = sample_attributes(2_000, config.seed + 7, "all")
-    test_images, test_labels = _to_tensor(render_images(test_attributes, config.seed + 200)), _labels(test_attributes)
+        classifier = train_classifier(images, labels, config)
+        classifier_test_accuracy = classifier_accuracy(classifier, test_images, test_labels)
+        tqdm.write(f"classifier accuracy on held-out procedural images: {classifier_test_accuracy}")
+        classifier.save(output_dir / "classifier")
 
-    classifier = train_classifier(images, labels, config)
-    classifier_test_accuracy = classifier_accuracy(classifier, test_images, test_labels)
-    tqdm.write(f"classifier accuracy on held-out procedural images: {classifier_test_accuracy}")
-    classifier.save(output_dir / "classifier")
+        vae = train_vae(images, config)
+        moments = _vae_moments(vae, images)
+        with torch.no_grad():
+            scaling_factor = float(1 / moments.std())
+            reconstruction = vae.decode(moments[:512]).sample
+            vae_error = float((reconstruction.clamp(-1, 1) - (images[:512] * 2 - 1)).abs().mean() / 2)
+        vae.register_to_config(scaling_factor=scaling_factor)
+        tqdm.write(f"vae: scaling factor {scaling_factor:.4f}, mean abs reconstruction error {vae_error:.4f} (of 1)")
 
-    vae = train_vae(images, config)
-    moments = _vae_moments(vae, images)
-    with torch.no_grad():
-        scaling_factor = float(1 / moments.std())
-        reconstruction = vae.decode(moments[:512]).sample
-        vae_error = float((reconstruction.clamp(-1, 1) - (images[:512] * 2 - 1)).abs().mean() / 2)
-    vae.register_to_config(scaling_factor=scaling_factor)
-    tqdm.write(f"vae: scaling factor {scaling_factor:.4f}, mean abs reconstruction error {vae_error:.4f} (of 1)")
+        tokenizer = build_tokenizer()
+        unet, text_encoder = train_unet(moments * scaling_factor, [prompt_for(a) for a in attributes], tokenizer,
+                                        config)
 
-    tokenizer = build_tokenizer()
-    unet, text_encoder = train_unet(moments * scaling_factor, [prompt_for(a) for a in attributes], tokenizer, config)
-
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(output_dir / "pipeline", safe_serialization=True)
-    _write_record(output_dir, "pretrain_world()", config, started, classifier_test_accuracy=classifier_test_accuracy,
-                  vae_scaling_factor=scaling_factor, vae_mean_abs_error=vae_error)
-    torch.use_deterministic_algorithms(deterministic)
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipeline.save_pretrained(output_dir / "pipeline", safe_serialization=True)
+        _write_record(output_dir, "pretrain_world()", config, started,
+                      classifier_test_accuracy=classifier_test_accuracy, vae_scaling_factor=scaling_factor,
+                      vae_mean_abs_error=vae_error)
     return output_dir
 
 
@@ -268,7 +291,6 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     the result as a new world: the same weights as ``pretrain_world`` with ``layout_steps`` gives, in a fifth of
     the time, which makes trying step counts cheap. The classifier is copied; the record nests the original's."""
     import shutil
-    from dataclasses import fields
 
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -283,25 +305,18 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     settings = {k: v for k, v in earlier["config"].items() if k in known and k != "layout_steps"}
     config = PretrainConfig(**settings, layout_steps=layout_steps)
     started = time.time()
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(config.threads)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    pipeline = StableDiffusionPipeline.from_pretrained(world_dir / "pipeline", local_files_only=True)
-    attributes = sample_attributes(config.num_images, config.seed, "train")
-    moments = _vae_moments(pipeline.vae, _to_tensor(render_images(attributes, config.seed + 100)))
-    token_ids, empty_ids = _prompt_ids(pipeline.tokenizer, [prompt_for(a) for a in attributes])
-    unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
-    _train_layout(unet, text_encoder, moments * pipeline.vae.config.scaling_factor, token_ids, empty_ids,
-                  DDPMScheduler.from_config(build_scheduler().config), config)
-    unet.eval()
-    text_encoder.eval()
+    with _reproducible(config):
+        pipeline = StableDiffusionPipeline.from_pretrained(world_dir / "pipeline", local_files_only=True)
+        unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
+        _train_layout(unet, text_encoder, *_layout_data(pipeline, config),
+                      DDPMScheduler.from_config(build_scheduler().config), config)
+        unet.eval()
+        text_encoder.eval()
     pipeline.save_pretrained(output_dir / "pipeline", safe_serialization=True)
     shutil.copytree(world_dir / "classifier", output_dir / "classifier", dirs_exist_ok=True)
     unchanged = {k: earlier[k] for k in ("classifier_test_accuracy", "vae_scaling_factor", "vae_mean_abs_error")
                  if k in earlier}  # the classifier and the VAE are the earlier world's
     _write_record(output_dir, "continue_layout()", config, started, **unchanged, continued_from=earlier)
-    torch.use_deterministic_algorithms(deterministic)
     return output_dir
 
 
