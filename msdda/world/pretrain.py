@@ -245,8 +245,6 @@ def _train_layout(unet, text_encoder, latents: torch.Tensor, token_ids: torch.Te
 
 def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None) -> Path:
     """Train every part of the world and write ``output_dir/{pipeline,classifier,pretraining.json}``."""
-    from diffusers import StableDiffusionPipeline
-
     config = config or PretrainConfig()
     output_dir = Path(output_dir)
     started = time.time()
@@ -276,10 +274,8 @@ def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None)
         unet, text_encoder = train_unet(moments * scaling_factor, [prompt_for(a) for a in attributes], tokenizer,
                                         config)
 
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-        pipeline.save_pretrained(output_dir / "pipeline", safe_serialization=True)
+        _assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(output_dir / "pipeline",
+                                                                              safe_serialization=True)
         _write_record(output_dir, "pretrain_world()", config, started,
                       classifier_test_accuracy=classifier_test_accuracy, vae_scaling_factor=scaling_factor,
                       vae_mean_abs_error=vae_error)
@@ -292,7 +288,7 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     the time, which makes trying step counts cheap. The classifier is copied; the record nests the original's."""
     import shutil
 
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
     world_dir, output_dir = Path(world_dir), Path(output_dir)
     earlier = json.loads((world_dir / "pretraining.json").read_text())
@@ -305,8 +301,8 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     settings = {k: v for k, v in earlier["config"].items() if k in known and k != "layout_steps"}
     config = PretrainConfig(**settings, layout_steps=layout_steps)
     started = time.time()
+    pipeline = _load_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
     with _reproducible(config):
-        pipeline = StableDiffusionPipeline.from_pretrained(world_dir / "pipeline", local_files_only=True)
         unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
         _train_layout(unet, text_encoder, *_layout_data(pipeline, config),
                       DDPMScheduler.from_config(build_scheduler().config), config)
@@ -318,6 +314,31 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
                  if k in earlier}  # the classifier and the VAE are the earlier world's
     _write_record(output_dir, "continue_layout()", config, started, **unchanged, continued_from=earlier)
     return output_dir
+
+
+def _assemble_pipeline(vae, text_encoder, tokenizer, unet):
+    """The world's stock StableDiffusionPipeline around its trained parts (DDIM schedule, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _load_pipeline(pipeline_dir: Path):
+    """A saved world's pipeline: its weights in parts built here, so that saving it again writes the configs
+    ``pretrain_world`` writes (``from_pretrained`` would add its load path and the tokenizer's defaults to them)."""
+    from safetensors.torch import load_file
+
+    tokenizer, vae, unet = build_tokenizer(), build_vae(), build_unet()
+    text_encoder = build_text_encoder(len(tokenizer))
+    vae.register_to_config(scaling_factor=json.loads((pipeline_dir / "vae" / "config.json").read_text())[
+        "scaling_factor"])
+    for module, weights in ((vae, "vae/diffusion_pytorch_model.safetensors"),
+                            (unet, "unet/diffusion_pytorch_model.safetensors"),
+                            (text_encoder, "text_encoder/model.safetensors")):
+        module.load_state_dict(load_file(pipeline_dir / weights))
+    return _assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
 
 
 def _write_record(output_dir: Path, call: str, config: PretrainConfig, started: float, **measured) -> None:
