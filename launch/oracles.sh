@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # After launch/demo.sh: train the retrained oracles (one adapter on w * aesthetic + (1 - w) * consistency for
-# w = 0.25, 0.5, 0.75, same beta, estimator and budget as each single-reward adapter), add them to the demo's
-# sweep (only their cells are sampled; finished cells are kept) and rewrite the report. 19-27 min on 2 CPU
-# cores. Re-running continues where a stopped run ended.   Usage: bash launch/oracles.sh [demo folder, default runs/demo]
+# w = 0.25, 0.5, 0.75; the single-reward adapters' beta, the aesthetic recipe's step reward and budget), add
+# them to the demo's sweep (only their cells are sampled; finished cells are kept) and rewrite the report.
+# 19-27 min on 2 CPU cores. Re-running continues where a stopped run ended.
+# Usage: bash launch/oracles.sh [demo folder, default runs/demo]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/demo}"

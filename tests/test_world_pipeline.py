@@ -93,6 +93,8 @@ def test_pretraining_is_reproducible_from_its_seed_in_one_run_or_two(tmp_path) -
                  "pipeline/text_encoder/model.safetensors", "classifier/model.safetensors"):
         a, b = load_file(first / part), load_file(second / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    for config_file in sorted((first / "pipeline").rglob("*.json")):  # the same configs: no load paths added
+        assert (second / config_file.relative_to(first)).read_text() == config_file.read_text(), config_file.name
     unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
     before, after = load_file(without_layout / unet), load_file(second / unet)
     assert not all(torch.equal(before[k], after[k]) for k in after)  # the layout phase ran
