@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job on the embedded world, 21-28 minutes on 2 CPU cores: train the two reward adapters, sweep
+# The whole job on the embedded world, 21-29 minutes on 2 CPU cores: train the two reward adapters, sweep
 # every fusion method over the weight grid (16 prompts x 8 seeds), write the report with the Pareto plot.
 # Re-running continues where a stopped run ended (training resumes from its checkpoints; finished sweep cells
 # are kept).   Usage: bash launch/demo.sh [output folder, default runs/demo]
