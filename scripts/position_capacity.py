@@ -3,11 +3,12 @@
 Trains the LoRA *supervised* (the layout phase's loss: the x0 error at timesteps 600-999 on the drawn training
 images) and reads position and consistency off 128 samples with the attribute classifier every 100 steps. If the
 LoRA learns position here but not under RL, the RL signal is what is missing, not the adapter's capacity
-(docs/training.md, "Capacity or signal?"). ``--base`` names another world, e.g. the shipped one given a layout
-phase by ``msdda world pretrain --from msdda/world/assets --layout-steps 600 --out runs/world_600``. About 3
-minutes per 400 steps on 2 CPU cores.
+(docs/training.md, "Capacity or signal?"). The default base is the shipped world (version 3, which had the
+layout phase); ``--base`` names another, e.g. version 2 from git history (docs/world.md, "How the shipped weights
+were made"). About 3 minutes per 400 steps on 2 CPU cores.
 
-    .venv/bin/python scripts/position_capacity.py --base runs/world_600/pipeline
+    git worktree add /tmp/msdda_v2 d9a901a
+    .venv/bin/python scripts/position_capacity.py --base /tmp/msdda_v2/msdda/world/assets/pipeline
 """
 
 from __future__ import annotations
