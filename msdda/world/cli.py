@@ -18,9 +18,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.from_world:
         if args.seed is not None:
             raise SystemExit("error: --from continues with the seed of the world it names; leave out --seed")
-        if not (Path(args.from_world) / "pretraining.json").is_file():
-            raise SystemExit(f"error: --from {args.from_world} holds no pretraining.json; give a folder written by "
-                             "msdda world pretrain")
         try:
             continue_layout(args.from_world, output, args.layout_steps)
         except ValueError as error:

@@ -291,6 +291,8 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     from diffusers import DDPMScheduler
 
     world_dir, output_dir = Path(world_dir), Path(output_dir)
+    if not (world_dir / "pretraining.json").is_file():
+        raise ValueError(f"{world_dir} holds no pretraining.json; give a folder written by msdda world pretrain")
     earlier = json.loads((world_dir / "pretraining.json").read_text())
     if earlier["config"].get("layout_steps"):
         raise ValueError(f"{world_dir} already had {earlier['config']['layout_steps']} layout steps; continue from a "
