@@ -14,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
-from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, step_kernel
+from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, standard_normal, step_kernel
 
 __all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output",
            "apply_guidance", "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
@@ -117,13 +117,6 @@ def decode_latents(pipeline, latents: torch.Tensor, grad: bool = False) -> torch
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-def standard_normal(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """A float32 standard normal draw on ``like``'s device. It is drawn in ``like``'s dtype (the pipeline's), as
-    diffusers draws its noise, so the values match diffusers' in every precision; the chain itself stays float32."""
-    # non_blocking: a blocking copy would make the CPU wait for all queued GPU work at every step
-    return torch.randn(shape, generator=generator, dtype=like.dtype).float().to(like.device, non_blocking=True)
 
 
 def images_to_pil(pipeline, images: torch.Tensor) -> list:

@@ -29,6 +29,9 @@ __all__ = [
     "previous_timestep",
     "gaussian_log_prob",
     "gaussian_kl",
+    "kernel_kl",
+    "initial_latents",
+    "standard_normal",
     "SUPPORTED_SCHEDULERS",
 ]
 
@@ -48,7 +51,7 @@ class StepKernel:
 
     mean: torch.Tensor
     variance: torch.Tensor
-    pred_original_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
 
     @property
     def std(self) -> torch.Tensor:
@@ -282,3 +285,24 @@ def gaussian_kl(
     kl = 0.5 * (ratio - 1 - ratio.log() + (mean_p - mean_q) ** 2 / variance_q)
     shape = torch.broadcast_shapes(mean_p.shape, mean_q.shape, variance_p.shape, variance_q.shape)
     return _reduce(kl.expand(shape), reduction)
+
+
+def kernel_kl(p: StepKernel, q: StepKernel, reduction: Reduction = "sum") -> torch.Tensor:
+    """KL(p || q) between two step kernels, each with its own variance (exact for learned variances too)."""
+    return gaussian_kl(p.mean, p.variance, q.mean, q.variance, reduction=reduction)
+
+
+def standard_normal(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """A float32 standard normal draw on ``like``'s device. It is drawn in ``like``'s dtype (the pipeline's), as
+    diffusers draws its noise, so the values match diffusers' in every precision; the chain itself stays float32."""
+    # non_blocking: a blocking copy would make the CPU wait for all queued GPU work at every step
+    return torch.randn(shape, generator=generator, dtype=like.dtype).float().to(like.device, non_blocking=True)
+
+
+def initial_latents(scheduler: DDPMScheduler | DDIMScheduler, shape: tuple[int, ...], generator: torch.Generator,
+                    like: torch.Tensor) -> torch.Tensor:
+    """x_T as diffusers' StableDiffusionPipeline draws it: a standard normal scaled by ``init_noise_sigma``.
+
+    ``like`` (e.g. the prompt embeddings) gives the device and the dtype the noise is drawn in.
+    """
+    return standard_normal(shape, generator, like) * scheduler.init_noise_sigma

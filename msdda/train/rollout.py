@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from msdda.diffusion import BASE, adapter_kernels, decode_latents, standard_normal
-from msdda.kernels import gaussian_kl
+from msdda.kernels import kernel_kl
 
 __all__ = ["Trajectories", "sample_trajectories", "reference_continuation", "StepRewardName", "STEP_REWARDS"]
 
@@ -43,6 +43,7 @@ class Trajectories:
     log_probs: torch.Tensor  # [B, T]
     noises: torch.Tensor | None  # [B, T, C, H, W]: each step's standard normal draw (kept for the pathwise update)
     reference_means: torch.Tensor | None  # [B, T, C, H, W]
+    reference_variances: torch.Tensor | None  # [B, T, 1, 1, 1] (scheduler variance) or [B, T, C, H, W] (learned)
     step_rewards: torch.Tensor  # [B, T]: R_t for the step leaving timesteps[t]
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]: the decoded x_0
     graph_step_indices: torch.Tensor | None = None
@@ -59,6 +60,11 @@ class Trajectories:
     @property
     def final_rewards(self) -> torch.Tensor:
         return self.step_rewards[:, -1]
+
+
+def _per_sample(variance: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """A kernel's variance with a batch dimension (a scheduler variance is 0-d or [B, 1, ...]), to stack per step."""
+    return variance.expand(torch.broadcast_shapes(variance.shape, (mean.shape[0],) + (1,) * (mean.ndim - 1)))
 
 
 def _reward_of_latents(pipeline, reward: Callable, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -101,6 +107,7 @@ def sample_trajectories(
     latents = standard_normal(shape, generator, prompt_embeds)
     latents = latents * scheduler.init_noise_sigma
     states, noises, log_probs, reference_means, reference_x0, deterministic = [latents], [], [], [], [], []
+    reference_variances = []
     graph_log_probs, graph_kls = [], []
     graph_steps = torch.zeros(len(timesteps), dtype=torch.bool) if graph_steps is None else graph_steps.cpu()
     for timestep, keep_graph in zip(timesteps, graph_steps.tolist()):
@@ -108,6 +115,7 @@ def sample_trajectories(
             reference = _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds,
                                           negative_embeds, guidance_scale, eta)
             reference_means.append(reference.mean)
+            reference_variances.append(_per_sample(reference.variance, reference.mean))
             reference_x0.append(reference.pred_original_sample)
         with torch.set_grad_enabled(keep_graph):  # names=None: the UNet as configured, i.e. with the adapter on
             kernel = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, None,
@@ -118,7 +126,7 @@ def sample_trajectories(
             if keep_graph:
                 graph_log_probs.append(log_prob)
                 if need_reference:
-                    graph_kls.append(gaussian_kl(kernel.mean, kernel.variance, reference.mean, kernel.variance))
+                    graph_kls.append(kernel_kl(kernel, reference))
         deterministic.append((kernel.variance == 0).all())  # checked after the loop: a check here waits for the GPU
         if keep_noises:
             noises.append(noise)
@@ -155,6 +163,7 @@ def sample_trajectories(
         prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
         latents=torch.stack(states, dim=1), noises=torch.stack(noises, dim=1) if keep_noises else None, log_probs=torch.stack(log_probs, dim=1),
         reference_means=torch.stack(reference_means, dim=1) if need_reference else None,
+        reference_variances=torch.stack(reference_variances, dim=1) if need_reference else None,
         step_rewards=step_rewards, images=images, state_values=state_values,
         graph_log_probs=graph_log_probs, graph_kls=graph_kls,
         graph_step_indices=graph_steps.nonzero()[:, 0].expand(batch, -1) if graph_log_probs is not None else None,

@@ -37,7 +37,7 @@ from msdda.diffusion import (
     images_to_pil,
     load_base_pipeline,
 )
-from msdda.kernels import gaussian_kl, step_kernel
+from msdda.kernels import StepKernel, kernel_kl, step_kernel
 from msdda.rewards import load_reward
 from msdda.train.config import TrainConfig
 from msdda.train.loss import PerPromptStatTracker, pathwise_step_loss, step_loss
@@ -433,8 +433,9 @@ class Trainer:
         kernel = step_kernel(scheduler, output.float(), timestep, latents.float(), eta=config.sampling.eta)
         kl = None
         if config.beta > 0:
-            reference_mean = trajectories.reference_means[rows, step].float()
-            kl = gaussian_kl(kernel.mean, kernel.variance, reference_mean, kernel.variance)
+            reference = StepKernel(mean=trajectories.reference_means[rows, step].float(),
+                                   variance=trajectories.reference_variances[rows, step].float())
+            kl = kernel_kl(kernel, reference)
         if config.train.estimator == "pathwise":
             action = kernel.mean + kernel.std * trajectories.noises[rows, step].float()
             return pathwise_step_loss(self._pathwise_reward(trajectories, rows, prompt_rows, step, action), kl,
@@ -560,6 +561,7 @@ def _concatenate(batches: list[Trajectories]) -> Trajectories:
         noises=_cat_optional([b.noises for b in batches]),
         log_probs=torch.cat([b.log_probs for b in batches]),
         reference_means=_cat_optional([b.reference_means for b in batches]),
+        reference_variances=_cat_optional([b.reference_variances for b in batches]),
         step_rewards=torch.cat([b.step_rewards for b in batches]),
         images=torch.cat([b.images for b in batches]),
         state_values=_cat_optional([b.state_values for b in batches]),
