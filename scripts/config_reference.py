@@ -134,7 +134,8 @@ def render() -> str:
     ]
     for title, command, modules, name in CONFIGS:
         cls = find_class(modules, name)
-        lines += [f"## {title}: `{cls.__module__}.{name}`", "", f"Read by `{command}`.", ""]
+        lines += [f"## {title} (`{' '.join(command.split()[:2])}`)", "",
+                  f"Class `{cls.__module__}.{name}`, read by `{command}`.", ""]
         class_doc = inspect.getdoc(cls)
         if class_doc and not class_doc.startswith(f"{name}("):
             lines += [" ".join(class_doc.split()), ""]
