@@ -90,6 +90,15 @@ def yaml_literal(value: Any) -> str:
     return str(value)
 
 
+def markdown(text: str) -> str:
+    """A docstring as one Markdown line: RST's ``code`` as `code`, and < > escaped outside code spans (a bare
+    <dataset> would be read as an HTML tag)."""
+    parts = " ".join(text.split()).replace("``", "`").split("`")
+    for index in range(0, len(parts), 2):
+        parts[index] = parts[index].replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
+
+
 def cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
@@ -104,9 +113,9 @@ def tables(cls: type, prefix: str = "") -> list[tuple[str, type, list[str]]]:
         if dataclasses.is_dataclass(default):
             nested.append((item.name, type(default)))
             doc = doc or f"see [`{prefix}{item.name}.*`](#{anchor(prefix + item.name)})"
-            rows.append(f"| `{prefix}{item.name}` | `{annotation}` | see below | {cell(doc)} |")
+            rows.append(f"| `{prefix}{item.name}` | `{annotation}` | see below | {cell(markdown(doc))} |")
             continue
-        rows.append(f"| `{prefix}{item.name}` | `{cell(annotation)}` | `{cell(yaml_literal(default))}` | {cell(doc)} |")
+        rows.append(f"| `{prefix}{item.name}` | `{cell(annotation)}` | `{cell(yaml_literal(default))}` | {cell(markdown(doc))} |")
     found = [(prefix.rstrip("."), cls, rows)]
     for name, nested_cls in nested:
         found.extend(tables(nested_cls, f"{prefix}{name}."))
@@ -138,13 +147,13 @@ def render() -> str:
                   f"Class `{cls.__module__}.{name}`, read by `{command}`.", ""]
         class_doc = inspect.getdoc(cls)
         if class_doc and not class_doc.startswith(f"{name}("):
-            lines += [" ".join(class_doc.split()), ""]
+            lines += [markdown(class_doc), ""]
         for section, section_cls, rows in tables(cls):
             if section:
                 lines += [f"### `{section}.*`", ""]
                 doc = inspect.getdoc(section_cls)
                 if doc and not doc.startswith(f"{section_cls.__name__}("):
-                    lines += [" ".join(doc.split()), ""]
+                    lines += [markdown(doc), ""]
                 lines += [f"Class `{section_cls.__module__}.{section_cls.__name__}`.", ""]
             lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |", *rows, ""]
     return "\n".join(lines).rstrip() + "\n"
