@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from msdda.config import load_config
-from msdda.fuse.cli import FuseConfig
+from msdda.fuse.config import FuseConfig
 from msdda.sweep.config import SweepConfig
 from msdda.train import TrainConfig
 

@@ -4,60 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from msdda.config import config_to_dict
+from msdda.fuse.config import FuseConfig
 from msdda.prompts import load_prompts
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-15' -> 0..15; '1,4,9' -> [1, 4, 9]."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        start, separator, end = part.strip().partition("-")
-        try:
-            seeds.extend(range(int(start), int(end) + 1) if separator else [int(start)])
-        except ValueError as error:
-            raise ValueError(f"--seeds {text!r} must look like '0-15' or '1,4,9'") from error
-    if not seeds:
-        raise ValueError("--seeds names no seed")
-    return seeds
-
-
-def parse_floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError as error:
-        raise ValueError(f"--{what} {text!r} must be comma-separated numbers, e.g. 0.3,0.7") from error
-
-
-@dataclass
-class FuseConfig:
-    """What ``msdda fuse`` samples; a YAML file (``--config``) holds these keys, and flags override them."""
-
-    base: str = "world"
-    adapters: list[str] = field(default_factory=list)
-    weights: list[float] | None = None
-    betas: list[float] | None = None
-    beta: float | None = None
-    method: str = "msdda"
-    rewards: list[str] = field(default_factory=list)
-    """Rewards for method 'code' (one per adapter)."""
-    prompts: list[str] | str = field(default_factory=list)
-    """A list, a text/table file, or 'hub:<dataset>' (see msdda.prompts)."""
-    num_prompts: int | None = None
-    seeds: str = "0-7"
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    eta: float | None = None
-    out: str = "runs/fuse"
-    device: str = "auto"
-    """Where to sample: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+from msdda.utils import parse_floats, parse_seeds
 
 
 def _config_from_args(args: argparse.Namespace) -> FuseConfig:
@@ -89,7 +43,7 @@ def _fuse(args: argparse.Namespace) -> int:
     from msdda.diffusion import resolve_device
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward
-    from msdda.world.sampling import image_grid
+    from msdda.utils import image_grid
 
     config = _config_from_args(args)
     seeds, prompts = parse_seeds(config.seeds), load_prompts(config.prompts, config.num_prompts)
@@ -125,7 +79,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
-    from msdda.fuse.sampler import METHODS
+    from msdda.fuse.methods import method_names
 
     parser = subparsers.add_parser("fuse", help="sample K reward adapters fused with MSDDA (or a baseline)")
     parser.add_argument("--config", default=None, help="YAML of FuseConfig keys, e.g. configs/fuse/world.yaml; flags "
@@ -135,7 +89,7 @@ def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", default=None, help="one weight per adapter, e.g. 0.3,0.7")
     parser.add_argument("--betas", default=None, help="adapters' KL weights when their metadata lacks them")
     parser.add_argument("--beta", type=float, default=None, help="KL weight of the fused objective")
-    parser.add_argument("--method", default=None, choices=METHODS, help="default msdda")
+    parser.add_argument("--method", default=None, choices=method_names(), help="default msdda")
     parser.add_argument("--reward", action="append", default=[], help="rewards for --method code (one per adapter)")
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or table")

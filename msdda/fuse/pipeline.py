@@ -20,8 +20,8 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from msdda.adapters import AdapterMetadata, load_adapter_metadata, weights_hash
 from msdda.diffusion import decode_latents, resolve_base
-from msdda.fuse.closed_form import exponents
-from msdda.fuse.sampler import METHODS, FusionPlan, sample_latents
+from msdda.fuse.methods import FusionContext, get_method
+from msdda.fuse.sampler import sample_latents
 
 __all__ = ["MSDDAPipeline", "LoadedAdapter", "resolve_adapter"]
 
@@ -139,16 +139,14 @@ class MSDDAPipeline(StableDiffusionPipeline):
         adapter) are needed only by ``method="code"``. Defaults for steps, guidance and eta come from the
         adapters' metadata.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        fusion = get_method(method)
         count = len(self.adapters)
-        if method != "base" and count == 0:
+        if fusion.needs_adapters and count == 0:
             raise ValueError(f"method {method!r} needs adapters; load some with adapters=[...]")
         weights = list(weights) if weights is not None else ([1.0 / count] * count if count else [])
         if len(weights) != count:
             raise ValueError(f"got {len(weights)} weights for {count} adapters; give one weight per adapter")
-        # only MSDDA weights adapters by their betas; the baselines use the weights as given
-        powers = (exponents(weights, self.betas, beta) if method == "msdda" else exponents(weights)) if count else []
+        powers = fusion.exponents(weights, self.betas, beta) if count else []
         num_inference_steps = num_inference_steps or self._default("num_inference_steps", 50)
         guidance_scale = self._default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         eta = self._default("eta", 1.0) if eta is None else eta
@@ -157,28 +155,24 @@ class MSDDAPipeline(StableDiffusionPipeline):
         elif eta == 0:
             warnings.warn("eta=0 makes every step deterministic: there is no precision to weight, so MSDDA takes "
                           "the equal-variance limit (the exponent-weighted mean of the kernels' means)", stacklevel=2)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        device = self._execution_device
-        positive, negative = self.encode_prompt(prompts, device, 1, guidance_scale > 1.0, negative_prompt)
         reward = None
-        if method == "code":
+        if fusion.needs_rewards:
             if rewards is None or len(rewards) != count:
-                raise ValueError("method 'code' scores candidates while sampling: pass rewards=[one per adapter]")
+                raise ValueError(f"method {method!r} scores samples while sampling: pass rewards=[one per adapter]")
             total = sum(weights)
             reward = lambda images, texts: sum(w / total * r(images, texts) for w, r in zip(weights, rewards))  # noqa: E731
-        plan = FusionPlan(method=method, adapter_names=[a.name for a in self.adapters], weights=weights,
-                          exponents=powers, guidance_scale=guidance_scale, eta=eta, code_candidates=code_candidates,
-                          code_block=code_block, reward=reward, decode=lambda x: decode_latents(self, x))
-        generator = generator or torch.Generator().manual_seed(0)
-        if method == "soup":
-            self.set_adapters(plan.adapter_names, weights)
-        try:
-            final = sample_latents(self.unet, self.scheduler, positive, negative, plan, num_inference_steps, generator,
-                                   latents=latents, prompts=prompts, progress=self.progress_bar)
-        finally:
-            if method == "soup":
-                self.set_adapters(plan.adapter_names, [1.0] * count)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        positive, negative = self.encode_prompt(prompts, self._execution_device, 1, guidance_scale > 1.0,
+                                                negative_prompt)
+        names = [a.name for a in self.adapters]
+        context = FusionContext(
+            unet=self.unet, scheduler=self.scheduler, positive=positive, negative=negative, adapter_names=names,
+            weights=weights, exponents=powers, guidance_scale=guidance_scale, eta=eta,
+            generator=generator or torch.Generator().manual_seed(0), prompts=prompts, reward=reward,
+            decode=lambda x: decode_latents(self, x), code_candidates=code_candidates, code_block=code_block)
+        with fusion.active(self, names, weights):
+            final = sample_latents(fusion, context, num_inference_steps, latents=latents, progress=self.progress_bar)
         images = decode_latents(self, final)  # already in [0, 1]
         images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=[False] * len(images))
         if not return_dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,14 @@ from msdda.report.metrics import (
     standard_error,
     weighted_objective,
 )
+from msdda.fuse.methods import get_method, method_names
 from msdda.sweep.grid import weight_key
-from msdda.sweep.run import CONFIG_FILE, RESULTS, weight_column
+from msdda.sweep.run import load_manifest, weight_column
 
 __all__ = ["Curve", "load_curves", "build_report"]
 
-SWEEPING = ("msdda", "soup", "output-average", "diffusion-blend", "code", "oracle")
+ORACLE = "oracle"
+"""The sweep's cells of adapters retrained on the weighted reward: not a fusion method, one adapter per weight."""
 
 
 @dataclass
@@ -41,18 +43,23 @@ class Curve:
     def errors(self) -> np.ndarray:
         return np.stack([[standard_error(r[:, k]) for k in range(r.shape[1])] for r in self.rewards])
 
+    images: list[str | None] = field(default_factory=list)
+    """Per weight vector, the cell's image strip (relative to the sweep folder), when it has one."""
+
     @property
     def sweeps_weights(self) -> bool:
-        return self.method in SWEEPING
+        return self.method == ORACLE or get_method(self.method).sweeps_weights
 
 
 def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
-    """The sweep's curves (``single`` split per reward), its reward names and its config."""
+    """The sweep's curves (``single`` split per reward), its reward names and its config, from its manifest."""
     import pandas as pd
 
-    config = yaml.safe_load((folder / CONFIG_FILE).read_text())
-    table = pd.read_csv(folder / f"{RESULTS}.csv")
-    names = [c[2:] for c in table.columns if c.startswith("w:")]
+    manifest = load_manifest(folder)
+    config = yaml.safe_load((folder / manifest["config"]).read_text())
+    names = manifest["rewards"]
+    table = pd.read_csv(folder / manifest["results"])
+    images = {(cell["method"], tuple(cell["weights"])): cell["images"] for cell in manifest["cells"]}
     weight_columns = [weight_column(n) for n in names]
     table = table.sort_values(["prompt", "seed"], kind="stable")
     curves: dict[str, Curve] = {}
@@ -62,12 +69,14 @@ def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
         curve = curves.setdefault(label, Curve(label, method, [], [], {}))
         curve.weights.append(weights)
         curve.rewards.append(cell[names].to_numpy(dtype=np.float64))
+        curve.images.append(images.get((method, weights)))
         for key in ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image"):
             curve.costs[key] = curve.costs.get(key, 0.0) + float(cell[key].iloc[0])
     for curve in curves.values():
         order = np.argsort([w[0] for w in curve.weights], kind="stable")
         curve.weights = [curve.weights[i] for i in order]
         curve.rewards = [curve.rewards[i] for i in order]
+        curve.images = [curve.images[i] for i in order]
         curve.costs = {k: v / len(curve.weights) for k, v in curve.costs.items()}
     sizes = {len(r) for c in curves.values() for r in c.rewards}
     if len(sizes) != 1:
@@ -130,13 +139,13 @@ def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -
     markers = iter("osD^v<>ph*")
     for curve in curves:
         means, errors = curve.means(), curve.errors()
-        style = "-" if curve.sweeps_weights and curve.method != "oracle" and len(means) > 1 else "none"
+        style = "-" if curve.sweeps_weights and curve.method != ORACLE and len(means) > 1 else "none"
         # MSDDA on top as open circles: with equal variances and betas it coincides with output averaging
         emphasis = dict(markersize=10, markerfacecolor="none", linewidth=2.2, zorder=5) \
             if curve.method == "msdda" else dict(markersize=5, linewidth=1.2)
         drawn = axes.errorbar(means[:, 0], means[:, 1], xerr=errors[:, 0], yerr=errors[:, 1], linestyle=style,
                               marker=next(markers, "o"), capsize=2, label=curve.label, **emphasis)
-        if curve.method in ("msdda", "oracle"):  # the pairs the method is judged by, labelled with w_1
+        if curve.method in ("msdda", ORACLE):  # the pairs the method is judged by, labelled with w_1
             for weights, (x, y) in zip(curve.weights, means[:, :2]):
                 axes.annotate(f"{weights[0]:g}", (x, y), xytext=(5, 5), textcoords="offset points", fontsize=7,
                               color=drawn[0].get_color(), bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none",
@@ -159,13 +168,9 @@ def method_grids(folder: Path, curves: list[Curve]) -> dict[str, Path]:
     out.mkdir(exist_ok=True)
     grids = {}
     for curve in curves:
-        if not curve.sweeps_weights or curve.method == "oracle":
+        if not curve.sweeps_weights or curve.method == ORACLE or None in curve.images:
             continue
-        stems = [f"{curve.method}_{weight_key(w).replace(',', '-')}" for w in curve.weights]
-        strips = [Image.open(folder / "cells" / f"{stem}.png").convert("RGB") for stem in stems
-                  if (folder / "cells" / f"{stem}.png").is_file()]
-        if not strips:
-            continue
+        strips = [Image.open(folder / image).convert("RGB") for image in curve.images]
         label_width = 110
         canvas = Image.new("RGB", (label_width + strips[0].width, sum(s.height for s in strips)), "white")
         draw, top = ImageDraw.Draw(canvas), 0
@@ -227,17 +232,28 @@ def _grid_prompts(folder: Path, config: dict) -> list[str]:
     """The prompts the cells' image strips show, in order (the sweep's first prompts at its first seed)."""
     import pandas as pd
 
-    table = pd.read_csv(folder / f"{RESULTS}.csv", usecols=["method", "prompt", "seed"])
+    table = pd.read_csv(folder / load_manifest(folder)["results"], usecols=["method", "prompt", "seed"])
     first = table[(table.method == table.method.iloc[0]) & (table.seed == table.seed.iloc[0])]
     return list(first.prompt.iloc[: int(config.get("grid_prompts", 4))])
+
+
+def _coincidences(curves: list[Curve]) -> list[str]:
+    """The registry's notes for methods whose samples coincided with another's in this sweep."""
+    by_method = {c.method: c for c in curves}
+    notes = []
+    for name in method_names():
+        other = get_method(name).coincides_with
+        if name in by_method and other in by_method:
+            mine, theirs = by_method[name], by_method[other]
+            if mine.weights == theirs.weights and np.allclose(mine.means(), theirs.means()):
+                notes.append(get_method(name).coincidence)
+    return notes
 
 
 def build_report(folder: str | Path, reference_point: list[float] | None = None,
                  objective_weights: list[float] = (0.25, 0.5, 0.75), resamples: int = 200) -> Path:
     """Write pareto.png, grids/, metrics.json, report.md and report.html into the sweep ``folder``."""
     folder = Path(folder)
-    if not (folder / f"{RESULTS}.csv").is_file():
-        raise FileNotFoundError(f"{folder} holds no {RESULTS}.csv; run msdda sweep with output_dir={folder} first")
     curves, names, config = load_curves(folder)
     if reference_point is not None and len(reference_point) != len(names):
         raise ValueError(f"reference point {reference_point} needs one value per reward {names}")
@@ -246,11 +262,7 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
     title = f"MSDDA sweep: {' vs '.join(names)}"
     pareto_plot(curves, names, folder / "pareto.png", title)
     grids = {label: str(path.relative_to(folder)) for label, path in method_grids(folder, curves).items()}
-    by_method = {c.method: c for c in curves}
-    same = {"msdda", "output-average"} <= set(by_method) and len(by_method["msdda"].weights) == len(
-        by_method["output-average"].weights) and np.allclose(by_method["msdda"].means(), by_method["output-average"].means())
-    notes = [" MSDDA and output-average gave identical samples here: the adapters share one beta and one variance (as"
-             " LoRAs on a DDIM base do), and then the fused Gaussian is the weighted average of the means."] if same else []
+    notes = [" " + note for note in _coincidences(curves)]
     intro = [f"{metrics['samples_per_cell']} samples per cell ({config.get('num_prompts') or 'all'} prompts × seeds "
              f"{config.get('seeds')}), base {config.get('base')}, adapters {config.get('adapters')}.",
              f"Hypervolume reference point: {[round(v, 4) for v in metrics['reference_point']]} "

@@ -6,7 +6,7 @@ import argparse
 
 
 def _report(args: argparse.Namespace) -> int:
-    from msdda.fuse.cli import parse_floats
+    from msdda.utils import parse_floats
     from msdda.report.build import build_report
 
     path = build_report(args.folder, reference_point=parse_floats(args.reference_point, "reference-point"),

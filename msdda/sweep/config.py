@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from msdda.fuse.sampler import METHODS
+from msdda.fuse.methods import method_names
 from msdda.prompts import check_prompts_spec, load_prompts
 
-__all__ = ["SweepConfig", "DEFAULT_METHODS"]
-
-DEFAULT_METHODS = ["msdda", "soup", "output-average", "diffusion-blend", "code", "single", "base"]
+__all__ = ["SweepConfig"]
 
 
 @dataclass
@@ -23,7 +21,8 @@ class SweepConfig:
     """The adapters' KL weights, when their metadata lacks them."""
     rewards: list[str] | None = None
     """The rewards to score, one per adapter (default: the reward each adapter was trained on)."""
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    methods: list[str] = field(default_factory=method_names)
+    """Fusion methods to sample (default: every registered one)."""
     weights: int | list[list[float]] = 11
     """Points per edge of the simplex grid (11: 0, 0.1, ..., 1 for K = 2), or explicit weight vectors."""
     oracles: dict[str, str] = field(default_factory=dict)
@@ -49,13 +48,13 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Refuse bad settings before any sampling; each message names the key and the fix."""
-        from msdda.fuse.cli import parse_seeds
+        from msdda.utils import parse_seeds
 
         if len(self.adapters) < 1:
             raise ValueError("adapters is empty: give the K reward adapters to sweep (folders or Hub ids)")
-        unknown = [m for m in self.methods if m not in METHODS and m != "oracle"]
+        unknown = [m for m in self.methods if m not in method_names() and m != "oracle"]
         if unknown:
-            raise ValueError(f"methods {unknown} are unknown; choose from {list(METHODS)}")
+            raise ValueError(f"methods {unknown} are unknown; choose from {method_names()}")
         if "oracle" in self.methods:
             raise ValueError("'oracle' is not a method to list: give the oracle adapters under oracles: {weights: folder}")
         if isinstance(self.weights, int):

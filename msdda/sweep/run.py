@@ -8,6 +8,7 @@ the same initial noise for the same (prompt, seed), so methods are compared on p
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -20,14 +21,17 @@ from tqdm.auto import tqdm
 
 from msdda.config import config_to_dict
 from msdda.diffusion import images_to_pil, resolve_device
+from msdda.fuse.methods import get_method
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key
 
-__all__ = ["Cell", "plan_cells", "run_sweep", "SAMPLE_SETTINGS", "weight_column"]
+__all__ = ["Cell", "plan_cells", "run_sweep", "SAMPLE_SETTINGS", "weight_column", "load_manifest", "MANIFEST"]
 
 CONFIG_FILE = "sweep.yaml"
 RESULTS = "results"
 SUMMARY = "summary.csv"
+MANIFEST = "manifest.json"
+"""What a sweep folder holds, for readers (the report): its rewards, tables and each cell's files."""
 SAMPLE_SETTINGS = ("base", "adapters", "betas", "rewards", "prompts", "num_prompts", "seeds", "num_inference_steps",
                    "guidance_scale", "eta", "batch_size", "code_candidates", "code_block")
 """Settings that decide the samples: a sweep folder can only be resumed with the same ones."""
@@ -49,20 +53,22 @@ class Cell:
     def stem(self) -> str:
         return f"{self.method}_{weight_key(self.weights).replace(',', '-')}"
 
+    @property
+    def rows_file(self) -> str:
+        return f"cells/{self.stem}.csv"
+
+    @property
+    def images_file(self) -> str:
+        return f"cells/{self.stem}.png"
+
 
 def plan_cells(config: SweepConfig, count: int) -> list[Cell]:
-    """The sweep's cells: every method over the weight grid; ``single`` at each corner; ``base`` once."""
+    """The sweep's cells: every method at the weights it samples (the grid; ``single`` each corner; ``base``
+    once), then the oracles."""
     grid = simplex_grid(count, config.weights) if isinstance(config.weights, int) else \
         [tuple(float(w) for w in vector) for vector in config.weights]
-    corners = [tuple(float(i == j) for j in range(count)) for i in range(count)]
-    cells: list[Cell] = []
-    for method in config.methods:
-        if method == "base":
-            cells.append(Cell("base", tuple(1.0 / count for _ in range(count))))
-        elif method == "single":
-            cells.extend(Cell("single", corner) for corner in corners)
-        else:
-            cells.extend(Cell(method, weights) for weights in grid)
+    cells = [Cell(method, weights) for method in config.methods
+             for weights in get_method(method).cell_weights(grid, count)]
     cells.extend(Cell("oracle", SweepConfig.parse_weight_key(key), folder) for key, folder in config.oracles.items())
     return cells
 
@@ -86,7 +92,7 @@ class Sweep:
     """Loads the adapters and rewards once, checks the folder, then runs the cells that are not done yet."""
 
     def __init__(self, config: SweepConfig) -> None:
-        from msdda.fuse.cli import parse_seeds
+        from msdda.utils import parse_seeds
         from msdda.fuse.pipeline import MSDDAPipeline
         from msdda.rewards import load_reward
 
@@ -140,7 +146,7 @@ class Sweep:
         rows, strip, seconds = [], [], 0.0
         call = dict(weights=weights, method=method, num_inference_steps=config.num_inference_steps,
                     guidance_scale=config.guidance_scale, eta=config.eta, code_candidates=config.code_candidates,
-                    code_block=config.code_block, rewards=self.rewards if method == "code" else None, output_type="pt")
+                    code_block=config.code_block, rewards=self.rewards if get_method(method).needs_rewards else None, output_type="pt")
         for seed in self.seeds:
             for start in range(0, len(self.prompts), config.batch_size):
                 prompts = self.prompts[start:start + config.batch_size]
@@ -165,14 +171,14 @@ class Sweep:
         return rows, strip
 
     def _write_cell(self, cell: Cell, rows: list[dict], strip: list) -> None:
-        from msdda.world.sampling import image_grid
+        from msdda.utils import image_grid
 
         folder = self.folder / "cells"
         folder.mkdir(parents=True, exist_ok=True)
         if strip:
             pil = images_to_pil(self.pipeline, torch.stack(list(strip)))
-            image_grid(pil, columns=len(pil)).save(folder / f"{cell.stem}.png")
-        _atomic_csv(folder / f"{cell.stem}.csv", rows)
+            image_grid(pil, columns=len(pil)).save(self.folder / cell.images_file)
+        _atomic_csv(self.folder / cell.rows_file, rows)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> Path:
@@ -180,7 +186,7 @@ class Sweep:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         per_cell = len(self.prompts) * len(self.seeds)
-        todo = [cell for cell in self.cells if not (self.folder / "cells" / f"{cell.stem}.csv").is_file()]
+        todo = [cell for cell in self.cells if not (self.folder / cell.rows_file).is_file()]
         done = len(self.cells) - len(todo)
         progress = tqdm(total=len(self.cells) * per_cell, initial=done * per_cell, unit="img", desc="sweep")
         for cell in todo:
@@ -189,7 +195,28 @@ class Sweep:
             self._write_cell(cell, rows, strip)
         progress.close()
         write_tables(self.folder, self.cells, self.reward_names)
+        _write_manifest(self.folder, self.cells, self.reward_names)
         return self.folder
+
+
+def _write_manifest(folder: Path, cells: list[Cell], reward_names: list[str]) -> None:
+    manifest = {
+        "rewards": reward_names, "config": CONFIG_FILE, "results": f"{RESULTS}.csv", "summary": SUMMARY,
+        "cells": [{"method": cell.method, "weights": list(cell.weights), "adapter": cell.adapter,
+                   "rows": cell.rows_file,
+                   "images": cell.images_file if (folder / cell.images_file).is_file() else None}
+                  for cell in cells],
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def load_manifest(folder: str | Path) -> dict:
+    """A finished sweep's manifest; a folder without one is refused with the command that writes it."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {MANIFEST}: run msdda sweep with output_dir={folder} (a finished "
+                                "sweep's cells are kept, so this only rewrites its tables and manifest)")
+    return json.loads(path.read_text())
 
 
 def _atomic_csv(path: Path, rows: list[dict]) -> None:
@@ -207,7 +234,7 @@ def write_tables(folder: Path, cells: list[Cell], reward_names: list[str]):
     """results.csv / results.parquet (one row per image) and summary.csv (mean and standard error per cell)."""
     import pandas as pd
 
-    table = pd.concat([pd.read_csv(folder / "cells" / f"{cell.stem}.csv") for cell in cells], ignore_index=True)
+    table = pd.concat([pd.read_csv(folder / cell.rows_file) for cell in cells], ignore_index=True)
     table.to_csv(folder / f"{RESULTS}.csv", index=False)
     table.to_parquet(folder / f"{RESULTS}.parquet", index=False)
     keys = ["method", *[weight_column(n) for n in reward_names]]

@@ -33,7 +33,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from msdda.fuse.cli import parse_seeds
+    from msdda.utils import parse_seeds
     from msdda.train.evaluate import evaluate_adapter
 
     report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil, resolve_device, standard_normal
-from msdda.kernels import gaussian_kl
+from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil, resolve_device
+from msdda.kernels import StepKernel, initial_latents, kernel_kl
+from msdda.sampling import denoise
 from msdda.prompts import load_prompts
 
 __all__ = ["evaluate_adapter"]
@@ -29,16 +30,18 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = standard_normal(shape, generator, positive) * scheduler.init_noise_sigma
+    latents = initial_latents(scheduler, shape, generator, positive)
     kl = torch.zeros(len(prompts), dtype=torch.float64)
-    for timestep in scheduler.timesteps:
-        names = [name] if name == BASE else [name, BASE]
-        kernels = adapter_kernels(unet, scheduler, latents, timestep, positive, negative, names, guidance, eta)
-        kernel = kernels[0]
-        if name != BASE and not kernel.is_deterministic:
-            kl += gaussian_kl(kernel.mean, kernel.variance, kernels[1].mean, kernel.variance).double().cpu()
-        noise = standard_normal(latents.shape, generator, positive)
-        latents = kernel.mean + kernel.std * noise
+    names = [name] if name == BASE else [name, BASE]
+
+    def kernel_at(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
+        nonlocal kl
+        kernels = adapter_kernels(unet, scheduler, x_t, timestep, positive, negative, names, guidance, eta)
+        if name != BASE and not kernels[0].is_deterministic:
+            kl += kernel_kl(kernels[0], kernels[1]).double().cpu()
+        return kernels[0]
+
+    latents = denoise(scheduler.timesteps, latents, kernel_at, generator, positive)
     return decode_latents(pipeline, latents), kl
 
 
@@ -102,7 +105,7 @@ def _base_of(adapter: str) -> str:
 
 
 def _before_after_grid(pipeline, pictures: dict, path: Path) -> None:
-    from msdda.world.sampling import image_grid
+    from msdda.utils import image_grid
 
     before, after = torch.cat(pictures["base"], dim=0), torch.cat(pictures["adapter"], dim=0)
     per_seed = len(pictures["base"])

@@ -22,8 +22,9 @@ from typing import Literal
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents, standard_normal
-from msdda.kernels import kernel_kl
+from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.kernels import StepKernel, initial_latents, kernel_kl
+from msdda.sampling import Step, denoise
 
 __all__ = ["Trajectories", "sample_trajectories", "reference_continuation", "StepRewardName", "STEP_REWARDS"]
 
@@ -104,34 +105,46 @@ def sample_trajectories(
     need_reference = need_reference or step_reward == "tweedie"
     batch = len(prompts)
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = standard_normal(shape, generator, prompt_embeds)
-    latents = latents * scheduler.init_noise_sigma
-    states, noises, log_probs, reference_means, reference_x0, deterministic = [latents], [], [], [], [], []
-    reference_variances = []
-    graph_log_probs, graph_kls = [], []
+    latents = initial_latents(scheduler, shape, generator, prompt_embeds)
+    states, noises, log_probs, reference_means, reference_variances, reference_x0 = [latents], [], [], [], [], []
+    deterministic, graph_log_probs, graph_kls = [], [], []
     graph_steps = torch.zeros(len(timesteps), dtype=torch.bool) if graph_steps is None else graph_steps.cpu()
-    for timestep, keep_graph in zip(timesteps, graph_steps.tolist()):
+    keeps_graph = graph_steps.tolist()
+    graph_kernels: dict[int, StepKernel] = {}
+    references: dict[int, StepKernel] = {}
+
+    def kernel_at(index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         if need_reference:
-            reference = _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds,
-                                          negative_embeds, guidance_scale, eta)
+            references[index] = _reference_kernel(unet, reference_unet, scheduler, x_t, timestep, prompt_embeds,
+                                                  negative_embeds, guidance_scale, eta)
+        with torch.set_grad_enabled(keeps_graph[index]):  # names=None: the UNet as configured, the adapter on
+            kernel = adapter_kernels(unet, scheduler, x_t, timestep, prompt_embeds, negative_embeds, None,
+                                     guidance_scale, eta)[0]
+        if not keeps_graph[index]:
+            return kernel
+        graph_kernels[index] = kernel  # the loop samples from a detached copy: no graph runs across steps
+        return StepKernel(kernel.mean.detach(), kernel.variance.detach(), kernel.pred_original_sample)
+
+    def record(step: Step) -> None:
+        reference = references.pop(step.index, None)
+        if reference is not None:
             reference_means.append(reference.mean)
             reference_variances.append(_per_sample(reference.variance, reference.mean))
             reference_x0.append(reference.pred_original_sample)
-        with torch.set_grad_enabled(keep_graph):  # names=None: the UNet as configured, i.e. with the adapter on
-            kernel = adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, None,
-                                     guidance_scale, eta)[0]
-            noise = standard_normal(latents.shape, generator, prompt_embeds)
-            latents = kernel.sample(noise=noise).detach()
-            log_prob = kernel.log_prob(latents)
-            if keep_graph:
+        graph_kernel = graph_kernels.pop(step.index, None)
+        with torch.set_grad_enabled(graph_kernel is not None):
+            log_prob = (step.kernel if graph_kernel is None else graph_kernel).log_prob(step.next_latents)
+            if graph_kernel is not None:
                 graph_log_probs.append(log_prob)
-                if need_reference:
-                    graph_kls.append(kernel_kl(kernel, reference))
-        deterministic.append((kernel.variance == 0).all())  # checked after the loop: a check here waits for the GPU
+                if reference is not None:
+                    graph_kls.append(kernel_kl(graph_kernel, reference))
+        deterministic.append((step.kernel.variance == 0).all())  # checked after the loop: a check here waits for the GPU
         if keep_noises:
-            noises.append(noise)
+            noises.append(step.noise)
         log_probs.append(log_prob.detach())
-        states.append(latents)
+        states.append(step.next_latents)
+
+    latents = denoise(timesteps, latents, kernel_at, generator, prompt_embeds, record)
 
     deterministic = torch.stack(deterministic).cpu()
     if deterministic.any():
@@ -193,7 +206,8 @@ def reference_continuation(pipeline, unet, reference_unet, latents: torch.Tensor
                            guidance_scale: float) -> torch.Tensor:
     """x_0 of the deterministic (eta = 0) reference continuation from ``latents`` over ``remaining_timesteps``:
     the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is enabled (the pathwise update)."""
-    for timestep in remaining_timesteps:
-        latents = _reference_kernel(unet, reference_unet, pipeline.scheduler, latents, timestep, prompt_embeds,
-                                    negative_embeds, guidance_scale, 0.0).mean
-    return latents
+    def reference_kernel(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
+        return _reference_kernel(unet, reference_unet, pipeline.scheduler, x_t, timestep, prompt_embeds,
+                                 negative_embeds, guidance_scale, 0.0)
+
+    return denoise(remaining_timesteps, latents, reference_kernel)

@@ -22,7 +22,8 @@ from msdda.world.data import (
     render_images,
     sample_attributes,
 )
-from msdda.world.sampling import image_grid, load_pipeline
+from msdda.utils import image_grid
+from msdda.world.sampling import load_pipeline
 
 __all__ = ["evaluate_world"]
 

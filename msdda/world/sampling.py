@@ -6,10 +6,8 @@ from pathlib import Path
 
 import torch
 
+from msdda.utils import image_grid
 from msdda.world.data import parse_prompt
-
-SMALL_IMAGE = 64
-"""Images this wide or narrower (the world's are 32x32) are upscaled 4x in grids so that a person can read them."""
 
 
 def load_pipeline(base: str | Path | None = None):
@@ -24,20 +22,6 @@ def load_pipeline(base: str | Path | None = None):
     pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def image_grid(images: list, columns: int | None = None):
-    """PIL images tiled into one grid image; small images upscaled 4x without smoothing."""
-    from PIL import Image
-
-    columns = columns or min(len(images), 8)
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    upscale = 4 if width <= SMALL_IMAGE else 1
-    return grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
 
 
 def sample_grid(prompt: str, num_images: int, seed: int, out: str | Path, base: str | Path | None = None,

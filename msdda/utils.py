@@ -1,0 +1,45 @@
+"""Neutral helpers every layer may use: parsing seed and number lists, tiling images into a grid."""
+
+from __future__ import annotations
+
+__all__ = ["parse_seeds", "parse_floats", "image_grid", "SMALL_IMAGE"]
+
+SMALL_IMAGE = 64
+"""Images this wide or narrower (the world's are 32x32) are upscaled 4x in grids so that a person can read them."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-15' -> 0..15; '1,4,9' -> [1, 4, 9]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        start, separator, end = part.strip().partition("-")
+        try:
+            seeds.extend(range(int(start), int(end) + 1) if separator else [int(start)])
+        except ValueError as error:
+            raise ValueError(f"--seeds {text!r} must look like '0-15' or '1,4,9'") from error
+    if not seeds:
+        raise ValueError("--seeds names no seed")
+    return seeds
+
+
+def parse_floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as error:
+        raise ValueError(f"--{what} {text!r} must be comma-separated numbers, e.g. 0.3,0.7") from error
+
+
+def image_grid(images: list, columns: int | None = None):
+    """PIL images tiled into one grid image; small images upscaled 4x without smoothing."""
+    from PIL import Image
+
+    columns = columns or min(len(images), 8)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    upscale = 4 if width <= SMALL_IMAGE else 1
+    return grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
