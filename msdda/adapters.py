@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "weights_hash", "METADATA_FILE",
-           "WEIGHTS_FILE"]
+__all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "resolve_adapter", "weights_hash",
+           "METADATA_FILE", "WEIGHTS_FILE"]
 
 METADATA_FILE = "msdda_adapter.json"
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -85,6 +85,8 @@ eta = {metadata.eta}, guidance scale {metadata.guidance_scale}.
 
 ```python
 from diffusers import StableDiffusionPipeline
+
+from msdda.errors import InputNotFound, UserError
 pipe = StableDiffusionPipeline.from_pretrained("{metadata.base_model}")
 pipe.load_lora_weights("path/to/this/folder")
 ```
@@ -127,14 +129,33 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     return folder
 
 
+def resolve_adapter(source: str) -> Path:
+    """A local adapter folder, or a Hub repo id downloaded (or taken from the cache) with huggingface_hub."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise InputNotFound(f"adapter {source!r} has no {WEIGHTS_FILE}: give the final/ (or a checkpoint's "
+                                "adapter/) folder that msdda train wrote")
+        return path
+    if path.exists() or source.count("/") != 1:
+        raise InputNotFound(f"adapter {source!r} is neither a folder nor a Hub repo id like 'user/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json", "README.md"]))
+    except Exception as error:  # huggingface_hub raises several types for offline / missing repos
+        raise InputNotFound(f"cannot fetch adapter {source!r} from the Hub ({type(error).__name__}: {error}); "
+                                "download it to a folder and pass the folder") from error
+
+
 def load_adapter_metadata(folder: str | Path) -> AdapterMetadata:
     """The metadata of a local adapter folder; a clear error when it is missing or malformed."""
     path = Path(folder) / METADATA_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {METADATA_FILE}: it is not an msdda adapter folder")
+        raise InputNotFound(f"{folder} has no {METADATA_FILE}: it is not an msdda adapter folder")
     data = json.loads(path.read_text())
     names = {field.name for field in dataclasses.fields(AdapterMetadata)}
     missing = sorted(names - set(data) - {"msdda_version", "format_version"})
     if missing:
-        raise ValueError(f"{path} lacks the fields {missing}")
+        raise UserError(f"{path} lacks the fields {missing}")
     return AdapterMetadata(**{key: value for key, value in data.items() if key in names})

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from msdda import __version__
+from msdda.errors import UserError
 from msdda.fuse.cli import add_fuse_parser
 from msdda.push import add_push_parser
 from msdda.report.cli import add_report_parser
@@ -41,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        # bad input named by the message itself: report it in one line, not as a traceback
+    except UserError as error:  # bad input, named by the message with its fix: one line; a bug keeps its traceback
         print(f"msdda: error: {error}", file=sys.stderr)
         return 2
 

@@ -14,12 +14,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from msdda.errors import UserError
+
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "apply_overrides", "ConfigError"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not fit the config's dataclass."""
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.utils.checkpoint
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
+from msdda.errors import InputNotFound, UserError
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, standard_normal, step_kernel
 
 __all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output",
@@ -42,9 +43,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
+        raise UserError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asks for a GPU but torch sees none (torch {torch.__version__}): use "
+        raise UserError(f"device {name!r} asks for a GPU but torch sees none (torch {torch.__version__}): use "
                          "device cpu, or install a CUDA build of torch")
     return device
 
@@ -59,14 +60,14 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
     """
     choices = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
     if scheduler not in choices:
-        raise ValueError(f"scheduler must be one of {list(choices)} (stochastic Gaussian steps), got {scheduler!r}")
+        raise UserError(f"scheduler must be one of {list(choices)} (stochastic Gaussian steps), got {scheduler!r}")
     location = resolve_base(base)
     local = Path(location).is_dir()
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
                                                            requires_safety_checker=False, local_files_only=local)
     except OSError as error:
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is in your "
             f"cache (or reachable), or '{WORLD}' for the embedded world"
         ) from error

@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from msdda.errors import UserError
+
 __all__ = [
     "StepKernel",
     "step_kernel",
@@ -78,15 +80,15 @@ class StepKernel:
 def _check_scheduler(scheduler: object) -> None:
     if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
-        raise ValueError(
+        raise UserError(
             f"scheduler {type(scheduler).__name__} is not supported for Gaussian step kernels; use one of {names} "
             "(e.g. `DDIMScheduler.from_config(pipe.scheduler.config)` with eta > 0)"
         )
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in _PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {_PREDICTION_TYPES}")
+        raise UserError(f"prediction_type {prediction_type!r} is not supported; use one of {_PREDICTION_TYPES}")
     if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type not in _DDPM_VARIANCE_TYPES:
-        raise ValueError(
+        raise UserError(
             f"DDPMScheduler variance_type {scheduler.config.variance_type!r} is not supported; use one of "
             f"{_DDPM_VARIANCE_TYPES}"
         )
@@ -95,7 +97,7 @@ def _check_scheduler(scheduler: object) -> None:
 def _as_timesteps(timestep: int | torch.Tensor, device: torch.device | None) -> torch.Tensor:
     timesteps = torch.as_tensor(timestep, device=device).long()
     if timesteps.ndim > 1:
-        raise ValueError(f"timestep must be an int, a 0-d tensor or a [B] tensor, got shape {tuple(timesteps.shape)}")
+        raise UserError(f"timestep must be an int, a 0-d tensor or a [B] tensor, got shape {tuple(timesteps.shape)}")
     return timesteps
 
 
@@ -107,7 +109,7 @@ def previous_timestep(
     timesteps = _as_timesteps(timestep, timestep.device if torch.is_tensor(timestep) else None)
     if isinstance(scheduler, DDIMScheduler) or not (scheduler.custom_timesteps or scheduler.num_inference_steps):
         if isinstance(scheduler, DDIMScheduler) and scheduler.num_inference_steps is None:
-            raise ValueError("call scheduler.set_timesteps(num_inference_steps) before computing step kernels")
+            raise UserError("call scheduler.set_timesteps(num_inference_steps) before computing step kernels")
         stride = (
             scheduler.config.num_train_timesteps // scheduler.num_inference_steps
             if scheduler.num_inference_steps
@@ -118,7 +120,7 @@ def previous_timestep(
     matches = schedule[None, :] == timesteps.reshape(-1, 1)
     if not bool(matches.any(dim=1).all()):
         missing = timesteps.reshape(-1)[~matches.any(dim=1)].tolist()
-        raise ValueError(f"timesteps {missing} are not in scheduler.timesteps; step only through the set schedule")
+        raise UserError(f"timesteps {missing} are not in scheduler.timesteps; step only through the set schedule")
     index = matches.long().argmax(dim=1)
     following = torch.cat([schedule, schedule.new_tensor([-1])])
     return following[index + 1].reshape(timesteps.shape)
@@ -160,11 +162,11 @@ def step_kernel(
     _check_scheduler(scheduler)
     is_ddim = isinstance(scheduler, DDIMScheduler)
     if not is_ddim and eta not in (None, 1.0):
-        raise ValueError(f"eta={eta} is a DDIM setting; DDPMScheduler steps are always fully stochastic (eta=1)")
+        raise UserError(f"eta={eta} is a DDIM setting; DDPMScheduler steps are always fully stochastic (eta=1)")
     if is_ddim and eta is None:
         eta = 0.0
     if is_ddim and not (eta >= 0 and math.isfinite(eta)):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        raise UserError(f"eta must be a finite number >= 0, got {eta}")
 
     # at least float32: in half precision 1 - alpha_bar rounds to 0 near the data and the variance vanishes
     compute = torch.promote_types(sample.dtype, torch.float32)
@@ -185,7 +187,7 @@ def step_kernel(
     learned = not is_ddim and scheduler.config.variance_type in ("learned", "learned_range")
     if learned:
         if model_output.shape[1] != 2 * sample.shape[1]:
-            raise ValueError(
+            raise UserError(
                 f"variance_type {scheduler.config.variance_type!r} needs a model output with {2 * sample.shape[1]} "
                 f"channels (prediction, then variance), got {model_output.shape[1]}"
             )
@@ -245,12 +247,12 @@ def _reduce(values: torch.Tensor, reduction: Reduction) -> torch.Tensor:
         return values.sum(dim=dims) if dims else values
     if reduction == "mean":
         return values.mean(dim=dims) if dims else values
-    raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    raise UserError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
 
 
 def _check_positive_variance(variance: torch.Tensor, what: str) -> None:
     if bool((variance <= 0).any()):
-        raise ValueError(
+        raise UserError(
             f"{what} has zero variance: the step is deterministic (DDIM eta=0 or the final DDPM step) and has no "
             "density; sample with eta > 0, or leave deterministic steps out of log-probs and KLs"
         )

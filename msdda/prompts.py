@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from msdda.errors import InputNotFound, UserError
+
 __all__ = ["load_prompts", "check_prompts_spec"]
 
 TABLE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -24,13 +26,13 @@ def check_prompts_spec(spec: list[str] | str, key: str = "prompts") -> None:
     """Refuse a missing file or an empty list before any work."""
     if isinstance(spec, list):
         if not [p for p in spec if p.strip()]:
-            raise ValueError(f"{key} is an empty list; give at least one prompt")
+            raise UserError(f"{key} is an empty list; give at least one prompt")
         return
     if spec == "world" or spec.startswith(HUB_PREFIX):
         return
     path = Path(spec.partition("#")[0])
     if not path.is_file():
-        raise ValueError(f"{key} file {path} does not exist; give a text file with one prompt per line, a table "
+        raise UserError(f"{key} file {path} does not exist; give a text file with one prompt per line, a table "
                          "(.csv/.json/.jsonl/.parquet), 'hub:<dataset id>', a list of prompts, or 'world'")
 
 
@@ -45,12 +47,12 @@ def _from_dataset(spec: str) -> list[str]:
         else:
             table = datasets.load_dataset(TABLE_FORMATS[Path(source).suffix], data_files=source, split="train")
     except (OSError, ValueError, ConnectionError) as error:  # datasets' offline / not-found errors
-        raise FileNotFoundError(f"cannot load prompts {source!r} ({type(error).__name__}: "
+        raise InputNotFound(f"cannot load prompts {source!r} ({type(error).__name__}: "
                                 f"{str(error).splitlines()[0]}); download the dataset where the Hub is reachable "
                                 "and give the local file instead") from error
     columns = [column] if column else [c for c in PROMPT_COLUMNS if c in table.column_names][:1]
     if not columns or columns[0] not in table.column_names:
-        raise ValueError(f"prompts {spec!r}: no prompt column among {table.column_names}; name it after '#', "
+        raise UserError(f"prompts {spec!r}: no prompt column among {table.column_names}; name it after '#', "
                          f"e.g. {source}#{table.column_names[0]}")
     return [str(p) for p in table[columns[0]]]
 
@@ -69,7 +71,7 @@ def load_prompts(spec: list[str] | str, count: int | None = None) -> list[str]:
         prompts = Path(spec).read_text().splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
-        raise ValueError(f"prompts {spec!r} holds no prompts")
+        raise UserError(f"prompts {spec!r} holds no prompts")
     if count is not None and count < len(prompts):
         step = len(prompts) / count
         prompts = [prompts[int(i * step)] for i in range(count)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from msdda.errors import InputNotFound, UserError
 from msdda.adapters import WEIGHTS_FILE, load_adapter_metadata
 
 __all__ = ["push_adapter"]
@@ -20,7 +21,7 @@ def push_adapter(folder: str | Path, repo_id: str, private: bool = False, token:
 
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}: push the final/ folder that msdda train wrote")
+        raise InputNotFound(f"{folder} has no {WEIGHTS_FILE}: push the final/ folder that msdda train wrote")
     load_adapter_metadata(folder)  # refuses a folder whose metadata is missing or malformed
     api = HfApi(token=token)
     try:
@@ -28,20 +29,14 @@ def push_adapter(folder: str | Path, repo_id: str, private: bool = False, token:
         api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload msdda reward adapter",
                           allow_patterns=["*.safetensors", "*.json", "README.md"])
     except Exception as error:  # huggingface_hub raises many types (offline, auth, HTTP): one clear message
-        raise RuntimeError(f"could not push {folder} to {repo_id} ({type(error).__name__}: {error}); check the "
+        raise UserError(f"could not push {folder} to {repo_id} ({type(error).__name__}: {error}); check the "
                            "network and that `huggingface-cli login` (or --token / HF_TOKEN) grants write access") \
             from error
     return str(url)
 
 
 def _push(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        url = push_adapter(args.folder, args.repo_id, private=args.private, token=args.token)
-    except RuntimeError as error:
-        print(f"msdda: error: {error}", file=sys.stderr)
-        return 2
+    url = push_adapter(args.folder, args.repo_id, private=args.private, token=args.token)
     print(f"pushed {args.folder} to {url}")
     return 0
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from msdda.errors import UserError
 from msdda.kernels import StepKernel, standard_normal
 
 __all__ = ["Step", "KernelFunction", "Recorder", "denoise"]
@@ -55,7 +56,7 @@ def denoise(timesteps: Iterable[torch.Tensor], latents: torch.Tensor, kernel_at:
     ``timesteps`` may be a progress bar over the schedule.
     """
     if generator is not None and noise_like is None:
-        raise ValueError("denoise draws its noise like noise_like (e.g. the prompt embeddings): pass noise_like")
+        raise UserError("denoise draws its noise like noise_like (e.g. the prompt embeddings): pass noise_like")
     for index, timestep in enumerate(timesteps, start=start_index):
         kernel = kernel_at(index, timestep, latents)
         if generator is None:

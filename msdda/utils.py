@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from msdda.errors import UserError
+
 __all__ = ["parse_seeds", "parse_floats", "image_grid", "SMALL_IMAGE"]
 
 SMALL_IMAGE = 64
@@ -16,9 +18,9 @@ def parse_seeds(text: str) -> list[int]:
         try:
             seeds.extend(range(int(start), int(end) + 1) if separator else [int(start)])
         except ValueError as error:
-            raise ValueError(f"--seeds {text!r} must look like '0-15' or '1,4,9'") from error
+            raise UserError(f"--seeds {text!r} must look like '0-15' or '1,4,9'") from error
     if not seeds:
-        raise ValueError("--seeds names no seed")
+        raise UserError("--seeds names no seed")
     return seeds
 
 
@@ -28,7 +30,7 @@ def parse_floats(text: str | None, what: str) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError as error:
-        raise ValueError(f"--{what} {text!r} must be comma-separated numbers, e.g. 0.3,0.7") from error
+        raise UserError(f"--{what} {text!r} must be comma-separated numbers, e.g. 0.3,0.7") from error
 
 
 def image_grid(images: list, columns: int | None = None):

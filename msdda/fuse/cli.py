@@ -30,10 +30,7 @@ def _config_from_args(args: argparse.Namespace) -> FuseConfig:
     if args.prompt or args.prompts_file:
         overrides["prompts"] = list(args.prompt) + (load_prompts(args.prompts_file) if args.prompts_file else [])
     config = load_config(FuseConfig, args.config, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    if not config.prompts:
-        raise ValueError("give at least one --prompt (or --prompts-file, or prompts: in --config)")
-    if not config.adapters and config.method != "base":
-        raise ValueError("give the adapters to fuse: --adapter A --adapter B (or adapters: in --config)")
+    config.validate()
     return config
 
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from msdda.errors import UserError
+
 __all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE"]
 
 REFERENCE_TOLERANCE = 1e-8
@@ -26,10 +28,10 @@ def _check_finite_numbers(values: Sequence[float], name: str) -> list[float]:
     try:
         numbers = [float(v) for v in values]
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be numbers, got {list(values)!r}") from error
+        raise UserError(f"{name} must be numbers, got {list(values)!r}") from error
     bad = [v for v in numbers if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"{name} must be finite, got {numbers}")
+        raise UserError(f"{name} must be finite, got {numbers}")
     return numbers
 
 
@@ -44,23 +46,23 @@ def exponents(
     """
     weights = _check_finite_numbers(weights, "weights")
     if not weights:
-        raise ValueError("weights must name at least one adapter, got an empty list")
+        raise UserError("weights must name at least one adapter, got an empty list")
     negative = [w for w in weights if w < 0]
     if negative:
-        raise ValueError(f"weights must be >= 0, got {weights}; a negative weight would reward the opposite")
+        raise UserError(f"weights must be >= 0, got {weights}; a negative weight would reward the opposite")
     if sum(weights) == 0:
-        raise ValueError(f"weights are all zero ({weights}); give at least one adapter a positive weight")
+        raise UserError(f"weights are all zero ({weights}); give at least one adapter a positive weight")
     if betas is None:
         if beta is not None:
             _check_positive_beta([beta], "beta")
         return list(weights)
     betas = _check_finite_numbers(betas, "betas")
     if len(betas) != len(weights):
-        raise ValueError(f"got {len(weights)} weights but {len(betas)} betas; give one beta per adapter")
+        raise UserError(f"got {len(weights)} weights but {len(betas)} betas; give one beta per adapter")
     _check_positive_beta(betas, "betas")
     if beta is None:
         if max(betas) != min(betas):
-            raise ValueError(
+            raise UserError(
                 f"the adapters' betas differ ({betas}); say which KL weight the fused objective has with `beta`"
             )
         beta = betas[0]
@@ -71,7 +73,7 @@ def exponents(
 def _check_positive_beta(values: Sequence[float], name: str) -> None:
     values = _check_finite_numbers(values, name)
     if any(v <= 0 for v in values):
-        raise ValueError(f"{name} must be > 0 (a KL weight), got {values}")
+        raise UserError(f"{name} must be > 0 (a KL weight), got {values}")
 
 
 def reference_exponent(exponents: Sequence[float]) -> float:
@@ -108,21 +110,21 @@ def fuse_gaussians(
     """
     exponent_values = _check_finite_numbers(exponents, "exponents")
     if not means:
-        raise ValueError("means must hold at least one kernel mean, got none")
+        raise UserError("means must hold at least one kernel mean, got none")
     if not (len(means) == len(variances) == len(exponent_values)):
-        raise ValueError(
+        raise UserError(
             f"got {len(means)} means, {len(variances)} variances and {len(exponent_values)} exponents; "
             "give one of each per kernel"
         )
     if any(l < 0 for l in exponent_values):
-        raise ValueError(f"exponents must be >= 0, got {exponent_values}")
+        raise UserError(f"exponents must be >= 0, got {exponent_values}")
     if sum(exponent_values) == 0:
-        raise ValueError(f"exponents are all zero ({exponent_values}); give at least one kernel a positive weight")
+        raise UserError(f"exponents are all zero ({exponent_values}); give at least one kernel a positive weight")
 
     shape = means[0].shape
     for index, mean in enumerate(means):
         if mean.shape != shape:
-            raise ValueError(f"means[{index}] has shape {tuple(mean.shape)}, but means[0] has {tuple(shape)}")
+            raise UserError(f"means[{index}] has shape {tuple(mean.shape)}, but means[0] has {tuple(shape)}")
 
     ref_exponent = reference_exponent(exponent_values)
     all_means = list(means)
@@ -130,12 +132,12 @@ def fuse_gaussians(
     all_exponents = list(exponent_values)
     if ref_exponent != 0.0:
         if ref_mean is None or ref_variance is None:
-            raise ValueError(
+            raise UserError(
                 f"the exponents sum to {1 - ref_exponent:.6g}, so the reference kernel enters with exponent "
                 f"{ref_exponent:.6g}: pass ref_mean and ref_variance (or use weights that sum to 1 with equal betas)"
             )
         if ref_mean.shape != shape:
-            raise ValueError(f"ref_mean has shape {tuple(ref_mean.shape)}, but the kernel means have {tuple(shape)}")
+            raise UserError(f"ref_mean has shape {tuple(ref_mean.shape)}, but the kernel means have {tuple(shape)}")
         all_means.append(ref_mean)
         all_variances.append(ref_variance)
         all_exponents.append(ref_exponent)
@@ -148,18 +150,18 @@ def fuse_gaussians(
         try:
             torch.broadcast_shapes(variance.shape, shape)
         except RuntimeError as error:
-            raise ValueError(
+            raise UserError(
                 f"{name} has shape {tuple(variance.shape)}, which does not broadcast to the means' {tuple(shape)}"
             ) from error
         if bool((variance < 0).any()) or bool(variance.isnan().any()):
-            raise ValueError(f"{name} must be >= 0 everywhere")
+            raise UserError(f"{name} must be >= 0 everywhere")
         variance_tensors.append(variance)
 
     variance_shape = torch.broadcast_shapes(*(v.shape for v in variance_tensors))
     zero = torch.stack([(v == 0).expand(variance_shape) for v in variance_tensors])
     all_zero, any_zero = zero.all(dim=0), zero.any(dim=0)
     if bool((any_zero & ~all_zero).any()):
-        raise ValueError(
+        raise UserError(
             "some kernels have zero variance where others do not; a deterministic step can only be fused with "
             "other deterministic steps"
         )
@@ -175,7 +177,7 @@ def fuse_gaussians(
 
     if bool((precision[~all_zero] <= 0).any()):
         worst = float(precision[~all_zero].min())
-        raise ValueError(
+        raise UserError(
             f"the fused precision is not positive (min {worst:.4g}): the reference exponent {ref_exponent:.4g} "
             "outweighs the adapters; lower the weights or raise the target beta so that sum(l_i) is smaller"
         )

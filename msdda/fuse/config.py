@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from msdda.errors import UserError
+from msdda.fuse.closed_form import exponents
+from msdda.fuse.methods import get_method
+from msdda.prompts import check_prompts_spec
+from msdda.utils import parse_seeds
+
 __all__ = ["FuseConfig"]
 
 
@@ -12,20 +18,51 @@ class FuseConfig:
     """What ``msdda fuse`` samples; a YAML file (``--config``) holds these keys, and flags override them."""
 
     base: str = "world"
+    """The base pipeline the adapters were trained on: a folder, a Hub id, or 'world' (the embedded one)."""
     adapters: list[str] = field(default_factory=list)
+    """The reward adapters to fuse (folders written by ``msdda train``, or Hub ids), in the order of the weights."""
     weights: list[float] | None = None
+    """One weight per adapter (default: equal weights summing to 1)."""
     betas: list[float] | None = None
+    """The adapters' KL weights, when their metadata lacks them."""
     beta: float | None = None
+    """The fused objective's KL weight (default: the adapters' common beta; required when their betas differ)."""
     method: str = "msdda"
+    """The fusion method: msdda or a baseline (see ``msdda fuse --help``)."""
     rewards: list[str] = field(default_factory=list)
-    """Rewards for method 'code' (one per adapter)."""
+    """Rewards for methods that score while sampling ('code'), one per adapter."""
     prompts: list[str] | str = field(default_factory=list)
     """A list, a text/table file, or 'hub:<dataset>' (see msdda.prompts)."""
     num_prompts: int | None = None
+    """Use this many prompts, evenly spaced through the list (None: all)."""
     seeds: str = "0-7"
+    """One image per prompt and seed: '0-15' or '1,4,9'."""
     num_inference_steps: int | None = None
+    """Default: the adapters' own (from their metadata); likewise guidance_scale and eta."""
     guidance_scale: float | None = None
     eta: float | None = None
     out: str = "runs/fuse"
+    """Folder for the PNGs, grid.png and settings.json."""
     device: str = "auto"
     """Where to sample: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+
+    def validate(self) -> None:
+        """Refuse bad settings before any model loads; each message names the key and the fix."""
+        method = get_method(self.method)
+        if not self.prompts:
+            raise UserError("give at least one --prompt (or --prompts-file, or prompts: in --config)")
+        check_prompts_spec(self.prompts)
+        if method.needs_adapters and not self.adapters:
+            raise UserError("give the adapters to fuse: --adapter A --adapter B (or adapters: in --config)")
+        if self.weights is not None:
+            if len(self.weights) != len(self.adapters):
+                raise UserError(f"weights {self.weights} has {len(self.weights)} values for {len(self.adapters)} "
+                                "adapters; give one weight per adapter")
+            exponents(self.weights)  # non-negative, finite, not all zero
+        if self.betas is not None and len(self.betas) != len(self.adapters):
+            raise UserError(f"betas {self.betas} has {len(self.betas)} values for {len(self.adapters)} adapters; "
+                            "give one beta per adapter")
+        if method.needs_rewards and len(self.rewards) != len(self.adapters):
+            raise UserError(f"method {self.method!r} scores samples while sampling: give one --reward per adapter "
+                            f"(got {len(self.rewards)} for {len(self.adapters)})")
+        parse_seeds(self.seeds)

@@ -18,45 +18,69 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from msdda.adapters import AdapterMetadata, load_adapter_metadata, weights_hash
+from msdda.errors import InputNotFound, UserError
+from msdda.adapters import METADATA_FILE, AdapterMetadata, load_adapter_metadata, resolve_adapter, weights_hash
 from msdda.diffusion import decode_latents, resolve_base
 from msdda.fuse.methods import FusionContext, get_method
 from msdda.fuse.sampler import sample_latents
 
-__all__ = ["MSDDAPipeline", "LoadedAdapter", "resolve_adapter"]
+__all__ = ["MSDDAPipeline", "LoadedAdapter", "read_adapters"]
 
 _SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler}
 
 
 @dataclass(frozen=True)
 class LoadedAdapter:
+    """One reward adapter as the pipeline holds it: its PEFT adapter name, where it came from, its KL weight."""
+
     name: str
     source: str
+    folder: Path
     metadata: AdapterMetadata | None
+    beta: float
 
 
-def resolve_adapter(source: str) -> Path:
-    """A local adapter folder, or a Hub repo id downloaded (or taken from the cache) with huggingface_hub."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists() or source.count("/") != 1:
-        raise FileNotFoundError(f"adapter {source!r} is neither a folder nor a Hub repo id like 'user/name'")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json", "README.md"]))
-    except Exception as error:  # huggingface_hub raises several types for offline / missing repos
-        raise FileNotFoundError(f"cannot fetch adapter {source!r} from the Hub ({type(error).__name__}: {error}); "
-                                "download it to a folder and pass the folder") from error
+def read_adapters(sources: list[str], betas: list[float] | None = None) -> list[LoadedAdapter]:
+    """Resolve and check the adapters before any model is loaded: each folder (or Hub id) exists and holds
+    LoRA weights, their metadata agree on the sampler, and every adapter has a beta (recorded or given)."""
+    if betas is not None and len(betas) != len(sources):
+        raise UserError(f"got {len(sources)} adapters but {len(betas)} betas; give one beta per adapter")
+    adapters, first = [], None
+    for index, source in enumerate(sources):
+        folder = resolve_adapter(source)
+        metadata = load_adapter_metadata(folder) if (folder / METADATA_FILE).is_file() else None
+        if metadata is not None:
+            first = first or (source, metadata)
+            for field in ("scheduler_class", "num_inference_steps"):
+                ours, theirs = getattr(metadata, field), getattr(first[1], field)
+                if ours != theirs:
+                    raise UserError(f"adapter {source}: {field} is {ours!r} but adapter {first[0]} has {theirs!r}; "
+                                    "fuse adapters trained with the same sampler")
+        if betas is None and metadata is None:
+            raise UserError(f"adapter {source} records no beta (no {METADATA_FILE}); pass betas=[...] (--betas on "
+                            "the command line)")
+        beta = float(betas[index] if betas is not None else metadata.beta)
+        adapters.append(LoadedAdapter(f"adapter_{index}", source, folder, metadata, beta))
+    if first is not None and first[1].scheduler_class not in _SCHEDULERS:
+        raise UserError(f"adapters were trained with {first[1].scheduler_class}, which msdda cannot sample")
+    return adapters
 
 
 class MSDDAPipeline(StableDiffusionPipeline):
-    """Stable Diffusion (or the embedded world) with K reward LoRAs, fused per step with MSDDA."""
+    """Stable Diffusion (or the embedded world) with K reward LoRAs, fused per step with MSDDA.
+
+    Beside the stock components it holds ``base_model`` (the name it was loaded from), ``base_hash`` (of the
+    stored UNet weights, which adapters record) and ``adapters`` (the loaded :class:`LoadedAdapter`s).
+    """
+
+    base_model: str = ""
+    base_hash: str = ""
+    adapters: list[LoadedAdapter] = []
 
     @classmethod
     def from_pretrained(cls, base: str, adapters: list[str] | tuple[str, ...] = (), betas: list[float] | None = None,
                         **kwargs) -> MSDDAPipeline:
+        checked = read_adapters(list(adapters), betas)  # bad adapter input fails before the base loads
         location = resolve_base(base)
         kwargs.setdefault("local_files_only", Path(location).is_dir())
         # adapters record the hash of the stored weights: hash them as stored, then cast (torch_dtype=float16 works)
@@ -68,55 +92,39 @@ class MSDDAPipeline(StableDiffusionPipeline):
             pipeline.to(dtype=dtype)
         pipeline.adapters = []
         pipeline.unet.requires_grad_(False)
-        if adapters:
-            pipeline.load_adapters(list(adapters), betas)
+        pipeline._load_checked(checked)
         return pipeline
 
     # ------------------------------------------------------------------------------------------- adapters
     def load_adapters(self, sources: list[str], betas: list[float] | None = None) -> None:
         """Check each adapter's metadata against the base and the others, then load its LoRA."""
-        if betas is not None and len(betas) != len(sources):
-            raise ValueError(f"got {len(sources)} adapters but {len(betas)} betas; give one beta per adapter")
-        first: AdapterMetadata | None = None
-        unchecked = []
-        for index, source in enumerate(sources):
-            folder = resolve_adapter(source)
-            try:
-                metadata = load_adapter_metadata(folder)
-            except FileNotFoundError:
-                metadata = None
-                unchecked.append(source)
-            if metadata is not None:
-                if metadata.base_model_hash != self.base_hash:
-                    raise ValueError(f"adapter {source}: base_model_hash {metadata.base_model_hash[:12]}… "
-                                     f"(trained on {metadata.base_model}) differs from this base's "
-                                     f"{self.base_hash[:12]}… ({self.base_model}); MSDDA needs one reference model")
-                first = first or metadata
-                for field in ("scheduler_class", "num_inference_steps"):
-                    ours, theirs = getattr(metadata, field), getattr(first, field)
-                    if ours != theirs:
-                        raise ValueError(f"adapter {source}: {field} is {ours!r} but adapter {sources[0]} has "
-                                         f"{theirs!r}; fuse adapters trained with the same sampler")
-            if betas is None and metadata is None:
-                raise ValueError(f"adapter {source} records no beta (no msdda_adapter.json); pass betas=[...] "
-                                 "(--betas on the command line)")
-            beta = betas[index] if betas is not None else metadata.beta
-            name = f"adapter_{len(self.adapters)}"
-            self.load_lora_weights(folder, adapter_name=name)
-            self.adapters.append(LoadedAdapter(name=name, source=source, metadata=metadata))
-            self._betas = getattr(self, "_betas", []) + [float(beta)]
+        self._load_checked(read_adapters(sources, betas))
+
+    def _load_checked(self, adapters: list[LoadedAdapter]) -> None:
+        if not adapters:
+            return
+        if self.adapters:
+            raise UserError("this pipeline holds adapters already; load them all in one call (or a new pipeline)")
+        for adapter in adapters:
+            metadata = adapter.metadata
+            if metadata is not None and metadata.base_model_hash != self.base_hash:
+                raise UserError(f"adapter {adapter.source}: base_model_hash {metadata.base_model_hash[:12]}… "
+                                f"(trained on {metadata.base_model}) differs from this base's {self.base_hash[:12]}… "
+                                f"({self.base_model}); MSDDA needs one reference model")
+        unchecked = [adapter.source for adapter in adapters if adapter.metadata is None]
         if unchecked:
             warnings.warn(f"adapters {unchecked} carry no msdda metadata: their base model, scheduler and step "
-                          "count cannot be checked", stacklevel=2)
+                          "count cannot be checked", stacklevel=3)
+        for adapter in adapters:
+            self.load_lora_weights(adapter.folder, adapter_name=adapter.name)
+        self.adapters = list(adapters)
+        first = next((adapter.metadata for adapter in adapters if adapter.metadata is not None), None)
         if first is not None:
-            scheduler_class = _SCHEDULERS.get(first.scheduler_class)
-            if scheduler_class is None:
-                raise ValueError(f"adapters were trained with {first.scheduler_class}, which msdda cannot sample")
-            self.scheduler = scheduler_class.from_config(first.scheduler_config)
+            self.scheduler = _SCHEDULERS[first.scheduler_class].from_config(first.scheduler_config)
 
     @property
     def betas(self) -> list[float]:
-        return list(getattr(self, "_betas", []))
+        return [adapter.beta for adapter in self.adapters]
 
     def _default(self, field: str, fallback):
         for adapter in self.adapters:
@@ -142,10 +150,10 @@ class MSDDAPipeline(StableDiffusionPipeline):
         fusion = get_method(method)
         count = len(self.adapters)
         if fusion.needs_adapters and count == 0:
-            raise ValueError(f"method {method!r} needs adapters; load some with adapters=[...]")
+            raise UserError(f"method {method!r} needs adapters; load some with adapters=[...]")
         weights = list(weights) if weights is not None else ([1.0 / count] * count if count else [])
         if len(weights) != count:
-            raise ValueError(f"got {len(weights)} weights for {count} adapters; give one weight per adapter")
+            raise UserError(f"got {len(weights)} weights for {count} adapters; give one weight per adapter")
         powers = fusion.exponents(weights, self.betas, beta) if count else []
         num_inference_steps = num_inference_steps or self._default("num_inference_steps", 50)
         guidance_scale = self._default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
@@ -158,7 +166,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
         reward = None
         if fusion.needs_rewards:
             if rewards is None or len(rewards) != count:
-                raise ValueError(f"method {method!r} scores samples while sampling: pass rewards=[one per adapter]")
+                raise UserError(f"method {method!r} scores samples while sampling: pass rewards=[one per adapter]")
             total = sum(weights)
             reward = lambda images, texts: sum(w / total * r(images, texts) for w, r in zip(weights, rewards))  # noqa: E731
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from msdda.errors import UserError
 from msdda.report.metrics import (
     bootstrap_standard_error,
     hypervolume,
@@ -80,7 +81,7 @@ def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
         curve.costs = {k: v / len(curve.weights) for k, v in curve.costs.items()}
     sizes = {len(r) for c in curves.values() for r in c.rewards}
     if len(sizes) != 1:
-        raise ValueError(f"{folder}: cells hold different numbers of samples {sorted(sizes)}; re-run the sweep")
+        raise UserError(f"{folder}: cells hold different numbers of samples {sorted(sizes)}; re-run the sweep")
     return list(curves.values()), names, config
 
 
@@ -256,7 +257,7 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
     folder = Path(folder)
     curves, names, config = load_curves(folder)
     if reference_point is not None and len(reference_point) != len(names):
-        raise ValueError(f"reference point {reference_point} needs one value per reward {names}")
+        raise UserError(f"reference point {reference_point} needs one value per reward {names}")
     metrics = compute_metrics(curves, names, reference_point, list(objective_weights), resamples)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = f"MSDDA sweep: {' vs '.join(names)}"

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from msdda.errors import UserError
+
 __all__ = ["pareto_mask", "hypervolume", "weighted_objective", "bootstrap_standard_error", "standard_error"]
 
 
@@ -31,7 +33,7 @@ def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
     points = np.asarray(points, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != reference.shape[0]:
-        raise ValueError(f"points must be [N, {reference.shape[0]}], got shape {points.shape}")
+        raise UserError(f"points must be [N, {reference.shape[0]}], got shape {points.shape}")
     points = points[np.all(points > reference, axis=1)]
     if len(points) == 0:
         return 0.0

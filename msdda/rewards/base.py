@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from msdda.errors import UserError
+
 __all__ = ["Reward", "FunctionReward", "register_reward", "load_reward", "available_rewards"]
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
@@ -38,14 +40,14 @@ class Reward(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
         if grad and not self.differentiable:
-            raise ValueError(f"reward {self.name!r} is not differentiable (its class does not set differentiable = "
+            raise UserError(f"reward {self.name!r} is not differentiable (its class does not set differentiable = "
                              "True); use train.estimator=policy-gradient with it")
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.name}: images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+            raise UserError(f"{self.name}: images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
         if len(prompts) != len(images):
-            raise ValueError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
+            raise UserError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
         self.eval()
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             scores = self.score(images.to(self.device, torch.float32), list(prompts))
@@ -68,7 +70,7 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
 
     def decorate(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         if name in _REGISTRY:
-            raise ValueError(f"a reward named {name!r} is already registered")
+            raise UserError(f"a reward named {name!r} is already registered")
         _REGISTRY[name] = factory
         return factory
 
@@ -84,7 +86,7 @@ def load_reward(spec: str, **kwargs) -> Reward:
     if spec in _REGISTRY:
         return _REGISTRY[spec](**kwargs)
     if ":" not in spec:
-        raise ValueError(
+        raise UserError(
             f"unknown reward {spec!r}; built-in rewards are {available_rewards()}, or give 'package.module:name' "
             "for your own Reward class or function"
         )
@@ -92,9 +94,9 @@ def load_reward(spec: str, **kwargs) -> Reward:
     try:
         target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot load reward {spec!r}: {error}") from error
+        raise UserError(f"cannot load reward {spec!r}: {error}") from error
     if inspect.isclass(target) and issubclass(target, Reward):
         return target(**kwargs)
     if callable(target):
         return FunctionReward(target, name=spec, **kwargs)
-    raise ValueError(f"reward {spec!r} is neither a Reward class nor a function")
+    raise UserError(f"reward {spec!r} is neither a Reward class nor a function")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msdda.errors import InputNotFound, UserError
 from msdda.rewards.base import Reward, register_reward
 
 __all__ = ["CLIPPreference", "LaionAesthetic", "ClipImagePreprocess", "AestheticHead", "load_pretrained",
@@ -27,7 +28,7 @@ def load_pretrained(cls, source: str, what: str, **kwargs):
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"cannot load the {what} from {source!r} ({type(error).__name__}: {str(error).splitlines()[0]}). "
             f"Download it once where the Hub is reachable (huggingface-cli download {source} --local-dir "
             f"<folder>), copy the folder here and pass the folder as the reward's model path; safetensors weights "
@@ -121,7 +122,7 @@ def hpsv2(model: str | None = None, processor: str = "laion/CLIP-ViT-H-14-laion2
     pickle, which msdda does not load: ``model`` is a folder holding them converted to transformers' CLIPModel
     layout in safetensors."""
     if model is None:
-        raise ValueError("hpsv2 needs model=<folder>: the HPSv2 weights (xswu/HPSv2 on the Hub, an open_clip "
+        raise UserError("hpsv2 needs model=<folder>: the HPSv2 weights (xswu/HPSv2 on the Hub, an open_clip "
                          "pickle) converted once to a transformers CLIPModel folder with safetensors weights")
     return CLIPPreference(model, processor, scale=1.0, name="hpsv2")
 
@@ -179,12 +180,12 @@ def resolve_weights_file(source: str, what: str) -> str:
         try:
             path = hf_hub_download(repo_id, filename)
         except Exception as error:  # huggingface_hub raises many types for offline / missing files
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"cannot fetch the {what} {source!r} ({type(error).__name__}); download {filename} from "
                 f"https://huggingface.co/{repo_id} where the Hub is reachable and pass the local file") from error
     else:
-        raise FileNotFoundError(f"the {what} {source!r} is neither a file nor 'repo_id:filename'")
+        raise InputNotFound(f"the {what} {source!r} is neither a file nor 'repo_id:filename'")
     if not str(path).endswith(".safetensors"):
-        raise ValueError(f"the {what} {path} is not a .safetensors file; msdda never unpickles weights: convert it "
+        raise UserError(f"the {what} {path} is not a .safetensors file; msdda never unpickles weights: convert it "
                          "to safetensors first")
     return str(path)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from msdda.errors import UserError
 from msdda.rewards.base import Reward, register_reward
 from msdda.rewards.clip import (
     AestheticHead,
@@ -46,7 +47,7 @@ class ImageReward(Reward):
     def __init__(self, model: str | None = None, head: str | None = None) -> None:
         super().__init__()
         if model is None or head is None:
-            raise ValueError("imagereward needs model=<folder> and head=<file.safetensors>: ImageReward's BLIP "
+            raise UserError("imagereward needs model=<folder> and head=<file.safetensors>: ImageReward's BLIP "
                              "weights (THUDM/ImageReward on the Hub, a pickle) converted once to a transformers "
                              "BlipForImageTextRetrieval folder, and its MLP head as safetensors")
         from safetensors.torch import load_file

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from msdda.errors import UserError
 from msdda.rewards.base import Reward, load_reward, register_reward
 
 __all__ = ["WeightedSum"]
@@ -25,7 +26,7 @@ class WeightedSum(Reward):
                  kwargs: Sequence[dict] | None = None) -> None:
         super().__init__()
         if len(rewards) != len(weights) or not rewards:
-            raise ValueError(f"weighted-sum needs one weight per reward, got rewards={list(rewards)} and "
+            raise UserError(f"weighted-sum needs one weight per reward, got rewards={list(rewards)} and "
                              f"weights={list(weights)}")
         kwargs = list(kwargs) if kwargs is not None else [{} for _ in rewards]
         self.parts = nn.ModuleList([load_reward(name, **options) for name, options in zip(rewards, kwargs)])

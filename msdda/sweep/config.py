@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from msdda.errors import UserError
 from msdda.fuse.methods import method_names
 from msdda.prompts import check_prompts_spec, load_prompts
 
@@ -51,42 +52,42 @@ class SweepConfig:
         from msdda.utils import parse_seeds
 
         if len(self.adapters) < 1:
-            raise ValueError("adapters is empty: give the K reward adapters to sweep (folders or Hub ids)")
+            raise UserError("adapters is empty: give the K reward adapters to sweep (folders or Hub ids)")
         unknown = [m for m in self.methods if m not in method_names() and m != "oracle"]
         if unknown:
-            raise ValueError(f"methods {unknown} are unknown; choose from {method_names()}")
+            raise UserError(f"methods {unknown} are unknown; choose from {method_names()}")
         if "oracle" in self.methods:
-            raise ValueError("'oracle' is not a method to list: give the oracle adapters under oracles: {weights: folder}")
+            raise UserError("'oracle' is not a method to list: give the oracle adapters under oracles: {weights: folder}")
         if isinstance(self.weights, int):
             if self.weights < 2:
-                raise ValueError(f"weights={self.weights}: a grid needs at least 2 points per edge")
+                raise UserError(f"weights={self.weights}: a grid needs at least 2 points per edge")
         else:
             for vector in self.weights:
                 self._check_weights(vector, "weights")
         for key in self.oracles:
             self._check_weights(self.parse_weight_key(key), f"oracles[{key!r}]")
         if self.rewards is not None and len(self.rewards) != len(self.adapters):
-            raise ValueError(f"rewards names {len(self.rewards)} rewards for {len(self.adapters)} adapters; give one "
+            raise UserError(f"rewards names {len(self.rewards)} rewards for {len(self.adapters)} adapters; give one "
                              "per adapter, or leave it out to use the rewards the adapters were trained on")
         check_prompts_spec(self.prompts)
         parse_seeds(self.seeds)
         for name, value in (("batch_size", self.batch_size), ("code_candidates", self.code_candidates),
                             ("code_block", self.code_block)):
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise UserError(f"{name} must be at least 1, got {value}")
 
     def _check_weights(self, vector: list[float] | tuple[float, ...], where: str) -> None:
         if len(vector) != len(self.adapters):
-            raise ValueError(f"{where}: {list(vector)} has {len(vector)} weights for {len(self.adapters)} adapters")
+            raise UserError(f"{where}: {list(vector)} has {len(vector)} weights for {len(self.adapters)} adapters")
         if any(not math.isfinite(w) or w < 0 for w in vector) or not sum(vector) > 0:
-            raise ValueError(f"{where}: {list(vector)} must be non-negative numbers, not all zero")
+            raise UserError(f"{where}: {list(vector)} must be non-negative numbers, not all zero")
 
     @staticmethod
     def parse_weight_key(key: str) -> tuple[float, ...]:
         try:
             return tuple(float(v) for v in str(key).split(","))
         except ValueError as error:
-            raise ValueError(f"oracle weights {key!r} must be comma-separated numbers like '0.25,0.75'") from error
+            raise UserError(f"oracle weights {key!r} must be comma-separated numbers like '0.25,0.75'") from error
 
     def load_prompts(self) -> list[str]:
         return load_prompts(self.prompts, self.num_prompts)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+from msdda.errors import UserError
+
 __all__ = ["simplex_grid", "weight_key"]
 
 
@@ -14,9 +16,9 @@ def simplex_grid(num_rewards: int, points_per_edge: int) -> list[tuple[float, ..
     Ordered by the first weight, then the second, ...
     """
     if num_rewards < 1:
-        raise ValueError(f"need at least one reward, got {num_rewards}")
+        raise UserError(f"need at least one reward, got {num_rewards}")
     if points_per_edge < 2:
-        raise ValueError(f"weights={points_per_edge}: a grid needs at least 2 points per edge (the endpoints)")
+        raise UserError(f"weights={points_per_edge}: a grid needs at least 2 points per edge (the endpoints)")
     steps = points_per_edge - 1
     grid = [tuple(c / steps for c in counts) + ((steps - sum(counts)) / steps,)
             for counts in itertools.product(range(steps + 1), repeat=num_rewards - 1) if sum(counts) <= steps]

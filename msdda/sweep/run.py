@@ -19,6 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from msdda.errors import InputNotFound, UserError
 from msdda.config import config_to_dict
 from msdda.diffusion import images_to_pil, resolve_device
 from msdda.fuse.methods import get_method
@@ -113,7 +114,7 @@ class Sweep:
     @staticmethod
     def _trained_reward(adapter) -> str:
         if adapter.metadata is None:
-            raise ValueError(f"adapter {adapter.source} has no msdda metadata naming its reward; give rewards: "
+            raise UserError(f"adapter {adapter.source} has no msdda metadata naming its reward; give rewards: "
                              "[one per adapter] in the sweep config")
         return adapter.metadata.reward_name
 
@@ -125,7 +126,7 @@ class Sweep:
         current = config_to_dict(self.config)
         changed = [key for key in SAMPLE_SETTINGS if previous.get(key) != current.get(key)]
         if changed:
-            raise ValueError(f"output_dir {self.folder} holds a sweep with other {changed} "
+            raise UserError(f"output_dir {self.folder} holds a sweep with other {changed} "
                              f"(was {[previous.get(k) for k in changed]}); resume it with the same settings or choose "
                              "another output_dir")
 
@@ -214,7 +215,7 @@ def load_manifest(folder: str | Path) -> dict:
     """A finished sweep's manifest; a folder without one is refused with the command that writes it."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {MANIFEST}: run msdda sweep with output_dir={folder} (a finished "
+        raise InputNotFound(f"{folder} holds no {MANIFEST}: run msdda sweep with output_dir={folder} (a finished "
                                 "sweep's cells are kept, so this only rewrites its tables and manifest)")
     return json.loads(path.read_text())
 

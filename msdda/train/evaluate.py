@@ -98,8 +98,7 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
 
 
 def _base_of(adapter: str) -> str:
-    from msdda.adapters import load_adapter_metadata
-    from msdda.fuse.pipeline import resolve_adapter
+    from msdda.adapters import load_adapter_metadata, resolve_adapter
 
     return load_adapter_metadata(resolve_adapter(adapter)).base_model
 

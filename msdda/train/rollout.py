@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from msdda.errors import UserError
 from msdda.diffusion import BASE, adapter_kernels, decode_latents
 from msdda.kernels import StepKernel, initial_latents, kernel_kl
 from msdda.sampling import Step, denoise
@@ -98,7 +99,7 @@ def sample_trajectories(
     instead of ``unet`` with its adapter routed off.
     """
     if step_reward not in STEP_REWARDS:
-        raise ValueError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
+        raise UserError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
     scheduler = pipeline.scheduler
     scheduler.set_timesteps(num_inference_steps, device=prompt_embeds.device)
     timesteps = scheduler.timesteps
@@ -148,7 +149,7 @@ def sample_trajectories(
 
     deterministic = torch.stack(deterministic).cpu()
     if deterministic.any():
-        raise ValueError(
+        raise UserError(
             f"the step at timestep {int(timesteps[deterministic.nonzero()[0, 0]])} is deterministic (variance 0); RL "
             "needs stochastic steps: use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's "
             "config has)"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from msdda.errors import InputNotFound
+
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -16,7 +18,7 @@ def world_path() -> Path:
     """The folder of the shipped pipeline; pass it wherever a base model id or path goes."""
     path = ASSETS / "pipeline"
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"the shipped world is missing from {path}; reinstall msdda or run "
+        raise InputNotFound(f"the shipped world is missing from {path}; reinstall msdda or run "
                                 "`msdda world pretrain --out DIR` and pass DIR/pipeline as the base")
     return path
 

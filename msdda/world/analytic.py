@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers import DDPMScheduler
 
+from msdda.errors import UserError
 from msdda.kernels import StepKernel, previous_timestep, step_kernel
 
 __all__ = ["GaussianWorld"]
@@ -32,13 +33,13 @@ class GaussianWorld:
 
     def __init__(self, data_mean: torch.Tensor, data_cov: torch.Tensor, scheduler: DDPMScheduler) -> None:
         if scheduler.config.prediction_type != "epsilon" or scheduler.config.clip_sample:
-            raise ValueError("the analytic world needs an epsilon-predicting DDPMScheduler with clip_sample=False")
+            raise UserError("the analytic world needs an epsilon-predicting DDPMScheduler with clip_sample=False")
         if scheduler.num_inference_steps is None:
-            raise ValueError("call scheduler.set_timesteps(num_inference_steps) before building the world")
+            raise UserError("call scheduler.set_timesteps(num_inference_steps) before building the world")
         self.data_mean = torch.as_tensor(data_mean, dtype=torch.float64)
         self.data_cov = torch.as_tensor(data_cov, dtype=torch.float64)
         if self.data_mean.ndim != 1 or self.data_cov.shape != (self.dim, self.dim):
-            raise ValueError(f"data_mean must be [d] and data_cov [d, d], got {tuple(self.data_mean.shape)} and "
+            raise UserError(f"data_mean must be [d] and data_cov [d, d], got {tuple(self.data_mean.shape)} and "
                              f"{tuple(self.data_cov.shape)}")
         torch.linalg.cholesky(self.data_cov)  # raises if not positive definite
         self.scheduler = scheduler

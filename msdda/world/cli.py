@@ -6,22 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
+from msdda.errors import UserError
+
 
 def _pretrain(args: argparse.Namespace) -> int:
     from msdda.world.pretrain import PretrainConfig, continue_layout, pretrain_world
 
     if args.layout_steps < 0:
-        raise SystemExit(f"error: --layout-steps must be 0 or more, got {args.layout_steps}")
+        raise UserError(f"--layout-steps must be 0 or more, got {args.layout_steps}")
     output = Path(args.out)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {output} is not empty; choose another --out or pass --overwrite")
+        raise UserError(f"{output} is not empty; choose another --out or pass --overwrite")
     if args.from_world:
         if args.seed is not None:
-            raise SystemExit("error: --from continues with the seed of the world it names; leave out --seed")
-        try:
-            continue_layout(args.from_world, output, args.layout_steps)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+            raise UserError("--from continues with the seed of the world it names; leave out --seed")
+        continue_layout(args.from_world, output, args.layout_steps)
     else:
         pretrain_world(output, PretrainConfig(seed=args.seed or 0, layout_steps=args.layout_steps))
     print(f"world written to {output} (pipeline/, classifier/, pretraining.json)")

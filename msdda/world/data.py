@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from msdda.errors import UserError
+
 __all__ = [
     "COLOURS",
     "SHAPES",
@@ -138,7 +140,7 @@ def shape_coverage(shape: str, centres: torch.Tensor, radii: torch.Tensor, size:
         distance = torch.maximum(torch.maximum(dy - 0.6 * half, (-math.sqrt(3) * dx - dy - half * 0.9) / 2),
                                  (math.sqrt(3) * dx - dy - half * 0.9) / 2)
     else:
-        raise ValueError(f"unknown shape {shape!r}; the world's shapes are {SHAPES}")
+        raise UserError(f"unknown shape {shape!r}; the world's shapes are {SHAPES}")
     return (0.5 - distance).clamp(0, 1)
 
 
@@ -166,7 +168,7 @@ def sample_attributes(count: int, seed: int, split: str = "train") -> list[Attri
         "all": all_combinations(),
     }
     if split not in pools:
-        raise ValueError(f"split must be one of {list(pools)}, got {split!r}")
+        raise UserError(f"split must be one of {list(pools)}, got {split!r}")
     rng = np.random.default_rng(seed)
     pool = pools[split]
     return [pool[i] for i in rng.integers(0, len(pool), count)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from msdda.errors import InputNotFound, UserError
 from msdda.world.data import COLOURS, POSITIONS, SHAPES
 
 __all__ = [
@@ -152,13 +153,13 @@ class AttributeClassifier(nn.Module):
         folder = Path(folder)
         config_file, weights_file = folder / "config.json", folder / "model.safetensors"
         if not weights_file.is_file() or not config_file.is_file():
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"no attribute classifier in {folder} (want config.json and model.safetensors); "
                 "run `msdda world pretrain` or reinstall msdda"
             )
         config = json.loads(config_file.read_text())
         if config["colours"] != list(COLOURS) or config["shapes"] != list(SHAPES) or config["positions"] != list(POSITIONS):
-            raise ValueError(f"the classifier in {folder} was trained on another grammar: {config}")
+            raise UserError(f"the classifier in {folder} was trained on another grammar: {config}")
         model = cls(width=config["width"])
         model.load_state_dict(load_file(weights_file))
         return model.eval()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from msdda.errors import UserError
 from msdda.world.data import (
     Attributes,
     prompt_for,
@@ -292,13 +293,13 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
 
     world_dir, output_dir = Path(world_dir), Path(output_dir)
     if not (world_dir / "pretraining.json").is_file():
-        raise ValueError(f"{world_dir} holds no pretraining.json; give a folder written by msdda world pretrain")
+        raise UserError(f"{world_dir} holds no pretraining.json; give a folder written by msdda world pretrain")
     earlier = json.loads((world_dir / "pretraining.json").read_text())
     if earlier["config"].get("layout_steps"):
-        raise ValueError(f"{world_dir} already had {earlier['config']['layout_steps']} layout steps; continue from a "
+        raise UserError(f"{world_dir} already had {earlier['config']['layout_steps']} layout steps; continue from a "
                          "world pretrained without the layout phase (--layout-steps 0)")
     if layout_steps < 1:
-        raise ValueError(f"layout_steps must be 1 or more to continue a world, got {layout_steps}")
+        raise UserError(f"layout_steps must be 1 or more to continue a world, got {layout_steps}")
     known = {f.name for f in fields(PretrainConfig)}
     settings = {k: v for k, v in earlier["config"].items() if k in known and k != "layout_steps"}
     config = PretrainConfig(**settings, layout_steps=layout_steps)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from msdda.errors import InputNotFound, UserError
 from msdda.utils import image_grid
 from msdda.world.data import parse_prompt
 
@@ -18,7 +19,7 @@ def load_pipeline(base: str | Path | None = None):
 
     folder = Path(base) if base is not None else world_path()
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        raise InputNotFound(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -30,7 +31,7 @@ def sample_grid(prompt: str, num_images: int, seed: int, out: str | Path, base: 
     if base is None:
         parse_prompt(prompt)  # the shipped world only knows its grammar: say so before any work
     if num_images < 1:
-        raise ValueError(f"--n must be at least 1, got {num_images}")
+        raise UserError(f"--n must be at least 1, got {num_images}")
     pipeline = load_pipeline(base)
     images = pipeline([prompt] * num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       eta=eta, generator=torch.Generator().manual_seed(seed)).images

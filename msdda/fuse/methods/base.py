@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from msdda.errors import UserError
 from msdda.diffusion import BASE, adapter_kernels
 from msdda.fuse.closed_form import exponents
 from msdda.kernels import StepKernel
@@ -117,7 +118,7 @@ _REGISTRY: dict[str, FusionMethod] = {}
 def register(cls: type[FusionMethod]) -> type[FusionMethod]:
     """Class decorator: add one instance of ``cls`` to the registry under ``cls.name``."""
     if cls.name in _REGISTRY:
-        raise ValueError(f"a fusion method named {cls.name!r} is registered already")
+        raise UserError(f"a fusion method named {cls.name!r} is registered already")
     _REGISTRY[cls.name] = cls()
     return cls
 
@@ -130,5 +131,5 @@ def method_names() -> list[str]:
 def get_method(name: str) -> FusionMethod:
     """The registered method called ``name``; an unknown name is an error that lists the known ones."""
     if name not in _REGISTRY:
-        raise ValueError(f"method must be one of {method_names()}, got {name!r}")
+        raise UserError(f"method must be one of {method_names()}, got {name!r}")
     return _REGISTRY[name]

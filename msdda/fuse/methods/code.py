@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from msdda.errors import UserError
 from msdda.diffusion import BASE
 from msdda.fuse.methods.base import FusionContext, FusionMethod, register
 from msdda.sampling import denoise
@@ -23,7 +24,7 @@ class CoDe(FusionMethod):
 
     def sample(self, context: FusionContext, latents: torch.Tensor, timesteps) -> torch.Tensor:
         if context.reward is None or context.decode is None or not context.prompts:
-            raise ValueError("method 'code' needs the rewards while sampling: pass rewards for every adapter")
+            raise UserError("method 'code' needs the rewards while sampling: pass rewards for every adapter")
         timesteps = list(timesteps)
         for start in range(0, len(timesteps), context.code_block):
             latents = self._block(context, latents, timesteps[start:start + context.code_block])
