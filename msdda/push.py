@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msdda.errors import InputNotFound, UserError
 from msdda.adapters import WEIGHTS_FILE, load_adapter_metadata
+from msdda.errors import InputNotFound, UserError
 
 __all__ = ["push_adapter"]
 

@@ -10,7 +10,9 @@ weights (content hash), same scheduler and step count, known betas.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +20,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from msdda.errors import InputNotFound, UserError
 from msdda.adapters import METADATA_FILE, AdapterMetadata, load_adapter_metadata, resolve_adapter, weights_hash
 from msdda.diffusion import decode_latents, resolve_base
+from msdda.errors import InputNotFound, UserError
 from msdda.fuse.methods import FusionContext, get_method
 from msdda.fuse.sampler import sample_latents
 
@@ -64,6 +66,22 @@ def read_adapters(sources: list[str], betas: list[float] | None = None) -> list[
     if first is not None and first[1].scheduler_class not in _SCHEDULERS:
         raise UserError(f"adapters were trained with {first[1].scheduler_class}, which msdda cannot sample")
     return adapters
+
+
+@contextmanager
+def _expected_lora_notices_silenced():
+    """Loading K reward adapters makes diffusers and PEFT say two things that are true of every msdda fusion: the
+    adapters hold no text-encoder LoRA (msdda trains the UNet), and the UNet holds several adapters (the point
+    of fusing). Printed for every adapter of every command, they would bury real warnings; other messages pass."""
+    lora_logger = logging.getLogger("diffusers.loaders.lora_base")
+    level = lora_logger.level
+    lora_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
+            yield
+    finally:
+        lora_logger.setLevel(level)
 
 
 class MSDDAPipeline(StableDiffusionPipeline):
@@ -115,8 +133,9 @@ class MSDDAPipeline(StableDiffusionPipeline):
         if unchecked:
             warnings.warn(f"adapters {unchecked} carry no msdda metadata: their base model, scheduler and step "
                           "count cannot be checked", stacklevel=3)
-        for adapter in adapters:
-            self.load_lora_weights(adapter.folder, adapter_name=adapter.name)
+        with _expected_lora_notices_silenced():
+            for adapter in adapters:
+                self.load_lora_weights(adapter.folder, adapter_name=adapter.name)
         self.adapters = list(adapters)
         first = next((adapter.metadata for adapter in adapters if adapter.metadata is not None), None)
         if first is not None:

@@ -19,9 +19,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from msdda.errors import InputNotFound, UserError
 from msdda.config import config_to_dict
 from msdda.diffusion import images_to_pil, resolve_device
+from msdda.errors import InputNotFound, UserError
 from msdda.fuse.methods import get_method
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key

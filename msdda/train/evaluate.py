@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil, resolve_device
 from msdda.kernels import StepKernel, initial_latents, kernel_kl
-from msdda.sampling import denoise
 from msdda.prompts import load_prompts
+from msdda.sampling import denoise
 
 __all__ = ["evaluate_adapter"]
 

@@ -1,13 +1,12 @@
 """Rollouts: sample trajectories with the current adapter and record every step's Gaussian kernel.
 
 Per step we keep x_t, x_{t-1}, the timestep and log pi(x_{t-1} | x_t) under the sampling policy, and,
-when the KL or a dense step reward needs it, the reference kernel's mean (the same UNet with the adapter
-disabled). One reference forward per step serves both: its kernel at x_t gives the KL target for step t, and
+when the KL or a dense step reward needs it, the reference kernel's mean and variance (the same UNet with the
+adapter disabled). One reference forward per step serves both: its kernel at x_t gives the KL target for step t, and
 its x0 estimate at x_{t-1} (the next step's state) is the ``tweedie`` step reward's clean image.
 
 The policy and the reference run as two forwards, not one PEFT mixed-adapter batch: on the world's UNet the
-mixed batch's per-layer row routing costs more than the second forward's launch (0.20 s against 0.17 s for
-16 trajectories on 2 CPU cores).
+mixed batch's per-layer row routing costs more than the second forward's launch.
 
 At ``graph_steps`` the policy's forward keeps its autograd graph, and the step's log-prob and KL to the
 reference come back differentiable: an on-policy update can backpropagate through them instead of running
@@ -22,8 +21,8 @@ from typing import Literal
 
 import torch
 
-from msdda.errors import UserError
 from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.errors import UserError
 from msdda.kernels import StepKernel, initial_latents, kernel_kl
 from msdda.sampling import Step, denoise
 

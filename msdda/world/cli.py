@@ -59,7 +59,7 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
     world = subparsers.add_parser("world", help="the embedded default world: pretrain, sample, path")
     commands = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="train the world from scratch (about 16 min on 2 CPU cores)")
+    pretrain = commands.add_parser("pretrain", help="train the world from scratch (minutes on a CPU; docs/world.md)")
     pretrain.add_argument("--out", required=True, help="folder to write pipeline/, classifier/ and pretraining.json")
     pretrain.add_argument("--seed", type=int, default=None, help="default 0")
     pretrain.add_argument("--from", dest="from_world", default=None,

@@ -1,7 +1,7 @@
 """The embedded world's components: stock diffusers/transformers classes at a tiny size, and the classifier.
 
 The pipeline is a stock ``StableDiffusionPipeline``: a 2x-downsampling ``AutoencoderKL`` (32x32 RGB <-> 16x16x4
-latents; it earns its place by making every UNet forward 2.6x cheaper than pixel space), a
+latents; it earns its place by making every UNet forward cheaper than in pixel space), a
 ``UNet2DConditionModel`` with cross-attention only at 8x8, a small ``CLIPTextModel``, a ``CLIPTokenizer``
 whose BPE merges are learned offline from the world's words, and a ``DDIMScheduler`` with SD's schedule. So
 code written for Stable Diffusion 1.x runs on it unchanged.

@@ -1,7 +1,6 @@
 """Pretrain the embedded world from scratch: the attribute classifier, the VAE, then UNet + text encoder.
 
-Reproducible from a seed (fixed step counts, seeded data and noise, 2 CPU threads), about 16 minutes on
-2 CPU cores. The result is a folder holding ``pipeline/`` (a stock StableDiffusionPipeline), ``classifier/``
+Reproducible from a seed (fixed step counts, seeded data and noise, 2 CPU threads). The result is a folder holding ``pipeline/`` (a stock StableDiffusionPipeline), ``classifier/``
 and ``pretraining.json`` (command, seed, settings, measured accuracies and wall time).
 """
 

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import torch
 
-from msdda.errors import UserError
 from msdda.diffusion import BASE, adapter_kernels
+from msdda.errors import UserError
 from msdda.fuse.closed_form import exponents
 from msdda.kernels import StepKernel
 from msdda.sampling import denoise

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from msdda.errors import UserError
 from msdda.diffusion import BASE
+from msdda.errors import UserError
 from msdda.fuse.methods.base import FusionContext, FusionMethod, register
 from msdda.sampling import denoise
 
