@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from msdda.errors import InputNotFound, UserError
+
 __all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "resolve_adapter", "weights_hash",
            "METADATA_FILE", "WEIGHTS_FILE"]
 
@@ -86,7 +88,6 @@ eta = {metadata.eta}, guidance scale {metadata.guidance_scale}.
 ```python
 from diffusers import StableDiffusionPipeline
 
-from msdda.errors import InputNotFound, UserError
 pipe = StableDiffusionPipeline.from_pretrained("{metadata.base_model}")
 pipe.load_lora_weights("path/to/this/folder")
 ```

@@ -7,15 +7,9 @@ subclasses :class:`FusionMethod` and decorates it with :func:`register`, plus it
 
 from __future__ import annotations
 
-from msdda.fuse.methods.base import FusionContext, FusionMethod, get_method, method_names, register
+from msdda.fuse.methods.base import FusionContext, FusionMethod, get_method, method_names, register, unregister
 
-# the built-in methods, in the order the CLI, sweeps and reports list them
-from msdda.fuse.methods import code as _code  # noqa: E402,F401
-from msdda.fuse.methods import diffusion_blend as _diffusion_blend  # noqa: E402,F401
-from msdda.fuse.methods import msdda as _msdda  # noqa: E402,F401  (registers on import)
-from msdda.fuse.methods import output_average as _output_average  # noqa: E402,F401
-from msdda.fuse.methods import reference as _reference  # noqa: E402,F401
-from msdda.fuse.methods import single as _single  # noqa: E402,F401
-from msdda.fuse.methods import soup as _soup  # noqa: E402,F401
+# the built-in methods register on import, in this order: the order the CLI, sweeps and reports list them
+from msdda.fuse.methods import msdda, soup, output_average, diffusion_blend, code, single, reference  # noqa: E402,F401  # isort: skip
 
-__all__ = ["FusionContext", "FusionMethod", "register", "get_method", "method_names"]
+__all__ = ["FusionContext", "FusionMethod", "register", "unregister", "get_method", "method_names"]

@@ -15,7 +15,7 @@ from msdda.fuse.closed_form import exponents
 from msdda.kernels import StepKernel
 from msdda.sampling import denoise
 
-__all__ = ["FusionContext", "FusionMethod", "entering_kernels", "register", "get_method", "method_names"]
+__all__ = ["FusionContext", "FusionMethod", "entering_kernels", "register", "unregister", "get_method", "method_names"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,13 @@ def register(cls: type[FusionMethod]) -> type[FusionMethod]:
         raise UserError(f"a fusion method named {cls.name!r} is registered already")
     _REGISTRY[cls.name] = cls()
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (a plug-in's, or a test's)."""
+    if name not in _REGISTRY:
+        raise UserError(f"no fusion method named {name!r} is registered; registered: {method_names()}")
+    del _REGISTRY[name]
 
 
 def method_names() -> list[str]:
