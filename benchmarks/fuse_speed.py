@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from msdda.fuse import MSDDAPipeline, exponents, fuse_gaussians
-from msdda.kernels import step_kernel
+from msdda.kernels import StepKernel, step_kernel
+from msdda.sampling import denoise
 from msdda.testing import random_world_adapter
 
 PROMPT = "a red circle on the left"
@@ -33,16 +34,19 @@ def sequential_fused(pipe: MSDDAPipeline, batch: int, steps: int, seed: int) -> 
     latents = torch.randn(batch, 4, 16, 16, generator=generator)
     names = [a.name for a in pipe.adapters]
     powers = exponents([1.0 / len(names)] * len(names))
-    for timestep in scheduler.timesteps:
+
+    def fused_kernel(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         kernels = []
         for name in names:
             pipe.set_adapters([name])
-            output = pipe.unet(torch.cat([latents] * 2), timestep, torch.cat([negative, positive])).sample
+            output = pipe.unet(torch.cat([x_t] * 2), timestep, torch.cat([negative, positive])).sample
             unconditional, conditional = output.chunk(2)
             kernels.append(step_kernel(scheduler, unconditional + 3.0 * (conditional - unconditional), timestep,
-                                       latents, eta=1.0))
+                                       x_t, eta=1.0))
         mean, variance = fuse_gaussians([k.mean for k in kernels], [k.variance for k in kernels], powers)
-        latents = mean + variance.sqrt() * torch.randn(latents.shape, generator=generator)
+        return StepKernel(mean=mean, variance=variance)
+
+    denoise(scheduler.timesteps, latents, fused_kernel, generator, positive)
     pipe.set_adapters(names, [1.0] * len(names))
 
 

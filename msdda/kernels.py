@@ -295,10 +295,12 @@ def kernel_kl(p: StepKernel, q: StepKernel, reduction: Reduction = "sum") -> tor
 
 
 def standard_normal(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """A float32 standard normal draw on ``like``'s device. It is drawn in ``like``'s dtype (the pipeline's), as
-    diffusers draws its noise, so the values match diffusers' in every precision; the chain itself stays float32."""
+    """A standard normal draw on ``like``'s device, in at least float32. It is drawn in ``like``'s dtype (the
+    pipeline's), as diffusers draws its noise, so the values match diffusers' in every precision; the chain itself
+    stays in float32 (float64 for a float64 chain)."""
+    chain = torch.promote_types(like.dtype, torch.float32)
     # non_blocking: a blocking copy would make the CPU wait for all queued GPU work at every step
-    return torch.randn(shape, generator=generator, dtype=like.dtype).float().to(like.device, non_blocking=True)
+    return torch.randn(shape, generator=generator, dtype=like.dtype).to(chain).to(like.device, non_blocking=True)
 
 
 def initial_latents(scheduler: DDPMScheduler | DDIMScheduler, shape: tuple[int, ...], generator: torch.Generator,

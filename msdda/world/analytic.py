@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler
 
 from msdda.errors import UserError
 from msdda.kernels import StepKernel, previous_timestep, step_kernel
+from msdda.sampling import denoise
 
 __all__ = ["GaussianWorld"]
 
@@ -138,9 +139,7 @@ class GaussianWorld:
     ) -> torch.Tensor:
         """Run a policy given as ``kernel(x_t, timestep)`` from x_T ~ N(0, I) over the schedule; returns x0."""
         x = torch.randn(num_samples, self.dim, generator=generator, dtype=torch.float64)
-        for timestep in self.timesteps:
-            x = kernel(x, timestep).sample(generator=generator)
-        return x
+        return denoise(self.timesteps, x, lambda _index, timestep, x_t: kernel(x_t, timestep), generator, x)
 
     def optimal_chain_moments(
         self, reward_vectors: Sequence[torch.Tensor], weights: Sequence[float], beta: float
