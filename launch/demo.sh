@@ -2,15 +2,18 @@
 # The whole job on the embedded world, 21-29 minutes on 2 CPU cores: train the two reward adapters, sweep
 # every fusion method over the weight grid (16 prompts x 8 seeds), write the report with the Pareto plot.
 # Re-running continues where a stopped run ended (training resumes from its checkpoints; finished sweep cells
-# are kept).   Usage: bash launch/demo.sh [output folder, default runs/demo]
+# are kept).   Usage: bash launch/demo.sh [output folder, default runs]
+# It writes where the recipes and the example configs put things by default, so every next command finds
+# them: runs/world_aesthetic/final and runs/world_consistency/final (configs/train/world_*.yaml, the adapters
+# configs/fuse/world.yaml and configs/sweep/world.yaml name), and the sweep with its report in runs/sweep_world.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-runs/demo}"
+out="${1:-runs}"
 msdda="${MSDDA:-.venv/bin/msdda}"
 [ -x "$msdda" ] || msdda=msdda
 
 train() {  # $1: the recipe's reward (aesthetic or consistency)
-    local folder="$out/$1"
+    local folder="$out/world_$1"
     if [ -f "$folder/final/msdda_adapter.json" ]; then
         echo "demo: $folder/final exists; not retraining"
         return
@@ -23,7 +26,7 @@ train() {  # $1: the recipe's reward (aesthetic or consistency)
 start=$(date +%s)
 train aesthetic
 train consistency
-"$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep" \
-    "adapters=[$out/aesthetic/final,$out/consistency/final]"
-"$msdda" report "$out/sweep"
-echo "demo: done in $(( ($(date +%s) - start) / 60 )) min; the report is $out/sweep/report.md (and report.html)"
+"$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep_world" \
+    "adapters=[$out/world_aesthetic/final,$out/world_consistency/final]"
+"$msdda" report "$out/sweep_world"
+echo "demo: done in $(( ($(date +%s) - start) / 60 )) min; the report is $out/sweep_world/report.md (and report.html)"

@@ -3,18 +3,18 @@
 # w = 0.25, 0.5, 0.75; the single-reward adapters' beta, the aesthetic recipe's step reward and budget), add
 # them to the demo's sweep (only their cells are sampled; finished cells are kept) and rewrite the report.
 # 19-27 min on 2 CPU cores. Re-running continues where a stopped run ended.
-# Usage: bash launch/oracles.sh [demo folder, default runs/demo]
+# Usage: bash launch/oracles.sh [the demo's output folder, default runs]; the oracles go to <folder>/world_oracle_<w>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-runs/demo}"
+out="${1:-runs}"
 msdda="${MSDDA:-.venv/bin/msdda}"
 [ -x "$msdda" ] || msdda=msdda
-[ -f "$out/sweep/sweep.yaml" ] || { echo "oracles: no sweep in $out/sweep; run bash launch/demo.sh first" >&2; exit 2; }
+[ -f "$out/sweep_world/sweep.yaml" ] || { echo "oracles: no sweep in $out/sweep_world; run bash launch/demo.sh first" >&2; exit 2; }
 
 oracles=()
 for w in 0.25 0.5 0.75; do
     rest=$(python3 -c "print(round(1 - $w, 10))")
-    folder="$out/oracle_$w"
+    folder="$out/world_oracle_$w"
     oracles+=("'$w,$rest': $folder/final")
     if [ -f "$folder/final/msdda_adapter.json" ]; then
         echo "oracles: $folder/final exists; not retraining"
@@ -26,7 +26,7 @@ for w in 0.25 0.5 0.75; do
         "${resume[@]}"
 done
 joined=$(IFS=,; echo "${oracles[*]}")
-"$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep" \
-    "adapters=[$out/aesthetic/final,$out/consistency/final]" "oracles={$joined}"
-"$msdda" report "$out/sweep"
-echo "oracles: done; the report is $out/sweep/report.md (and report.html)"
+"$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep_world" \
+    "adapters=[$out/world_aesthetic/final,$out/world_consistency/final]" "oracles={$joined}"
+"$msdda" report "$out/sweep_world"
+echo "oracles: done; the report is $out/sweep_world/report.md (and report.html)"

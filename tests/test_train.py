@@ -404,6 +404,7 @@ def test_two_processes_single_pass_averages_gradients_as_ddp_does(tmp_path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_deepspeed_zero2_with_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path) -> None:
     """ZeRO-2 shards the optimizer state: checkpoints hold DeepSpeed's shards, and a resume reads them back.
     In bf16 (the GPU config's precision) the export is the float32 master LoRA, not the engine's bf16 copy."""

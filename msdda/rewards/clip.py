@@ -68,6 +68,16 @@ class ClipImagePreprocess(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
 
+def clip_image_processor_class() -> type:
+    """The CLIP image processor that needs no torchvision: ``CLIPImageProcessorPil`` in transformers 5 (where
+    plain ``CLIPImageProcessor`` is the torchvision backend, and falls back to the PIL one with a warning when
+    torchvision is missing), ``CLIPImageProcessor`` in transformers 4 (which is the PIL one there). Only its
+    settings are read (:meth:`ClipImagePreprocess.from_processor`), which both backends share."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def _pooled(output) -> torch.Tensor:
     """Projected embeddings from get_*_features (a tensor in transformers 4, an output object in 5)."""
     return output if torch.is_tensor(output) else output.pooler_output
@@ -81,7 +91,7 @@ class CLIPPreference(Reward):
     def __init__(self, model: str, processor: str | None = None, scale: float | None = None,
                  name: str = "clip-preference", version: str = "1") -> None:
         super().__init__()
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer, CLIPModel
 
         self.name, self.version = name, version
         self.model = load_pretrained(CLIPModel, model, f"{name} model", use_safetensors=True)
@@ -89,7 +99,7 @@ class CLIPPreference(Reward):
         processor = processor or model
         self.tokenizer = load_pretrained(AutoTokenizer, processor, f"{name} tokenizer")
         self.preprocess = ClipImagePreprocess.from_processor(
-            load_pretrained(CLIPImageProcessor, processor, f"{name} processor"))
+            load_pretrained(clip_image_processor_class(), processor, f"{name} processor"))
         self.scale = float(self.model.logit_scale.exp()) if scale is None else float(scale)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -152,13 +162,13 @@ class LaionAesthetic(Reward):
     def __init__(self, head: str, model: str = "openai/clip-vit-large-patch14", processor: str | None = None) -> None:
         super().__init__()
         from safetensors.torch import load_file
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
 
         self.vision = load_pretrained(CLIPVisionModelWithProjection, model, "aesthetic CLIP vision model",
                                       use_safetensors=True)
         self.vision.eval().requires_grad_(False)
         self.preprocess = ClipImagePreprocess.from_processor(
-            load_pretrained(CLIPImageProcessor, processor or model, "aesthetic CLIP processor"))
+            load_pretrained(clip_image_processor_class(), processor or model, "aesthetic CLIP processor"))
         self.head = AestheticHead(self.vision.config.projection_dim)
         self.head.load_state_dict(load_file(resolve_weights_file(head, "aesthetic head")))
         self.head.eval().requires_grad_(False)
