@@ -25,5 +25,16 @@ class _DiffusersImageProcessorFallback(logging.Filter):
         return not str(record.msg).startswith(self.PREFIXES)
 
 
-# transformers' loggers are the standard library's, by module name; this imports nothing from transformers
+class _DeepSpeedCpuNotice(logging.Filter):
+    """Drops DeepSpeed's warning that it found no GPU and uses the CPU, and nothing else.
+
+    scripts/install.sh installs DeepSpeed, and Accelerate imports it on every run, so on a CPU machine every
+    ``msdda train`` (DeepSpeed or not) printed that warning, though the CPU is what the run asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU.")
+
+
+# both loggers are the standard library's, by name; this imports nothing from transformers or DeepSpeed
 logging.getLogger("transformers.utils.import_utils").addFilter(_DiffusersImageProcessorFallback())
+logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNotice())

@@ -79,3 +79,21 @@ def test_the_demo_writes_where_the_recipes_and_the_world_configs_look(tmp_path) 
     assert [str(a) for a in sweep.adapters] == adapters
     assert f"adapters=[{','.join(adapters)}]" in commands[2] and f"output_dir={sweep.output_dir}" in commands[2]
     assert commands[3] == ["report", str(sweep.output_dir)]
+
+
+def test_deepspeed_says_nothing_about_using_the_cpu_after_msdda_is_imported() -> None:
+    """Accelerate imports DeepSpeed (installed by scripts/install.sh) on every run; on a CPU machine DeepSpeed
+    then warned that it uses the CPU, ahead of every training run's output."""
+    import pytest
+    import torch
+
+    pytest.importorskip("deepspeed")
+    if torch.cuda.is_available():
+        pytest.skip("DeepSpeed finds the GPU here and has nothing to say about the CPU")
+    probe = "from deepspeed.accelerator import get_accelerator; print(get_accelerator()._name)"
+    plain = subprocess.run([sys.executable, "-c", f"import deepspeed; {probe}"], capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+    assert "Setting accelerator to CPU" in plain.stdout + plain.stderr  # the notice this test is about exists
+    quiet = subprocess.run([sys.executable, "-c", f"import msdda, deepspeed; {probe}"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+    assert quiet.stdout.strip() == "cpu" and "Setting accelerator" not in quiet.stderr, quiet.stdout + quiet.stderr
