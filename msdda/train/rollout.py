@@ -106,81 +106,93 @@ def sample_trajectories(
     batch = len(prompts)
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     latents = initial_latents(scheduler, shape, generator, prompt_embeds)
-    states, noises, log_probs, reference_means, reference_variances, reference_x0 = [latents], [], [], [], [], []
-    deterministic, graph_log_probs, graph_kls = [], [], []
     graph_steps = torch.zeros(len(timesteps), dtype=torch.bool) if graph_steps is None else graph_steps.cpu()
     keeps_graph = graph_steps.tolist()
-    graph_kernels: dict[int, StepKernel] = {}
-    references: dict[int, StepKernel] = {}
+    recording = _Recording(latents, keep_noises)
 
     def kernel_at(index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         if need_reference:
-            references[index] = _reference_kernel(unet, reference_unet, scheduler, x_t, timestep, prompt_embeds,
-                                                  negative_embeds, guidance_scale, eta)
+            recording.reference = _reference_kernel(unet, reference_unet, scheduler, x_t, timestep, prompt_embeds,
+                                                    negative_embeds, guidance_scale, eta)
         with torch.set_grad_enabled(keeps_graph[index]):  # names=None: the UNet as configured, the adapter on
             kernel = adapter_kernels(unet, scheduler, x_t, timestep, prompt_embeds, negative_embeds, None,
                                      guidance_scale, eta)[0]
         if not keeps_graph[index]:
             return kernel
-        graph_kernels[index] = kernel  # the loop samples from a detached copy: no graph runs across steps
+        recording.graph_kernel = kernel  # the loop samples from a detached copy: no graph runs across steps
         return StepKernel(kernel.mean.detach(), kernel.variance.detach(), kernel.pred_original_sample)
 
-    def record(step: Step) -> None:
-        reference = references.pop(step.index, None)
-        if reference is not None:
-            reference_means.append(reference.mean)
-            reference_variances.append(_per_sample(reference.variance, reference.mean))
-            reference_x0.append(reference.pred_original_sample)
-        graph_kernel = graph_kernels.pop(step.index, None)
-        with torch.set_grad_enabled(graph_kernel is not None):
-            log_prob = (step.kernel if graph_kernel is None else graph_kernel).log_prob(step.next_latents)
-            if graph_kernel is not None:
-                graph_log_probs.append(log_prob)
-                if reference is not None:
-                    graph_kls.append(kernel_kl(graph_kernel, reference))
-        deterministic.append((step.kernel.variance == 0).all())  # checked after the loop: a check here waits for the GPU
-        if keep_noises:
-            noises.append(step.noise)
-        log_probs.append(log_prob.detach())
-        states.append(step.next_latents)
-
-    latents = denoise(timesteps, latents, kernel_at, generator, prompt_embeds, record)
-
-    deterministic = torch.stack(deterministic).cpu()
-    if deterministic.any():
-        raise UserError(
-            f"the step at timestep {int(timesteps[deterministic.nonzero()[0, 0]])} is deterministic (variance 0); RL "
-            "needs stochastic steps: use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's "
-            "config has)"
-        )
+    latents = denoise(timesteps, latents, kernel_at, generator, prompt_embeds, recording.record)
+    recording.check_stochastic(timesteps)
     images = decode_latents(pipeline, latents)
     final_reward = reward(images, prompts).to(torch.float32)
     with torch.enable_grad():  # stacking under no_grad would cut the graphs
-        graph_log_probs = torch.stack(graph_log_probs, dim=1) if graph_log_probs else None
-        graph_kls = torch.stack(graph_kls, dim=1) if graph_kls else None
-    steps = len(timesteps)
-    state_values = None
+        graph_log_probs = torch.stack(recording.graph_log_probs, dim=1) if recording.graph_log_probs else None
+        graph_kls = torch.stack(recording.graph_kls, dim=1) if recording.graph_kls else None
     if step_reward == "terminal":
-        step_rewards = final_reward[:, None].expand(batch, steps).clone()
+        step_rewards, state_values = final_reward[:, None].expand(batch, len(timesteps)).clone(), None
     else:
         if step_reward == "tweedie":
             # the estimator at every state x_T ... x_1 is r(x0_hat_ref(state)); at x_0 it is r(x_0)
-            values = [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in reference_x0]
+            values = [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in recording.reference_x0]
         else:  # r of the deterministic reference continuation from every state x_T ... x_1
-            values = [_rollout_reward(pipeline, unet, reference_unet, reward, prompts, states[i], timesteps[i:],
-                                      prompt_embeds, negative_embeds, guidance_scale) for i in range(steps)]
+            values = [_rollout_reward(pipeline, unet, reference_unet, reward, prompts, recording.states[i],
+                                      timesteps[i:], prompt_embeds, negative_embeds, guidance_scale)
+                      for i in range(len(timesteps))]
         values.append(final_reward)
         state_values = torch.stack(values[:-1], dim=1)  # V(x_t) for the step leaving x_t
         step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
     return Trajectories(
         prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
-        latents=torch.stack(states, dim=1), noises=torch.stack(noises, dim=1) if keep_noises else None, log_probs=torch.stack(log_probs, dim=1),
-        reference_means=torch.stack(reference_means, dim=1) if need_reference else None,
-        reference_variances=torch.stack(reference_variances, dim=1) if need_reference else None,
+        latents=torch.stack(recording.states, dim=1),
+        noises=torch.stack(recording.noises, dim=1) if keep_noises else None,
+        log_probs=torch.stack(recording.log_probs, dim=1),
+        reference_means=torch.stack(recording.reference_means, dim=1) if need_reference else None,
+        reference_variances=torch.stack(recording.reference_variances, dim=1) if need_reference else None,
         step_rewards=step_rewards, images=images, state_values=state_values,
         graph_log_probs=graph_log_probs, graph_kls=graph_kls,
         graph_step_indices=graph_steps.nonzero()[:, 0].expand(batch, -1) if graph_log_probs is not None else None,
     )
+
+
+class _Recording:
+    """What a rollout keeps of each step, filled by the loop's recorder. ``reference`` and ``graph_kernel`` hold
+    this step's reference kernel and the policy kernel with its graph, set while the step's kernel is made."""
+
+    def __init__(self, start: torch.Tensor, keep_noises: bool) -> None:
+        self.keep_noises = keep_noises
+        self.states, self.noises, self.log_probs, self.deterministic = [start], [], [], []
+        self.reference_means, self.reference_variances, self.reference_x0 = [], [], []
+        self.graph_log_probs, self.graph_kls = [], []
+        self.reference: StepKernel | None = None
+        self.graph_kernel: StepKernel | None = None
+
+    def record(self, step: Step) -> None:
+        reference, graph_kernel = self.reference, self.graph_kernel
+        self.reference = self.graph_kernel = None
+        if reference is not None:
+            self.reference_means.append(reference.mean)
+            self.reference_variances.append(_per_sample(reference.variance, reference.mean))
+            self.reference_x0.append(reference.pred_original_sample)
+        with torch.set_grad_enabled(graph_kernel is not None):
+            log_prob = (step.kernel if graph_kernel is None else graph_kernel).log_prob(step.next_latents)
+            if graph_kernel is not None:
+                self.graph_log_probs.append(log_prob)
+                if reference is not None:
+                    self.graph_kls.append(kernel_kl(graph_kernel, reference))
+        self.deterministic.append((step.kernel.variance == 0).all())  # checked after the loop: not to wait for the GPU
+        if self.keep_noises:
+            self.noises.append(step.noise)
+        self.log_probs.append(log_prob.detach())
+        self.states.append(step.next_latents)
+
+    def check_stochastic(self, timesteps: torch.Tensor) -> None:
+        deterministic = torch.stack(self.deterministic).cpu()
+        if deterministic.any():
+            raise UserError(
+                f"the step at timestep {int(timesteps[deterministic.nonzero()[0, 0]])} is deterministic (variance 0); "
+                "RL needs stochastic steps: use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's "
+                "config has)")
 
 
 def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds,
