@@ -21,7 +21,7 @@ from msdda.report.metrics import (
 )
 from msdda.fuse.methods import get_method, method_names
 from msdda.sweep.grid import weight_key
-from msdda.sweep.run import KL_TO_BASE, KL_TO_ORACLE, load_manifest, weight_column
+from msdda.sweep.run import COSTS, KL_TO_BASE, KL_TO_ORACLE, load_manifest, weight_column
 
 __all__ = ["Curve", "load_curves", "build_report"]
 
@@ -93,7 +93,7 @@ def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
         curve.kl.append(cell[KL_TO_BASE].to_numpy(dtype=np.float64))
         curve.kl_to_oracle.append(cell[KL_TO_ORACLE].to_numpy(dtype=np.float64))
         curve.images.append(images.get((method, weights)))
-        for key in ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image"):
+        for key in COSTS:
             curve.costs[key] = curve.costs.get(key, 0.0) + float(cell[key].iloc[0])
     for curve in curves.values():
         order = np.argsort([w[0] for w in curve.weights], kind="stable")
@@ -276,7 +276,8 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
     volume_rows = [[label, f"{m['hypervolume']:.4g} ± {m['hypervolume_sem']:.2g}"] for label, m in methods.items()]
     keys = sorted({k for m in methods.values() for k in m["weighted_objective"]})
     cost_rows = [[label, f"{m['costs']['seconds_per_image']:.3f}", f"{m['costs']['unet_rows_per_image']:.0f}",
-                  f"{m['costs']['reward_images_per_image']:.0f}", f"{m['costs']['kl_unet_rows_per_image']:.0f}"]
+                  f"{m['costs']['reward_images_per_image']:.0f}", f"{m['costs']['kl_seconds_per_image']:.3f}",
+                  f"{m['costs']['kl_unet_rows_per_image']:.0f}"]
                  for label, m in methods.items()]
     kl_keys, kl_rows = _points_table(methods, "kl_to_base")
     oracle_keys, oracle_rows = _points_table(methods, "kl_to_oracle")
@@ -294,7 +295,8 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
         tables.append(("Path KL to the oracle retrained at w, sum over steps of KL(method || oracle) at the method's "
                        "own states (mean ± standard error)", ["method", *oracle_keys], oracle_rows))
     tables.append(("Cost per image (mean over the method's cells; KL measurement apart)",
-                   ["method", "seconds", "UNet rows", "reward calls (images)", "UNet rows for the KLs"], cost_rows))
+                   ["method", "seconds", "UNet rows", "reward calls (images)", "KL seconds",
+                    "KL UNet rows"], cost_rows))
     return tables
 
 
@@ -363,7 +365,8 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = f"MSDDA sweep: {' vs '.join(names)}"
     pareto_plot(curves, names, folder / "pareto.png", title)
-    kl_plot(curves, names, folder / "kl.png", "Reward against path KL to the base (methods with no Gaussian kernel left out)")
+    kl_plot(curves, names, folder / "kl.png",
+            "Reward against path KL to the base (methods with no Gaussian kernel left out)")
     grids = {label: str(path.relative_to(folder)) for label, path in method_grids(folder, curves).items()}
     notes = [" " + note for note in _coincidences(curves)]
     intro = [f"{metrics['samples_per_cell']} samples per cell ({config.get('num_prompts') or 'all'} prompts × seeds "

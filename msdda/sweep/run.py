@@ -33,15 +33,15 @@ from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key
 
 __all__ = ["Cell", "plan_cells", "run_sweep", "SAMPLE_SETTINGS", "weight_column", "load_manifest", "MANIFEST",
-           "KL_TO_BASE", "KL_TO_ORACLE", "OBJECTIVE", "REGULARISED"]
+           "KL_TO_BASE", "KL_TO_ORACLE", "OBJECTIVE", "REGULARISED", "COSTS"]
 
 CONFIG_FILE = "sweep.yaml"
 RESULTS = "results"
 SUMMARY = "summary.csv"
 MANIFEST = "manifest.json"
 """What a sweep folder holds, for readers (the report): its rewards, tables and each cell's files."""
-SAMPLE_SETTINGS = ("base", "adapters", "betas", "beta", "rewards", "prompts", "num_prompts", "seeds", "num_inference_steps",
-                   "guidance_scale", "eta", "batch_size", "code_candidates", "code_block")
+SAMPLE_SETTINGS = ("base", "adapters", "betas", "beta", "rewards", "prompts", "num_prompts", "seeds",
+                   "num_inference_steps", "guidance_scale", "eta", "batch_size", "code_candidates", "code_block")
 """Settings that decide the samples: a sweep folder can only be resumed with the same ones."""
 KL_TO_BASE, KL_TO_ORACLE = "kl_to_base", "kl_to_oracle"
 """Per-sample path KLs, sum over steps of KL(method's kernel || other kernel) at the method's own x_t."""
@@ -122,10 +122,10 @@ class Sweep:
                                                       betas=config.betas).to(self.device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.beta = config.objective_beta(self.pipeline.betas)
-        self.oracle_names = {weight_key(SweepConfig.parse_weight_key(key)): f"oracle_{index}"
-                             for index, key in enumerate(config.oracles)}
-        self.pipeline.load_comparison_adapters({self.oracle_names[weight_key(SweepConfig.parse_weight_key(key))]:
-                                                folder for key, folder in config.oracles.items()})
+        oracles = {f"oracle_{index}": (key, folder) for index, (key, folder) in enumerate(config.oracles.items())}
+        self.oracle_names = {weight_key(SweepConfig.parse_weight_key(key)): name for name, (key, _) in oracles.items()}
+        """Weight key -> the comparison adapter retrained there, loaded to measure KLs against (never fused)."""
+        self.pipeline.load_comparison_adapters({name: folder for name, (_, folder) in oracles.items()})
         names = config.rewards or [self._trained_reward(a) for a in self.pipeline.adapters]
         self.rewards = [load_reward(name).to(self.device) for name in names]
         self.reward_names = [reward.name for reward in self.rewards]
