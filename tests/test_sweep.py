@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from msdda.cli import main
 from msdda.config import load_config
+from msdda.errors import UserError
 from msdda.report.build import build_report
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.run import Sweep, plan_cells
@@ -53,6 +55,26 @@ def test_sweep_writes_one_row_per_image_and_cell(sweep_folder: Path) -> None:
     assert len(summary) == 5 * 3 + 2 + 1 + 1 and {"world-aesthetic_mean", "world-aesthetic_sem", "samples"} <= set(summary)
 
 
+def test_every_sample_carries_its_path_kls_and_every_cell_its_regularised_objective(sweep_folder: Path) -> None:
+    table = pd.read_csv(sweep_folder / "results.csv")
+    gaussian = table[table.method != "code"]
+    assert table[table.method == "code"].kl_to_base.isna().all()  # no Gaussian kernel: no KL
+    assert (table[table.method == "base"].kl_to_base == 0).all()
+    assert (gaussian[gaussian.method != "base"].kl_to_base > 0).all()
+    # the oracle is at (0.5, 0.5): every Gaussian method there is measured against it, nothing elsewhere
+    at_oracle = (table["w:world-aesthetic"] == 0.5) & ~table.method.isin(["code", "oracle"])
+    assert (table[at_oracle].kl_to_oracle > 0).all() and table[~at_oracle].kl_to_oracle.isna().all()
+    summary = pd.read_csv(sweep_folder / "summary.csv")
+    assert (summary.beta == 0.01).all()  # the adapters' common beta
+    objective = 0.5 * table[REWARDS[0]] + 0.5 * table[REWARDS[1]] - 0.01 * table.kl_to_base
+    msdda = summary[(summary.method == "msdda") & (summary["w:world-aesthetic"] == 0.5)].iloc[0]
+    assert msdda.regularised_objective_mean == pytest.approx(objective[(table.method == "msdda") & at_oracle].mean())
+    assert msdda.kl_to_base_sem > 0 and np.isfinite(msdda.kl_to_oracle_mean)
+    # measuring costs its own forwards, counted apart (base and oracle, 2 rows each with guidance, every step: the
+    # world's DDIM has no deterministic last step)
+    assert msdda.unet_rows_per_image == 2 * 2 * STEPS and msdda.kl_unet_rows_per_image == 2 * 2 * STEPS
+
+
 def test_paired_cells_agree_and_costs_are_counted(sweep_folder: Path) -> None:
     table = pd.read_csv(sweep_folder / "results.csv")
 
@@ -78,6 +100,25 @@ def test_an_interrupted_sweep_redoes_only_missing_cells(adapters, sweep_folder: 
     Sweep(_config(adapters, sweep_folder)).run()
     assert {p.name: p.stat().st_mtime_ns for p in cells.glob("*.csv") if p.name in times} == times
     pd.testing.assert_frame_equal(pd.read_csv(lost)[REWARDS], before[REWARDS])
+
+
+def test_cells_written_before_kl_accounting_are_sampled_again(adapters, sweep_folder: Path) -> None:
+    old = sweep_folder / "cells" / "msdda_0.5-0.5.csv"
+    before = pd.read_csv(old)
+    before.drop(columns=["kl_to_base", "kl_to_oracle"]).to_csv(old, index=False)
+    with pytest.warns(UserWarning, match=r"1 cells .* before KL accounting .*msdda_0.5-0.5"):
+        Sweep(_config(adapters, sweep_folder)).run()
+    pd.testing.assert_frame_equal(pd.read_csv(old)[[*REWARDS, "kl_to_base", "kl_to_oracle"]],
+                                  before[[*REWARDS, "kl_to_base", "kl_to_oracle"]])
+
+
+def test_unequal_betas_need_the_objectives_beta(adapters, tmp_path) -> None:
+    config = _config(adapters, tmp_path)
+    with pytest.raises(UserError, match=r"betas differ \(\[0.01, 0.04\]\).*set beta:"):
+        config.objective_beta([0.01, 0.04])
+    assert _config(adapters, tmp_path, "beta=0.02").objective_beta([0.01, 0.04]) == 0.02
+    with pytest.raises(UserError, match="beta=-1.0"):
+        _config(adapters, tmp_path, "beta=-1.0").validate()
 
 
 def test_a_sweep_folder_refuses_other_sample_settings(adapters, sweep_folder: Path) -> None:
@@ -106,6 +147,22 @@ def test_report_writes_plot_tables_and_metrics(sweep_folder: Path) -> None:
     assert set(metrics["methods"]["base"]["weighted_objective"]) == {"0.25,0.75", "0.5,0.5", "0.75,0.25"}
     assert (sweep_folder / "pareto.png").stat().st_size > 10_000
     assert (sweep_folder / "grids" / "msdda.png").is_file() and (sweep_folder / "report.html").is_file()
+    assert (sweep_folder / "kl.png").stat().st_size > 10_000 and "kl.png" in text
+    assert "Regularised objective" in text and "Path KL to the oracle" in text and "trajectory-level" in text
+    assert "no Gaussian kernel" in text  # CoDe's KL cells
+    assert set(msdda["regularised_objective"]) == {"0.5,0.5"}
+    assert not metrics["methods"]["code"]["regularised_objective"]
+    assert msdda["points"][1]["kl_to_oracle"]["mean"] > 0
+
+
+def test_report_refuses_a_sweep_from_before_kl_accounting(sweep_folder: Path, tmp_path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("manifest.json", "sweep.yaml"):
+        (old / name).write_text((sweep_folder / name).read_text())
+    pd.read_csv(sweep_folder / "results.csv").drop(columns=["kl_to_base"]).to_csv(old / "results.csv", index=False)
+    with pytest.raises(UserError, match=r"before KL accounting .*run msdda sweep with output_dir="):
+        build_report(old)
 
 
 def test_report_cli_names_a_missing_sweep(tmp_path, capsys) -> None:

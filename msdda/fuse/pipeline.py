@@ -6,14 +6,19 @@
 Speaks the stock pipelines' argument names (prompt, num_inference_steps, guidance_scale, eta, generator,
 output_type) and adds ``weights`` and ``method``. Before sampling it checks the adapters' metadata: same base
 weights (content hash), same scheduler and step count, known betas.
+
+With ``return_kl=True`` it also measures each sample's path KL to the base along the method's own trajectory
+(``output.path_kl``), and to comparison adapters (e.g. retrained oracles) loaded with
+:meth:`MSDDAPipeline.load_comparison_adapters`, which no method ever fuses.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,12 +26,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from msdda.adapters import METADATA_FILE, AdapterMetadata, load_adapter_metadata, resolve_adapter, weights_hash
-from msdda.diffusion import decode_latents, resolve_base
+from msdda.diffusion import BASE, decode_latents, resolve_base
 from msdda.errors import InputNotFound, UserError
-from msdda.fuse.methods import FusionContext, get_method
+from msdda.fuse.methods import FusionContext, PathKL, get_method
 from msdda.fuse.sampler import sample_latents
 
-__all__ = ["MSDDAPipeline", "LoadedAdapter", "read_adapters"]
+__all__ = ["MSDDAPipeline", "MSDDAPipelineOutput", "LoadedAdapter", "read_adapters"]
 
 _SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler}
 
@@ -42,6 +47,26 @@ class LoadedAdapter:
     beta: float
 
 
+@dataclass
+class MSDDAPipelineOutput(StableDiffusionPipelineOutput):
+    """The stock output plus, with ``return_kl=True``, the samples' path KLs (``path_kl.totals``: "__base__" and
+    each comparison adapter named in ``kl_to``, one float64 value per image)."""
+
+    path_kl: PathKL | None = None
+
+    @property
+    def kl_to_base(self) -> torch.Tensor | None:
+        return None if self.path_kl is None else self.path_kl.totals[BASE]
+
+
+def _check_same_sampler(source: str, metadata: AdapterMetadata, first: tuple[str, AdapterMetadata]) -> None:
+    for field in ("scheduler_class", "num_inference_steps"):
+        ours, theirs = getattr(metadata, field), getattr(first[1], field)
+        if ours != theirs:
+            raise UserError(f"adapter {source}: {field} is {ours!r} but adapter {first[0]} has {theirs!r}; "
+                            "fuse adapters trained with the same sampler")
+
+
 def read_adapters(sources: list[str], betas: list[float] | None = None) -> list[LoadedAdapter]:
     """Resolve and check the adapters before any model is loaded: each folder (or Hub id) exists and holds
     LoRA weights, their metadata agree on the sampler, and every adapter has a beta (recorded or given)."""
@@ -53,11 +78,7 @@ def read_adapters(sources: list[str], betas: list[float] | None = None) -> list[
         metadata = load_adapter_metadata(folder) if (folder / METADATA_FILE).is_file() else None
         if metadata is not None:
             first = first or (source, metadata)
-            for field in ("scheduler_class", "num_inference_steps"):
-                ours, theirs = getattr(metadata, field), getattr(first[1], field)
-                if ours != theirs:
-                    raise UserError(f"adapter {source}: {field} is {ours!r} but adapter {first[0]} has {theirs!r}; "
-                                    "fuse adapters trained with the same sampler")
+            _check_same_sampler(source, metadata, first)
         if betas is None and metadata is None:
             raise UserError(f"adapter {source} records no beta (no {METADATA_FILE}); pass betas=[...] (--betas on "
                             "the command line)")
@@ -94,6 +115,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
     base_model: str = ""
     base_hash: str = ""
     adapters: list[LoadedAdapter] = []
+    comparison_adapters: dict[str, LoadedAdapter] = {}
 
     @classmethod
     def from_pretrained(cls, base: str, adapters: list[str] | tuple[str, ...] = (), betas: list[float] | None = None,
@@ -108,7 +130,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
         pipeline.base_hash = weights_hash(pipeline.unet)
         if dtype is not None and dtype != pipeline.unet.dtype:
             pipeline.to(dtype=dtype)
-        pipeline.adapters = []
+        pipeline.adapters, pipeline.comparison_adapters = [], {}
         pipeline.unet.requires_grad_(False)
         pipeline._load_checked(checked)
         return pipeline
@@ -118,11 +140,36 @@ class MSDDAPipeline(StableDiffusionPipeline):
         """Check each adapter's metadata against the base and the others, then load its LoRA."""
         self._load_checked(read_adapters(sources, betas))
 
+    def load_comparison_adapters(self, sources: dict[str, str]) -> None:
+        """Load adapters to measure KLs against (``{name: folder or Hub id}``, e.g. the oracles retrained on a
+        weighted reward), checked like the reward adapters (same base, same sampler). They share the base, so
+        their kernels come from the same UNet; no method fuses them (methods see the reward adapters only)."""
+        taken = {adapter.name for adapter in self.adapters} | set(self.comparison_adapters) | {BASE}
+        clashing = sorted(taken & set(sources))
+        if clashing:
+            raise UserError(f"comparison adapter names {clashing} are taken (by {sorted(taken)}); choose others")
+        checked = [replace(adapter, name=name) for name, adapter in zip(sources, read_adapters(list(sources.values())))]
+        first = next(((a.source, a.metadata) for a in self.adapters if a.metadata is not None), None)
+        for adapter in checked:
+            if first is not None and adapter.metadata is not None:
+                _check_same_sampler(adapter.source, adapter.metadata, first)
+        self._check_base(checked)
+        self._load_lora(checked)
+        self.comparison_adapters.update({adapter.name: adapter for adapter in checked})
+
     def _load_checked(self, adapters: list[LoadedAdapter]) -> None:
         if not adapters:
             return
         if self.adapters:
             raise UserError("this pipeline holds adapters already; load them all in one call (or a new pipeline)")
+        self._check_base(adapters)
+        self._load_lora(adapters)
+        self.adapters = list(adapters)
+        first = next((adapter.metadata for adapter in adapters if adapter.metadata is not None), None)
+        if first is not None:
+            self.scheduler = _SCHEDULERS[first.scheduler_class].from_config(first.scheduler_config)
+
+    def _check_base(self, adapters: list[LoadedAdapter]) -> None:
         for adapter in adapters:
             metadata = adapter.metadata
             if metadata is not None and metadata.base_model_hash != self.base_hash:
@@ -132,14 +179,12 @@ class MSDDAPipeline(StableDiffusionPipeline):
         unchecked = [adapter.source for adapter in adapters if adapter.metadata is None]
         if unchecked:
             warnings.warn(f"adapters {unchecked} carry no msdda metadata: their base model, scheduler and step "
-                          "count cannot be checked", stacklevel=3)
+                          "count cannot be checked", stacklevel=4)
+
+    def _load_lora(self, adapters: list[LoadedAdapter]) -> None:
         with _expected_lora_notices_silenced():
             for adapter in adapters:
                 self.load_lora_weights(adapter.folder, adapter_name=adapter.name)
-        self.adapters = list(adapters)
-        first = next((adapter.metadata for adapter in adapters if adapter.metadata is not None), None)
-        if first is not None:
-            self.scheduler = _SCHEDULERS[first.scheduler_class].from_config(first.scheduler_config)
 
     @property
     def betas(self) -> list[float]:
@@ -159,12 +204,15 @@ class MSDDAPipeline(StableDiffusionPipeline):
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
-                 code_block: int = 5, return_dict: bool = True):
+                 code_block: int = 5, return_dict: bool = True, return_kl: bool = False,
+                 kl_to: Sequence[str] = ()):
         """Sample with the adapters fused by ``method`` at ``weights`` (one per adapter).
 
         ``beta`` is the fused objective's KL weight (default: the adapters' common beta). ``rewards`` (one per
         adapter) are needed only by ``method="code"``. Defaults for steps, guidance and eta come from the
-        adapters' metadata.
+        adapters' metadata. ``return_kl`` measures each sample's path KL to the base, and to each comparison
+        adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the
+        images are the same with and without it.
         """
         fusion = get_method(method)
         count = len(self.adapters)
@@ -193,15 +241,30 @@ class MSDDAPipeline(StableDiffusionPipeline):
         positive, negative = self.encode_prompt(prompts, self._execution_device, 1, guidance_scale > 1.0,
                                                 negative_prompt)
         names = [a.name for a in self.adapters]
+        path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to)
         context = FusionContext(
             unet=self.unet, scheduler=self.scheduler, positive=positive, negative=negative, adapter_names=names,
             weights=weights, exponents=powers, guidance_scale=guidance_scale, eta=eta,
             generator=generator or torch.Generator().manual_seed(0), prompts=prompts, reward=reward,
-            decode=lambda x: decode_latents(self, x), code_candidates=code_candidates, code_block=code_block)
+            decode=lambda x: decode_latents(self, x), code_candidates=code_candidates, code_block=code_block,
+            path_kl=path_kl if fusion.gaussian else None)
         with fusion.active(self, names, weights):
             final = sample_latents(fusion, context, num_inference_steps, latents=latents, progress=self.progress_bar)
         images = decode_latents(self, final)  # already in [0, 1]
         images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=[False] * len(images))
         if not return_dict:
             return (images, None)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+        return MSDDAPipelineOutput(images=images, nsfw_content_detected=None, path_kl=path_kl)
+
+    def _path_kl(self, fusion, batch: int, return_kl: bool, kl_to: Sequence[str]) -> PathKL | None:
+        """The meter a call records into: the base and the named comparison adapters as targets."""
+        if not return_kl:
+            if kl_to:
+                raise UserError(f"kl_to={list(kl_to)} asks for KLs: pass return_kl=True as well")
+            return None
+        unknown = [name for name in kl_to if name not in self.comparison_adapters]
+        if unknown:
+            raise UserError(f"kl_to names {unknown}, which are not loaded comparison adapters "
+                            f"({sorted(self.comparison_adapters)}); load them with load_comparison_adapters")
+        targets = (BASE, *kl_to)
+        return PathKL.zeros(targets, batch) if fusion.gaussian else PathKL.undefined(targets, batch)

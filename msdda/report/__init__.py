@@ -1,1 +1,2 @@
-"""Reports of weight sweeps: Pareto fronts, hypervolume, weighted objectives (``msdda report``)."""
+"""Reports of weight sweeps: Pareto fronts, hypervolume, weighted and KL-regularised objectives, path KLs
+(``msdda report``)."""

@@ -1,4 +1,5 @@
-"""``msdda report``: the Pareto plot, hypervolumes, weighted objectives and grids of a sweep folder."""
+"""``msdda report``: the Pareto and reward-against-KL plots, hypervolumes, objectives, path KLs and grids of a
+sweep folder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def _report(args: argparse.Namespace) -> int:
     path = build_report(args.folder, reference_point=parse_floats(args.reference_point, "reference-point"),
                         objective_weights=parse_floats(args.objective_weights, "objective-weights"),
                         resamples=args.resamples)
-    print(f"report written to {path} (and report.html, pareto.png, metrics.json beside it)")
+    print(f"report written to {path} (and report.html, pareto.png, kl.png, metrics.json beside it)")
     return 0
 
 

@@ -20,6 +20,9 @@ class SweepConfig:
     """K reward adapters (folders or Hub ids), in the order of the weights."""
     betas: list[float] | None = None
     """The adapters' KL weights, when their metadata lacks them."""
+    beta: float | None = None
+    """The fused objective's KL weight: MSDDA's exponents l_i = w_i beta_i / beta and the beta of the regularised
+    objective sum_i w_i r_i - beta KL (default: the adapters' common beta; needed when their betas differ)."""
     rewards: list[str] | None = None
     """The rewards to score, one per adapter (default: the reward each adapter was trained on)."""
     methods: list[str] = field(default_factory=method_names)
@@ -66,6 +69,8 @@ class SweepConfig:
                 self._check_weights(vector, "weights")
         for key in self.oracles:
             self._check_weights(self.parse_weight_key(key), f"oracles[{key!r}]")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise UserError(f"beta={self.beta}: the fused objective's KL weight must be a finite number > 0")
         if self.rewards is not None and len(self.rewards) != len(self.adapters):
             raise UserError(f"rewards names {len(self.rewards)} rewards for {len(self.adapters)} adapters; give one "
                              "per adapter, or leave it out to use the rewards the adapters were trained on")
@@ -88,6 +93,16 @@ class SweepConfig:
             return tuple(float(v) for v in str(key).split(","))
         except ValueError as error:
             raise UserError(f"oracle weights {key!r} must be comma-separated numbers like '0.25,0.75'") from error
+
+    def objective_beta(self, adapter_betas: list[float]) -> float:
+        """The KL weight of the objective the sweep scores: ``beta`` if given, else the adapters' common beta."""
+        if self.beta is not None:
+            return float(self.beta)
+        if max(adapter_betas) != min(adapter_betas):
+            raise UserError(f"the adapters' betas differ ({adapter_betas}), so the regularised objective "
+                            "sum_i w_i r_i - beta KL has no default beta; set beta: <the fused objective's KL weight> "
+                            "in the sweep config (beta=... on the command line)")
+        return float(adapter_betas[0])
 
     def load_prompts(self) -> list[str]:
         return load_prompts(self.prompts, self.num_prompts)

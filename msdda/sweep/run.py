@@ -3,6 +3,11 @@
 Each (method, weights) cell samples all prompts x seeds and writes its rows to ``cells/<cell>.csv`` atomically
 (temp file, then rename), so an interrupted sweep resumes without redoing finished cells. Every cell draws
 the same initial noise for the same (prompt, seed), so methods are compared on paired samples.
+
+Every sample also carries its path KL along its own trajectory: to the base (``kl_to_base``) and, where an
+oracle adapter was retrained at the cell's weights, to that oracle (``kl_to_oracle``); NaN where a method has
+no Gaussian kernel (CoDe) or there is no oracle. The oracles are loaded into the sweep's pipeline as comparison
+adapters, never fused. The summary adds the trajectory-level objective sum_i w_i r_i - beta KL per cell.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import csv
 import json
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +32,25 @@ from msdda.fuse.methods import get_method
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key
 
-__all__ = ["Cell", "plan_cells", "run_sweep", "SAMPLE_SETTINGS", "weight_column", "load_manifest", "MANIFEST"]
+__all__ = ["Cell", "plan_cells", "run_sweep", "SAMPLE_SETTINGS", "weight_column", "load_manifest", "MANIFEST",
+           "KL_TO_BASE", "KL_TO_ORACLE", "OBJECTIVE", "REGULARISED", "COSTS"]
 
 CONFIG_FILE = "sweep.yaml"
 RESULTS = "results"
 SUMMARY = "summary.csv"
 MANIFEST = "manifest.json"
 """What a sweep folder holds, for readers (the report): its rewards, tables and each cell's files."""
-SAMPLE_SETTINGS = ("base", "adapters", "betas", "rewards", "prompts", "num_prompts", "seeds", "num_inference_steps",
-                   "guidance_scale", "eta", "batch_size", "code_candidates", "code_block")
+SAMPLE_SETTINGS = ("base", "adapters", "betas", "beta", "rewards", "prompts", "num_prompts", "seeds",
+                   "num_inference_steps", "guidance_scale", "eta", "batch_size", "code_candidates", "code_block")
 """Settings that decide the samples: a sweep folder can only be resumed with the same ones."""
+KL_TO_BASE, KL_TO_ORACLE = "kl_to_base", "kl_to_oracle"
+"""Per-sample path KLs, sum over steps of KL(method's kernel || other kernel) at the method's own x_t."""
+OBJECTIVE, REGULARISED = "objective", "regularised_objective"
+"""Per-sample sum_i w_i r_i at the cell's weights, and that minus beta * kl_to_base (the trajectory-level
+objective: terminal rewards minus path KL)."""
+COSTS = ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image", "kl_seconds_per_image",
+         "kl_unet_rows_per_image")
+"""Per-image costs: the method's own, then the KL measurement's (extra forwards), kept apart."""
 
 
 def weight_column(reward: str) -> str:
@@ -106,6 +121,11 @@ class Sweep:
         self.pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters,
                                                       betas=config.betas).to(self.device)
         self.pipeline.set_progress_bar_config(disable=True)
+        self.beta = config.objective_beta(self.pipeline.betas)
+        oracles = {f"oracle_{index}": (key, folder) for index, (key, folder) in enumerate(config.oracles.items())}
+        self.oracle_names = {weight_key(SweepConfig.parse_weight_key(key)): name for name, (key, _) in oracles.items()}
+        """Weight key -> the comparison adapter retrained there, loaded to measure KLs against (never fused)."""
+        self.pipeline.load_comparison_adapters({name: folder for name, (_, folder) in oracles.items()})
         names = config.rewards or [self._trained_reward(a) for a in self.pipeline.adapters]
         self.rewards = [load_reward(name).to(self.device) for name in names]
         self.reward_names = [reward.name for reward in self.rewards]
@@ -140,35 +160,47 @@ class Sweep:
         oracle.set_progress_bar_config(disable=True)
         return oracle, "single", [1.0]
 
+    def _oracle_at(self, cell: Cell) -> str | None:
+        """The comparison adapter retrained at the cell's weights, if the sweep has one (not for the oracle)."""
+        return None if cell.method == "oracle" else self.oracle_names.get(weight_key(cell.weights))
+
     def _run_cell(self, cell: Cell, progress: tqdm) -> tuple[list[dict], list]:
         config = self.config
         pipeline, method, weights = self._cell_pipeline(cell)
-        counts = {"unet": 0, "reward": 0}
-        rows, strip, seconds = [], [], 0.0
-        call = dict(weights=weights, method=method, num_inference_steps=config.num_inference_steps,
+        oracle = self._oracle_at(cell)
+        counts = dict.fromkeys(COSTS, 0.0)
+        rows, strip = [], []
+        call = dict(weights=weights, method=method, beta=config.beta, num_inference_steps=config.num_inference_steps,
                     guidance_scale=config.guidance_scale, eta=config.eta, code_candidates=config.code_candidates,
-                    code_block=config.code_block, rewards=self.rewards if get_method(method).needs_rewards else None, output_type="pt")
+                    code_block=config.code_block, rewards=self.rewards if get_method(method).needs_rewards else None,
+                    output_type="pt", return_kl=True, kl_to=[oracle] if oracle else [])
         for seed in self.seeds:
             for start in range(0, len(self.prompts), config.batch_size):
                 prompts = self.prompts[start:start + config.batch_size]
                 started = time.perf_counter()
-                with _counting([pipeline.unet], counts, "unet"), _counting(self.rewards, counts, "reward"):
-                    images = pipeline(prompts, generator=torch.Generator().manual_seed(seed), **call).images
+                with _counting([pipeline.unet], counts, "unet_rows_per_image"), \
+                        _counting(self.rewards, counts, "reward_images_per_image"):
+                    output = pipeline(prompts, generator=torch.Generator().manual_seed(seed), **call)
                 if self.device.type == "cuda":  # the GPU may still be computing the images
                     torch.cuda.synchronize(self.device)
-                seconds += time.perf_counter() - started
+                measured = output.path_kl
+                counts["seconds_per_image"] += time.perf_counter() - started - measured.seconds
+                counts["unet_rows_per_image"] -= measured.unet_rows
+                counts["kl_seconds_per_image"] += measured.seconds
+                counts["kl_unet_rows_per_image"] += measured.unet_rows
+                images = output.images
                 scores = [reward(images, prompts).tolist() for reward in self.rewards]
+                to_oracle = measured.totals[oracle].tolist() if oracle else [float("nan")] * len(prompts)
                 for index, prompt in enumerate(prompts):
                     row = {"method": cell.method, **{weight_column(n): w for n, w in zip(self.reward_names, cell.weights)},
-                           "prompt": prompt, "seed": seed, **{n: s[index] for n, s in zip(self.reward_names, scores)}}
+                           "prompt": prompt, "seed": seed, **{n: s[index] for n, s in zip(self.reward_names, scores)},
+                           KL_TO_BASE: float(output.kl_to_base[index]), KL_TO_ORACLE: to_oracle[index]}
                     rows.append(row)
                 if seed == self.seeds[0]:
                     strip.extend(images[: max(0, config.grid_prompts - len(strip))])
                 progress.update(len(prompts))
-        per_image = len(rows)
         for row in rows:
-            row.update(seconds_per_image=seconds / per_image, unet_rows_per_image=counts["unet"] / per_image,
-                       reward_images_per_image=counts["reward"] / per_image)
+            row.update({key: value / len(rows) for key, value in counts.items()})
         return rows, strip
 
     def _write_cell(self, cell: Cell, rows: list[dict], strip: list) -> None:
@@ -187,7 +219,12 @@ class Sweep:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         per_cell = len(self.prompts) * len(self.seeds)
-        todo = [cell for cell in self.cells if not (self.folder / cell.rows_file).is_file()]
+        before_kl = [cell for cell in self.cells if _written_before_kl(self.folder / cell.rows_file)]
+        if before_kl:
+            warnings.warn(f"{len(before_kl)} cells of {self.folder} were written before KL accounting (no "
+                          f"{KL_TO_BASE} column): sampling them again ({', '.join(c.stem for c in before_kl)})",
+                          stacklevel=2)
+        todo = [cell for cell in self.cells if not (self.folder / cell.rows_file).is_file() or cell in before_kl]
         done = len(self.cells) - len(todo)
         progress = tqdm(total=len(self.cells) * per_cell, initial=done * per_cell, unit="img", desc="sweep")
         for cell in todo:
@@ -195,14 +232,22 @@ class Sweep:
             rows, strip = self._run_cell(cell, progress)
             self._write_cell(cell, rows, strip)
         progress.close()
-        write_tables(self.folder, self.cells, self.reward_names)
-        _write_manifest(self.folder, self.cells, self.reward_names)
+        write_tables(self.folder, self.cells, self.reward_names, self.beta)
+        _write_manifest(self.folder, self.cells, self.reward_names, self.beta)
         return self.folder
 
 
-def _write_manifest(folder: Path, cells: list[Cell], reward_names: list[str]) -> None:
+def _written_before_kl(rows_file: Path) -> bool:
+    """A cell file from a sweep without KL accounting: its header has no kl_to_base column."""
+    if not rows_file.is_file():
+        return False
+    with rows_file.open(newline="") as handle:
+        return KL_TO_BASE not in next(csv.reader(handle), [])
+
+
+def _write_manifest(folder: Path, cells: list[Cell], reward_names: list[str], beta: float) -> None:
     manifest = {
-        "rewards": reward_names, "config": CONFIG_FILE, "results": f"{RESULTS}.csv", "summary": SUMMARY,
+        "rewards": reward_names, "beta": beta, "config": CONFIG_FILE, "results": f"{RESULTS}.csv", "summary": SUMMARY,
         "cells": [{"method": cell.method, "weights": list(cell.weights), "adapter": cell.adapter,
                    "rows": cell.rows_file,
                    "images": cell.images_file if (folder / cell.images_file).is_file() else None}
@@ -231,19 +276,23 @@ def _atomic_csv(path: Path, rows: list[dict]) -> None:
     os.replace(temporary, path)
 
 
-def write_tables(folder: Path, cells: list[Cell], reward_names: list[str]):
-    """results.csv / results.parquet (one row per image) and summary.csv (mean and standard error per cell)."""
+def write_tables(folder: Path, cells: list[Cell], reward_names: list[str], beta: float):
+    """results.csv / results.parquet (one row per image, with its objective and regularised objective at the
+    cell's weights) and summary.csv (mean and standard error per cell). The regularised objective's standard
+    error is that of the per-sample differences r - beta KL: each sample's reward paired with its own KL."""
     import pandas as pd
 
     table = pd.concat([pd.read_csv(folder / cell.rows_file) for cell in cells], ignore_index=True)
+    weight_columns = [weight_column(n) for n in reward_names]
+    table[OBJECTIVE] = (table[weight_columns].to_numpy() * table[reward_names].to_numpy()).sum(axis=1)
+    table[REGULARISED] = table[OBJECTIVE] - beta * table[KL_TO_BASE]
     table.to_csv(folder / f"{RESULTS}.csv", index=False)
     table.to_parquet(folder / f"{RESULTS}.parquet", index=False)
-    keys = ["method", *[weight_column(n) for n in reward_names]]
-    grouped = table.groupby(keys, sort=False)
-    summary = grouped[reward_names].agg(["mean", "sem"])
+    grouped = table.groupby(["method", *weight_columns], sort=False)
+    summary = grouped[[*reward_names, KL_TO_BASE, KL_TO_ORACLE, OBJECTIVE, REGULARISED]].agg(["mean", "sem"])
     summary.columns = [f"{name}_{stat}" for name, stat in summary.columns]
-    costs = grouped[["seconds_per_image", "unet_rows_per_image", "reward_images_per_image"]].first()
-    summary = summary.join(costs).join(grouped.size().rename("samples")).reset_index()
+    summary = summary.join(grouped[list(COSTS)].first()).join(grouped.size().rename("samples")).reset_index()
+    summary.insert(len(weight_columns) + 1, "beta", beta)
     summary.to_csv(folder / SUMMARY, index=False)
     return table, summary
 

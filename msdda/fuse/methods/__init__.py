@@ -7,9 +7,17 @@ subclasses :class:`FusionMethod` and decorates it with :func:`register`, plus it
 
 from __future__ import annotations
 
-from msdda.fuse.methods.base import FusionContext, FusionMethod, get_method, method_names, register, unregister
+from msdda.fuse.methods.base import (
+    FusionContext,
+    FusionMethod,
+    PathKL,
+    get_method,
+    method_names,
+    register,
+    unregister,
+)
 
 # the built-in methods register on import, in this order: the order the CLI, sweeps and reports list them
 from msdda.fuse.methods import msdda, soup, output_average, diffusion_blend, code, single, reference  # noqa: E402,F401  # isort: skip
 
-__all__ = ["FusionContext", "FusionMethod", "register", "unregister", "get_method", "method_names"]
+__all__ = ["FusionContext", "FusionMethod", "PathKL", "register", "unregister", "get_method", "method_names"]

@@ -1,10 +1,12 @@
-"""The fusion-method interface, the per-call context it reads, and the registry."""
+"""The fusion-method interface, the per-call context it reads, the path-KL meter it records into, and the
+registry."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -12,10 +14,59 @@ import torch
 from msdda.diffusion import BASE, adapter_kernels
 from msdda.errors import UserError
 from msdda.fuse.closed_form import exponents
-from msdda.kernels import StepKernel
-from msdda.sampling import denoise
+from msdda.kernels import StepKernel, kernel_kl
+from msdda.sampling import Step, denoise
 
-__all__ = ["FusionContext", "FusionMethod", "entering_kernels", "register", "unregister", "get_method", "method_names"]
+__all__ = ["FusionContext", "FusionMethod", "PathKL", "entering_kernels", "register", "unregister", "get_method",
+           "method_names"]
+
+
+@dataclass
+class PathKL:
+    """Per sample, sum over the stochastic steps of KL(method's kernel at x_t || target's kernel at x_t) along
+    the method's own trajectory, for each target adapter (``"__base__"``: the reference; other names: adapters
+    loaded only to compare against, e.g. retrained oracles). Deterministic steps (variance 0) have no density
+    and add nothing, as in msdda.train.evaluate.
+
+    The targets' kernels come from their own UNet forward at each step, separate from the method's: a larger
+    batch can change the method's rows in their last bits (measured on CPU), and the KL must not change the
+    sampled trajectory. A target the method's own forward already evaluated at that x_t (the reference inside
+    MSDDA's product, the base model's own kernel) is reused, so the base's KL to itself is exactly 0 and costs
+    nothing. ``unet_rows`` and ``seconds`` are what the measuring forwards cost, kept apart from the method's.
+    """
+
+    targets: tuple[str, ...]
+    totals: dict[str, torch.Tensor]
+    """Target name -> ``[B]`` float64 path KL (NaN when the method has no Gaussian kernel)."""
+    unet_rows: int = 0
+    seconds: float = 0.0
+    _seen: tuple[torch.Tensor, torch.Tensor, dict[str, StepKernel]] | None = field(default=None, repr=False)
+
+    @classmethod
+    def zeros(cls, targets: Sequence[str], batch: int) -> PathKL:
+        return cls(tuple(targets), {name: torch.zeros(batch, dtype=torch.float64) for name in targets})
+
+    @classmethod
+    def undefined(cls, targets: Sequence[str], batch: int) -> PathKL:
+        """For a method without a Gaussian kernel (CoDe): every KL is NaN."""
+        return cls(tuple(targets), {name: torch.full((batch,), float("nan"), dtype=torch.float64)
+                                    for name in targets})
+
+    def remember(self, latents: torch.Tensor, timestep: torch.Tensor, names: Sequence[str],
+                 kernels: Sequence[StepKernel]) -> None:
+        """Keep the targets among the kernels a method's forward computed at (x_t, t), to reuse at this step."""
+        self._seen = (latents, timestep, {n: k for n, k in zip(names, kernels) if n in self.targets})
+
+    def known(self, latents: torch.Tensor, timestep: torch.Tensor) -> dict[str, StepKernel]:
+        """The targets' kernels already computed at exactly this x_t and t (the same tensors)."""
+        if self._seen is None or self._seen[0] is not latents or self._seen[1] is not timestep:
+            return {}
+        return self._seen[2]
+
+    def add(self, kernel: StepKernel, targets: dict[str, StepKernel]) -> None:
+        """Add one stochastic step: KL(kernel || each target's kernel)."""
+        for name in self.targets:
+            self.totals[name] += kernel_kl(kernel, targets[name]).double().cpu()
 
 
 @dataclass(frozen=True)
@@ -39,16 +90,44 @@ class FusionContext:
     decode: Callable | None = None
     code_candidates: int = 20
     code_block: int = 5
+    path_kl: PathKL | None = None
+    """Where :meth:`record` sums the path KL to the targets (None: no KL is measured)."""
 
     def kernels(self, latents: torch.Tensor, timestep: torch.Tensor, names: list[str] | None,
                 positive: torch.Tensor | None = None, negative: torch.Tensor | None = None) -> list[StepKernel]:
         """The step kernel of each named adapter ("__base__": the reference; None: the UNet as configured), from
         one batched forward with guidance applied per adapter. ``positive``/``negative`` replace the call's
         embeddings (e.g. repeated for candidates)."""
+        measured = positive is None and names is not None and self.path_kl is not None
         if positive is None:
             positive, negative = self.positive, self.negative
-        return adapter_kernels(self.unet, self.scheduler, latents, timestep, positive, negative, names,
-                               self.guidance_scale, self.eta)
+        kernels = adapter_kernels(self.unet, self.scheduler, latents, timestep, positive, negative, names,
+                                  self.guidance_scale, self.eta)
+        if measured:
+            self.path_kl.remember(latents, timestep, names, kernels)
+        return kernels
+
+    def record(self, step: Step) -> None:
+        """The loop's recorder: add the step's KL to each target of :attr:`path_kl` (none: nothing to do). The
+        targets the method's forward did not evaluate get one forward of their own; the measurement's time and
+        UNet rows are counted apart from the method's."""
+        if self.path_kl is None or step.kernel.is_deterministic:
+            return
+        started = self._synchronized_clock()
+        targets = dict(self.path_kl.known(step.latents, step.timestep))
+        missing = [name for name in self.path_kl.targets if name not in targets]
+        if missing:
+            targets.update(zip(missing, self.kernels(step.latents, step.timestep, missing)))
+            halves = 2 if self.negative is not None and self.guidance_scale > 1.0 else 1
+            self.path_kl.unet_rows += len(step.latents) * len(missing) * halves
+        self.path_kl.add(step.kernel, targets)
+        self.path_kl.seconds += self._synchronized_clock() - started
+
+    def _synchronized_clock(self) -> float:
+        """Now, once the GPU has finished what it was given (else its time would count for the wrong forward)."""
+        if self.positive.device.type == "cuda":
+            torch.cuda.synchronize(self.positive.device)
+        return time.perf_counter()
 
 
 def entering_kernels(context: FusionContext, latents: torch.Tensor, timestep: torch.Tensor,
@@ -109,7 +188,7 @@ class FusionMethod:
     def sample(self, context: FusionContext, latents: torch.Tensor, timesteps) -> torch.Tensor:
         """Denoise ``latents`` over ``timesteps`` (x_T to x_0) with this method's kernels."""
         return denoise(timesteps, latents, lambda index, timestep, x_t: self.kernel(context, index, timestep, x_t),
-                       context.generator, context.positive)
+                       context.generator, context.positive, record=context.record)
 
 
 _REGISTRY: dict[str, FusionMethod] = {}
