@@ -60,19 +60,21 @@ KernelFunction = Callable[[Transitions], StepKernel]
 """The trained policy's step kernel pi_theta(. | x_t) at a batch's x_t (with grad)."""
 
 
-def transitions(trajectories: Trajectories, advantages: torch.Tensor, rows: torch.Tensor, step: int) -> Transitions:
-    """The transitions of the trajectories ``rows`` (indices on the CPU) at ``step``, in float32 (the chain's
-    precision) where the losses compute with them; ``advantages`` ``[B, T]`` on the trajectories' device."""
+def transitions(trajectories: Trajectories, advantages: torch.Tensor, rows: torch.Tensor, step: int,
+                dtype: torch.dtype = torch.float32) -> Transitions:
+    """The transitions of the trajectories ``rows`` (indices on the CPU) at ``step``; ``advantages`` ``[B, T]``
+    on the trajectories' device. What the losses compute with is in ``dtype`` (the chain's float32 by default;
+    x_t stays as sampled, for the model)."""
     prompt_rows, rows = rows, rows.to(trajectories.latents.device, non_blocking=True)
     reference = None
     if trajectories.reference_means is not None:
-        reference = StepKernel(mean=trajectories.reference_means[rows, step].float(),
-                               variance=trajectories.reference_variances[rows, step].float())
+        reference = StepKernel(mean=trajectories.reference_means[rows, step].to(dtype),
+                               variance=trajectories.reference_variances[rows, step].to(dtype))
     return Transitions(
         step=step, timesteps=trajectories.timesteps, latents=trajectories.latents[rows, step],
-        next_latents=trajectories.latents[rows, step + 1].float(), log_probs=trajectories.log_probs[rows, step].float(),
-        advantages=advantages[rows, step], reference=reference,
-        noises=trajectories.noises[rows, step].float() if trajectories.noises is not None else None,
+        next_latents=trajectories.latents[rows, step + 1].to(dtype),
+        log_probs=trajectories.log_probs[rows, step].to(dtype), advantages=advantages[rows, step], reference=reference,
+        noises=trajectories.noises[rows, step].to(dtype) if trajectories.noises is not None else None,
         prompts=[trajectories.prompts[i] for i in prompt_rows.tolist()], prompt_embeds=trajectories.prompt_embeds[rows],
         negative_embeds=trajectories.negative_embeds[rows])
 
@@ -102,13 +104,14 @@ def logged_means(sums: dict[str, torch.Tensor | float], count: int) -> dict[str,
 
 
 def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajectories, advantages: torch.Tensor,
-                config: TrainConfig, learner: Learner, seeds: Sequence[int]) -> dict[str, float]:
+                config: TrainConfig, learner: Learner, seeds: Sequence[int],
+                dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Train on an epoch's trajectories: for each inner epoch (one seed each), minibatches of
     ``train.batch_size`` trajectories in random order, and within each ``trained_steps`` random steps, one
     backward each (the Accelerator steps the optimizer every ``gradient_accumulation_steps`` of them).
 
     Trajectories whose ``advantages`` row ``[B, T]`` is not finite (dropped samples) are left out. Returns the
-    mean of each of ``LOGGED_TERMS`` over the updates.
+    mean of each of ``LOGGED_TERMS`` over the updates. ``dtype`` is the losses' (see ``transitions``).
     """
     keep = torch.isfinite(advantages).all(dim=1)
     count, steps = len(trajectories.prompts), len(trajectories.timesteps)
@@ -126,7 +129,7 @@ def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajector
             step_order = torch.randperm(steps, generator=generator)[:config.trained_steps]
             for step in step_order.tolist():
                 with learner.accelerator.accumulate(learner.model):
-                    terms = loss(transitions(trajectories, advantages, rows, step))
+                    terms = loss(transitions(trajectories, advantages, rows, step, dtype))
                     learner.accelerator.backward(terms.loss)
                     learner.step()
                 for key in sums:
