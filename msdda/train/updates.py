@@ -62,9 +62,9 @@ KernelFunction = Callable[[Transitions], StepKernel]
 
 def transitions(trajectories: Trajectories, advantages: torch.Tensor, rows: torch.Tensor, step: int,
                 dtype: torch.dtype = torch.float32) -> Transitions:
-    """The transitions of the trajectories ``rows`` (indices on the CPU) at ``step``; ``advantages`` ``[B, T]``
-    on the trajectories' device. What the losses compute with is in ``dtype`` (the chain's float32 by default;
-    x_t stays as sampled, for the model)."""
+    """The transitions of the trajectories ``rows`` (indices on the CPU) at ``step``, with their ``advantages``
+    (``[B, T]``, best on the trajectories' device already). What the losses compute with is in ``dtype`` (the
+    chain's float32 by default); x_t stays as sampled, for the model."""
     prompt_rows, rows = rows, rows.to(trajectories.latents.device, non_blocking=True)
     reference = None
     if trajectories.reference_means is not None:
@@ -73,7 +73,8 @@ def transitions(trajectories: Trajectories, advantages: torch.Tensor, rows: torc
     return Transitions(
         step=step, timesteps=trajectories.timesteps, latents=trajectories.latents[rows, step],
         next_latents=trajectories.latents[rows, step + 1].to(dtype),
-        log_probs=trajectories.log_probs[rows, step].to(dtype), advantages=advantages[rows, step], reference=reference,
+        log_probs=trajectories.log_probs[rows, step].to(dtype), advantages=advantages.to(rows.device)[rows, step],
+        reference=reference,
         noises=trajectories.noises[rows, step].to(dtype) if trajectories.noises is not None else None,
         prompts=[trajectories.prompts[i] for i in prompt_rows.tolist()], prompt_embeds=trajectories.prompt_embeds[rows],
         negative_embeds=trajectories.negative_embeds[rows])
