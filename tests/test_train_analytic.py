@@ -71,7 +71,8 @@ def _sample(world: GaussianWorld, policy: Denoiser, reward_vector: torch.Tensor,
     return Trajectories(
         prompts=[""] * batch, prompt_embeds=nothing, negative_embeds=nothing, timesteps=torch.tensor(stochastic_steps),
         latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), noises=torch.stack(noises, dim=1),
-        reference_means=torch.stack(reference_means, dim=1), reference_variances=torch.stack(reference_variances, dim=1),
+        reference_means=torch.stack(reference_means, dim=1),
+        reference_variances=torch.stack(reference_variances, dim=1),
         step_rewards=torch.stack(rewards, dim=1), images=nothing, state_values=torch.stack(values, dim=1))
 
 

@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msdda.adapters import AdapterMetadata, save_adapter
+from msdda.train.distributed import uses_deepspeed
 
 __all__ = ["latest_checkpoint", "check_output_dir", "resume_folder", "lora_state", "save_checkpoint",
            "load_checkpoint", "optimizer_to_files", "optimizer_from_files", "RUN_CONFIG", "STATE_FILE"]
 
 RUN_CONFIG = "run_config.yaml"
 STATE_FILE = "trainer_state.json"
-DEEPSPEED_STATE = "deepspeed"  # Accelerate's save_state folder; DeepSpeed's own (torch.save) format, written by this run
+DEEPSPEED_STATE = "deepspeed"
+"""Accelerate's save_state folder: DeepSpeed's own (torch.save) format, written by this run."""
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -50,10 +52,6 @@ def resume_folder(output_dir: Path, resume: str) -> Path:
     return checkpoint
 
 
-def _deepspeed(accelerator) -> bool:
-    return accelerator.state.deepspeed_plugin is not None
-
-
 def lora_state(accelerator, model) -> dict[str, torch.Tensor]:
     """The LoRA weights to save (PEFT keys, float32, on the CPU). Under DeepSpeed they are the optimizer's float32
     master copies, partitioned over the processes, so every process must call this."""
@@ -61,7 +59,7 @@ def lora_state(accelerator, model) -> dict[str, torch.Tensor]:
 
     unwrapped = accelerator.unwrap_model(model)
     values = unwrapped.state_dict()
-    if _deepspeed(accelerator):
+    if uses_deepspeed(accelerator):
         from deepspeed.utils import safe_get_full_fp32_param
 
         for name, parameter in unwrapped.named_parameters():
@@ -85,14 +83,14 @@ def save_checkpoint(output_dir: Path, epoch: int, accelerator, model, optimizer,
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if _deepspeed(accelerator):  # ZeRO shards the optimizer state over processes: every process saves its own shard
+    if uses_deepspeed(accelerator):  # ZeRO shards the optimizer state over processes: every process saves its own shard
         accelerator.save_state(str(temporary / DEEPSPEED_STATE), exclude_frozen_parameters=True)
         accelerator.wait_for_everyone()
     lora = lora_state(accelerator, model)
     if accelerator.is_main_process:
         save_file(lora, temporary / "lora.safetensors")
         state = dict(state)
-        if not _deepspeed(accelerator):
+        if not uses_deepspeed(accelerator):
             tensors, state["optimizer"] = optimizer_to_files(optimizer.optimizer)
             save_file(tensors, temporary / "optimizer.safetensors")
         (temporary / STATE_FILE).write_text(json.dumps(state))
@@ -114,7 +112,7 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, parameters: lis
 
     state = json.loads((folder / STATE_FILE).read_text())
     set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(folder / "lora.safetensors"))
-    if _deepspeed(accelerator):  # the engine restores its own parameter copies and optimizer shards
+    if uses_deepspeed(accelerator):  # the engine restores its own parameter copies and optimizer shards
         if not (folder / DEEPSPEED_STATE).is_dir():
             raise ValueError(f"{folder} was written without DeepSpeed; resume it with the launch config it "
                              "was trained with")

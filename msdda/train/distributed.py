@@ -15,8 +15,8 @@ import torch
 
 from msdda.train.config import TrainConfig
 
-__all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "gather_rows",
-           "own_rows", "average_gradients"]
+__all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "uses_deepspeed",
+           "gather_rows", "own_rows", "average_gradients"]
 
 
 def launched_with_deepspeed() -> bool:
@@ -29,7 +29,8 @@ def _several_processes_without_cuda() -> bool:
 
     Accelerate only picks its multi-CPU mode when asked for the CPU explicitly; DeepSpeed picks gloo itself.
     """
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not launched_with_deepspeed()
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return not torch.cuda.is_available() and several and not launched_with_deepspeed()
 
 
 def check_launch(config: TrainConfig) -> None:
@@ -67,10 +68,16 @@ def build_accelerator(config: TrainConfig):
     )
 
 
+def uses_deepspeed(accelerator) -> bool:
+    """Whether ``accelerator`` drives a DeepSpeed engine (which owns the optimizer state and master weights)."""
+    return accelerator.state.deepspeed_plugin is not None
+
+
 def configure_deepspeed(accelerator, config: TrainConfig) -> None:
     """The DeepSpeed engine counts micro-batches itself; ours are (row batch, denoising step) pairs, not a
     DataLoader's, so the trainer's own settings replace the launch config's."""
-    values = {"train_micro_batch_size_per_gpu": config.train.batch_size, "gradient_clipping": config.train.max_grad_norm,
+    values = {"train_micro_batch_size_per_gpu": config.train.batch_size,
+              "gradient_clipping": config.train.max_grad_norm,
               "gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
     deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
     deepspeed_config.update(values)

@@ -38,7 +38,14 @@ from msdda.train.checkpoint import (
     save_checkpoint,
 )
 from msdda.train.config import TrainConfig
-from msdda.train.distributed import build_accelerator, check_launch, configure_deepspeed, gather_rows, own_rows
+from msdda.train.distributed import (
+    build_accelerator,
+    check_launch,
+    configure_deepspeed,
+    gather_rows,
+    own_rows,
+    uses_deepspeed,
+)
 from msdda.train.loss import StepLoss
 from msdda.train.pathwise import pathwise_loss, reference_step_reward
 from msdda.train.policy import load_policy
@@ -58,6 +65,7 @@ def _seed(*parts: int) -> int:
 
 
 def _training_reward(config: TrainConfig, device: torch.device) -> Reward:
+    """The configured reward on ``device``, refused before any work where the estimator cannot use it."""
     reward = load_reward(config.reward.name, **config.reward.kwargs).to(device)
     if config.train.estimator == "pathwise" and not reward.differentiable:
         raise ValueError(f"train.estimator=pathwise needs a differentiable reward; {reward.name!r} is not "
@@ -79,7 +87,7 @@ class Trainer:
         self.accelerator = build_accelerator(config)
         set_seed(config.seed, device_specific=True)  # before the adapter's random initialisation
         self.reward = _training_reward(config, self.accelerator.device)
-        deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        deepspeed = uses_deepspeed(self.accelerator)
         self.policy = load_policy(config, self.accelerator.device, channels_last=not deepspeed)
         optimizer = torch.optim.AdamW(self.policy.lora_parameters, lr=config.train.learning_rate,
                                       weight_decay=config.train.adam_weight_decay)
@@ -217,7 +225,8 @@ class Trainer:
     def _all_dropped(self, dropped: int, epoch: int, progress) -> bool:
         """Whether the reward dropped every sample of the epoch, which then trains nothing; too many such epochs
         in a row stop the run."""
-        samples = self.config.sampling.batch_size * self.config.sampling.batches_per_epoch * self.accelerator.num_processes
+        sampling = self.config.sampling
+        samples = sampling.batch_size * sampling.batches_per_epoch * self.accelerator.num_processes
         if dropped < samples:
             self.bad_epochs = 0
             return False
