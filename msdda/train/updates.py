@@ -17,7 +17,7 @@ from msdda.train.config import TrainConfig
 from msdda.train.loss import StepLoss
 from msdda.train.rollout import Trajectories
 
-__all__ = ["Transitions", "KernelFunction", "Learner", "transitions", "update_pass", "logged_means", "LOGGED_TERMS"]
+__all__ = ["Transitions", "KernelFunction", "Learner", "transitions", "update_pass", "LOGGED_TERMS"]
 
 LOGGED_TERMS = ("loss", "policy_loss", "kl", "clip_fraction", "approx_kl")
 """The StepLoss fields an epoch logs, averaged over its updates."""
@@ -99,11 +99,6 @@ class Learner:
         self.optimizer.zero_grad()
 
 
-def logged_means(sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
-    """The epoch's logged StepLoss terms: sums over ``count`` updates, read once as floats."""
-    return {key: float(value) / max(count, 1) for key, value in sums.items()}
-
-
 def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajectories, advantages: torch.Tensor,
                 config: TrainConfig, learner: Learner, seeds: Sequence[int],
                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
@@ -136,4 +131,4 @@ def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajector
                 for key in sums:
                     sums[key] = sums[key] + getattr(terms, key).detach().float()
                 updates += 1
-    return logged_means(sums, updates)
+    return {key: float(value) / max(updates, 1) for key, value in sums.items()}
