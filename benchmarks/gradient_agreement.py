@@ -21,6 +21,7 @@ import torch
 from msdda.config import load_config
 from msdda.train.config import TrainConfig
 from msdda.train.trainer import Trainer
+from msdda.train.updates import transitions
 
 ESTIMATORS = {
     "policy-gradient, terminal": ["reward.step_reward=terminal", "train.estimator=policy-gradient"],
@@ -36,13 +37,13 @@ def gradients(overrides: list[str], repeats: int) -> list[torch.Tensor]:
         trainer = Trainer(load_config(TrainConfig, None, [*overrides, f"output_dir={folder}/run"]))
         steps, results = trainer.config.sampling.num_inference_steps, []
         for repeat in range(repeats):
-            trajectories, advantages = trainer._sample(repeat)  # an independent seed per repeat
-            rows = torch.arange(len(trajectories.prompts))
+            trajectories = trainer.sample(repeat)  # an independent seed per repeat
+            advantages, rows = trainer.advantages(trajectories), torch.arange(len(trajectories.prompts))
             trainer.unwrapped.zero_grad()
             for step in range(steps):
-                terms = trainer._step_terms(trajectories, advantages, rows, step, trainer.pipeline.scheduler)
+                terms = trainer.step_loss(transitions(trajectories, advantages, rows, step))
                 (terms.loss / steps).backward()
-            results.append(torch.cat([p.grad.flatten() for p in trainer.lora_parameters]).clone())
+            results.append(torch.cat([p.grad.flatten() for p in trainer.policy.lora_parameters]).clone())
         return results
     finally:
         shutil.rmtree(folder, ignore_errors=True)

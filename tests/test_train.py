@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from msdda.adapters import (
     METADATA_FILE,
@@ -24,9 +24,12 @@ from msdda.adapters import (
 )
 from msdda.config import ConfigError, load_config
 from msdda.diffusion import adapter_kernels, decode_latents, encode_prompts, load_base_pipeline
-from msdda.rewards import load_reward
+from msdda.rewards import Reward, load_reward
 from msdda.train import TrainConfig
-from msdda.train.trainer import Trainer, latest_checkpoint
+from msdda.train.checkpoint import latest_checkpoint, lora_state, optimizer_from_files, optimizer_to_files
+from msdda.train.pathwise import reference_step_reward
+from msdda.train.trainer import Trainer
+from msdda.train.updates import transitions
 from msdda.world import world_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +102,10 @@ SINGLE_PASS_EQUIVALENT = ["epochs=2", "train.estimator=policy-gradient", "sampli
 """One on-policy gradient step per epoch over two sampling batches, where the two update schemes must agree."""
 
 
+def _lora(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return lora_state(trainer.accelerator, trainer.learner.model)
+
+
 def _relative_difference_of_trained_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """||B_a - B_b|| / ||B_a|| over the LoRA B matrices, which start at zero: all they hold is what training
     wrote. (Adam's first steps are about lr * sign(gradient), so single elements with near-zero gradients can
@@ -120,7 +127,7 @@ def test_single_pass_trains_the_adapter_the_update_pass_trains(tmp_path, step_re
         trainer = Trainer(_config(tmp_path / single_pass, *SINGLE_PASS_EQUIVALENT, f"reward.step_reward={step_reward}",
                                   f"train.single_pass={single_pass}"))
         trainer.run()
-        results[single_pass] = trainer.lora_state(), trainer.history
+        results[single_pass] = _lora(trainer), trainer.history
     (update_lora, update_history), (single_lora, single_history) = results["false"], results["true"]
     assert _relative_difference_of_trained_weights(update_lora, single_lora) < 1e-2
     assert update_history[-1]["kl"] > 0
@@ -134,15 +141,14 @@ def test_single_pass_graphs_are_the_trained_steps_of_each_sampling_batch(tmp_pat
     and KLs must sit at those steps, and the KL must be the one the update pass computes there."""
     trainer = Trainer(_config(tmp_path, *SINGLE_PASS_EQUIVALENT, "sampling.num_inference_steps=6",
                               "train.timestep_fraction=0.5", "train.single_pass=true"))
-    trajectories, _ = trainer._sample(0)
+    trajectories = trainer.sample(0)
     indices = trajectories.graph_step_indices
     assert indices.shape == (8, 3) and trajectories.graph_log_probs.requires_grad
     assert not torch.equal(indices[0], indices[4]), "both sampling batches drew the same steps (seeded: should not)"
     torch.testing.assert_close(trajectories.graph_log_probs.detach(), trajectories.log_probs.gather(1, indices))
     for row in (0, 5):
         for column, step in enumerate(indices[row].tolist()):
-            terms = trainer._step_terms(trajectories, torch.zeros(8, 6), torch.tensor([row]), step,
-                                        trainer.pipeline.scheduler)
+            terms = trainer.step_loss(transitions(trajectories, torch.zeros(8, 6), torch.tensor([row]), step))
             torch.testing.assert_close(trajectories.graph_kls[row, column].detach(), terms.kl, rtol=1e-4, atol=1e-6)
 
 
@@ -160,26 +166,26 @@ def test_compiled_sampling_trains_the_adapter_eager_sampling_trains(tmp_path, fr
                                   f"train.compile={compiled}"))
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():  # an adapter that moves the policy, so that the reference must leave it out
-            for parameter in trainer.lora_parameters:
+            for parameter in trainer.policy.lora_parameters:
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-        results[compiled] = trainer, trainer._sample(0)[0]
+        results[compiled] = trainer, trainer.sample(0)
     (eager_trainer, eager), (trainer, compiled) = results["false"], results["true"]
     torch.testing.assert_close(compiled.latents, eager.latents, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.reference_means, eager.reference_means, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.graph_log_probs.detach(), eager.graph_log_probs.detach(), rtol=1e-4, atol=1e-3)
     assert compiled.graph_log_probs.requires_grad
     with torch.no_grad():  # the adapter moves the policy's mean, so a reference with the adapter in would show
-        policy = adapter_kernels(trainer.unwrapped, trainer.pipeline.scheduler, compiled.latents[:, 0],
+        policy = adapter_kernels(trainer.unwrapped, trainer.policy.pipeline.scheduler, compiled.latents[:, 0],
                                  compiled.timesteps[0], compiled.prompt_embeds, compiled.negative_embeds, None,
                                  guidance_scale=3.0, eta=1.0)
     assert (policy[0].mean - eager.reference_means[:, 0]).abs().max() > 1e-2
-    reference = trainer.reference_unet._orig_mod
+    reference = trainer.policy.reference_unet._orig_mod
     assert not any(isinstance(module, LoraLayer) for module in reference.modules())
     base_weights = {p.data_ptr() for n, p in trainer.unwrapped.named_parameters() if "lora_" not in n}
     assert {p.data_ptr() for p in reference.parameters()} == base_weights
     assert (trainer.run() / WEIGHTS_FILE).is_file()
     eager_trainer.run()
-    assert _relative_difference_of_trained_weights(eager_trainer.lora_state(), trainer.lora_state()) < 1e-2
+    assert _relative_difference_of_trained_weights(_lora(eager_trainer), _lora(trainer)) < 1e-2
 
 
 def test_output_dir_holding_another_run_is_refused(tmp_path) -> None:
@@ -239,20 +245,20 @@ def test_pathwise_update_follows_the_step_reward_gradient(tmp_path) -> None:
     """One pathwise step on a fresh adapter (beta 0, plain SGD) raises the tweedie step reward of the very
     transitions it was computed on, as a first-order step must; and it trains only the LoRA."""
     trainer = Trainer(_config(tmp_path, "reward.step_reward=tweedie", "train.estimator=pathwise", "beta=0"))
-    trajectories, advantages = trainer._sample(0)
-    rows, scheduler = torch.arange(4), trainer.pipeline.scheduler
+    trajectories = trainer.sample(0)
+    advantages, rows = trainer.advantages(trajectories), torch.arange(4)
 
     def objective() -> torch.Tensor:
-        return -sum(trainer._step_terms(trajectories, advantages, rows, step, scheduler).loss for step in range(4))
+        return -sum(trainer.step_loss(transitions(trajectories, advantages, rows, step)).loss for step in range(4))
 
     with torch.no_grad():
         before = float(objective())
-    trainer.optimizer.zero_grad()
+    trainer.learner.optimizer.zero_grad()
     (-objective()).backward()
-    gradient_norm = torch.sqrt(sum((p.grad**2).sum() for p in trainer.lora_parameters))
+    gradient_norm = torch.sqrt(sum((p.grad**2).sum() for p in trainer.policy.lora_parameters))
     assert gradient_norm > 0
     with torch.no_grad():
-        for parameter in trainer.lora_parameters:
+        for parameter in trainer.policy.lora_parameters:
             parameter -= 1e-2 / gradient_norm * parameter.grad  # a small step down the loss
     with torch.no_grad():
         after = float(objective())
@@ -265,16 +271,18 @@ def test_pathwise_rollout_reward_differentiates_the_deterministic_reference_cont
     trainer = Trainer(_config(tmp_path, "reward.step_reward=rollout", "train.estimator=pathwise", "beta=0"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so that a continuation with the adapter on would differ (small,
-        for parameter in trainer.lora_parameters:  # so that the samples stay where the reward is smooth)
+        for parameter in trainer.policy.lora_parameters:  # so that the samples stay where the reward is smooth)
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.03)
-    trajectories, _ = trainer._sample(0)
+    trajectories = trainer.sample(0)
     rows, step = torch.arange(4), 0
-    action = trajectories.latents[rows, step + 1].clone().requires_grad_(True)
-    reward = trainer._pathwise_reward(trajectories, rows, rows, step, action)
+    batch = transitions(trajectories, trainer.advantages(trajectories), rows, step)
+    action = batch.next_latents.clone().requires_grad_(True)
+    step_reward = reference_step_reward(trainer.policy.pipeline, trainer.unwrapped, trainer.reward, trainer.config)
+    reward = step_reward(action, batch)
     direction = torch.randn(action.shape, generator=torch.Generator().manual_seed(1)).to(action.device)
     (slope,) = torch.autograd.grad(reward.sum(), action)
 
-    pipeline, guidance = trainer.pipeline, trainer.config.sampling.guidance_scale
+    pipeline, guidance = trainer.policy.pipeline, trainer.config.sampling.guidance_scale
     scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
     scheduler.set_timesteps(len(trajectories.timesteps))
     embeds = torch.cat([trajectories.negative_embeds, trajectories.prompt_embeds])
@@ -305,21 +313,22 @@ def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path,
                               "train.gradient_checkpointing=true"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so that adapter on and off differ
-        for parameter in trainer.lora_parameters:
+        for parameter in trainer.policy.lora_parameters:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    trajectories, advantages = trainer._sample(0)
-    trainer.unet.train()
+    trajectories = trainer.sample(0)
+    advantages = trainer.advantages(trajectories)
+    trainer.learner.model.train()
 
     def gradient() -> torch.Tensor:
-        trainer.optimizer.zero_grad()
+        trainer.learner.optimizer.zero_grad()
         steps = range(len(trajectories.timesteps) - 1)  # each with a reference forward at x_{t-1}
-        sum(trainer._step_terms(trajectories, advantages, torch.arange(4), step, trainer.pipeline.scheduler).loss
+        sum(trainer.step_loss(transitions(trajectories, advantages, torch.arange(4), step)).loss
             for step in steps).backward()
-        return torch.cat([parameter.grad.flatten() for parameter in trainer.lora_parameters])
+        return torch.cat([parameter.grad.flatten() for parameter in trainer.policy.lora_parameters])
 
     checkpointed = gradient()
     trainer.unwrapped.disable_gradient_checkpointing()
-    trainer.pipeline.vae.disable_gradient_checkpointing()
+    trainer.policy.pipeline.vae.disable_gradient_checkpointing()
     plain = gradient()
     assert plain.abs().max() > 0
     # the tolerance allows for the GPU's attention backward, which is not bit-reproducible; the routing bug this
@@ -329,19 +338,100 @@ def test_gradient_checkpointing_leaves_the_pathwise_gradient_unchanged(tmp_path,
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None:
     trainer = Trainer(_config(tmp_path, "epochs=3"))
-    clean_terms = trainer._step_terms
+    clean_loss = trainer.step_loss
 
-    def poisoned(*args, **kwargs):  # the second epoch's loss is NaN
-        terms = clean_terms(*args, **kwargs)
+    def poisoned(batch):  # the second epoch's loss is NaN
+        terms = clean_loss(batch)
         return dataclasses.replace(terms, loss=terms.loss * float("nan")) if len(trainer.history) == 1 else terms
 
-    monkeypatch.setattr(trainer, "_step_terms", poisoned)
+    monkeypatch.setattr(trainer, "step_loss", poisoned)
     with pytest.raises(RuntimeError, match="loss became nan at epoch 2.*checkpoint-00001"):
         trainer.run()
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-00001"
     assert not (tmp_path / "run" / "final").exists()
     lora = load_file(latest_checkpoint(tmp_path / "run") / "lora.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in lora.values())
+
+
+class FirstImageFails(Reward):
+    """A reward that cannot score some images: NaN for the first of every batch, the mean brightness otherwise."""
+
+    name = "first-image-fails"
+
+    def score(self, images, prompts):
+        scores = images.mean(dim=(1, 2, 3))
+        scores[0] = float("nan")
+        return scores
+
+
+class EveryImageFails(Reward):
+    name = "every-image-fails"
+
+    def score(self, images, prompts):
+        return torch.full((len(images),), float("nan"))
+
+
+POLICY_GRADIENT = ["reward.step_reward=terminal", "train.estimator=policy-gradient"]
+
+
+def test_samples_the_reward_cannot_score_are_dropped_and_counted_each_epoch(tmp_path, capsys) -> None:
+    """Each epoch says how many samples a NaN reward dropped: in the history, in TensorBoard, on the bar."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(_config(tmp_path, "reward.name=tests.test_train:FirstImageFails", *POLICY_GRADIENT, "epochs=2",
+                              "log_with=tensorboard"))
+    trainer.run()
+    assert [h["dropped_samples"] for h in trainer.history] == [1, 1]
+    assert all(torch.isfinite(t).all() for t in _lora(trainer).values())
+    assert "dropped=1" in capsys.readouterr().err
+    logged = {}
+    for events_file in (tmp_path / "run" / "logs").rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(events_file))
+        events.Reload()
+        if "dropped_samples" in events.Tags()["scalars"]:
+            logged = {event.step: event.value for event in events.Scalars("dropped_samples")}
+    assert logged == {1: 1.0, 2: 1.0}
+
+
+def test_a_reward_that_scores_no_sample_stops_the_run_with_one_line_naming_it(tmp_path, capsys) -> None:
+    """A user error, not a crash: the CLI prints one line with the reward, the count and what to do."""
+    from msdda.cli import main
+
+    overrides = [*TINY, f"output_dir={tmp_path / 'run'}", "reward.name=tests.test_train:EveryImageFails",
+                 *POLICY_GRADIENT, "epochs=3", "max_bad_epochs=2"]
+    assert main(["train", "--config", str(ROOT / "configs/train/world_aesthetic.yaml"), *overrides]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("msdda: error:")]
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert "reward 'every-image-fails' returned NaN or inf for all 4 samples of each of the last 2 epochs" in lines[0]
+    assert "finite score" in lines[0]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_optimizer_state_round_trips_through_safetensors_files(tmp_path) -> None:
+    """Checkpoints hold the optimizer as tensors plus JSON (no pickle); one read back takes the very next step."""
+    def parameters() -> list[torch.nn.Parameter]:
+        generator = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(3, 2, generator=generator)), torch.nn.Parameter(torch.randn(4))]
+
+    def step(optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        sum((p**2 * torch.arange(p.numel()).view_as(p)).sum() for p in optimizer.param_groups[0]["params"]).backward()
+        optimizer.step()
+
+    trained = torch.optim.AdamW(parameters(), lr=1e-2)
+    for _ in range(2):
+        step(trained)
+    tensors, meta = optimizer_to_files(trained)
+    save_file(tensors, tmp_path / "optimizer.safetensors")
+    (tmp_path / "state.json").write_text(json.dumps(meta))
+    restored = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in trained.param_groups[0]["params"]],
+                                 lr=1.0)
+    optimizer_from_files(restored, load_file(tmp_path / "optimizer.safetensors"),
+                         json.loads((tmp_path / "state.json").read_text()))
+    step(trained)
+    step(restored)
+    for a, b in zip(trained.param_groups[0]["params"], restored.param_groups[0]["params"]):
+        assert torch.equal(a, b)
 
 
 def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
@@ -440,7 +530,7 @@ def test_bf16_run_keeps_the_stored_base_hash_and_a_float32_lora(tmp_path, fresh_
     """Mixed precision casts the frozen base for speed; the adapter still names the weights fusion loads."""
     trainer = Trainer(_config(tmp_path, "mixed_precision=bf16"))
     final = trainer.run()
-    assert trainer.pipeline.unet.dtype == torch.bfloat16
+    assert trainer.policy.pipeline.unet.dtype == torch.bfloat16
     stored = load_base_pipeline("world")
     assert load_adapter_metadata(final).base_model_hash == weights_hash(stored.unet)
     assert all(t.dtype == torch.float32 for t in load_file(final / WEIGHTS_FILE).values())

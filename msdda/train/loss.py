@@ -2,67 +2,18 @@
 
 Each denoising step is its own problem: maximise E[R_t] - beta * KL(pi(.|x_t) || p_ref(.|x_t)), whose optimum
 is p_ref * exp(R_t / beta) / Z. The update is a clipped-ratio policy gradient on log pi(x_{t-1} | x_t) with
-per-prompt baselines (DDPO's per-prompt statistics) plus beta times the exact Gaussian KL to the reference
+per-prompt baselines (msdda.train.advantages) plus beta times the exact Gaussian KL to the reference
 (DPOK). Log-probs and KLs are summed over all latent elements, so beta keeps its meaning as the KL weight of
 the objective and the adapter's optimum is the one MSDDA fuses.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
-from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
 import torch
 
-__all__ = ["PerPromptStatTracker", "StepLoss", "step_loss", "pathwise_step_loss"]
-
-Normalisation = Literal["center", "standardize"]
-
-
-class PerPromptStatTracker:
-    """Running reward statistics per key (prompt, or prompt and step), as DDPO keeps them.
-
-    ``center`` subtracts the key's running mean (an unbiased baseline: the optimum keeps its beta);
-    ``standardize`` also divides by the running std (DDPO's choice: steadier steps, but the effective KL weight
-    becomes beta * std). Keys with fewer than ``min_count`` stored rewards use the batch's global statistics.
-    """
-
-    def __init__(self, buffer_size: int = 32, min_count: int = 16, normalisation: Normalisation = "center"):
-        if normalisation not in ("center", "standardize"):
-            raise ValueError(f"normalisation must be 'center' or 'standardize', got {normalisation!r}")
-        self.buffer_size, self.min_count, self.normalisation = buffer_size, min_count, normalisation
-        self.buffers: dict[Hashable, deque] = defaultdict(lambda: deque(maxlen=buffer_size))
-
-    def update(self, keys: Sequence[Hashable], rewards: np.ndarray) -> np.ndarray:
-        """Advantages for ``rewards`` (one per key), after adding them to the running buffers."""
-        rewards = np.asarray(rewards, dtype=np.float64)
-        advantages = np.empty_like(rewards)
-        global_mean, global_std = rewards.mean(), rewards.std() + 1e-6
-        groups: dict[Hashable, list[int]] = defaultdict(list)
-        for index, key in enumerate(keys):
-            groups[key].append(index)
-        for key, indices in groups.items():
-            buffer = self.buffers[key]
-            buffer.extend(rewards[indices].tolist())
-            if len(buffer) < self.min_count:
-                mean, std = global_mean, global_std
-            else:
-                mean, std = float(np.mean(buffer)), float(np.std(buffer)) + 1e-6
-            scale = std if self.normalisation == "standardize" else 1.0
-            advantages[indices] = (rewards[indices] - mean) / scale
-        return advantages
-
-    def state_dict(self) -> dict:
-        return {"buffers": {repr(k): (k, list(v)) for k, v in self.buffers.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buffers.clear()
-        for key, values in state["buffers"].values():
-            key = tuple(key) if isinstance(key, list) else key
-            self.buffers[key].extend(values)
+__all__ = ["StepLoss", "step_loss", "pathwise_step_loss"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Processes and devices: launch checks, the Accelerator, DeepSpeed's settings, gathers and gradient averages.
+
+Everything here is about how many processes run and where; the algorithm in msdda.train.trainer reads the
+same on one CPU process as on several GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msdda.train.config import TrainConfig
+
+__all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "uses_deepspeed",
+           "gather_rows", "own_rows", "average_gradients"]
+
+
+def launched_with_deepspeed() -> bool:
+    """``accelerate launch`` with a DeepSpeed config (it sets this variable for every process)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _several_processes_without_cuda() -> bool:
+    """Launched as several processes (torchrun's WORLD_SIZE) on a machine without CUDA: gloo on the CPU.
+
+    Accelerate only picks its multi-CPU mode when asked for the CPU explicitly; DeepSpeed picks gloo itself.
+    """
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return not torch.cuda.is_available() and several and not launched_with_deepspeed()
+
+
+def check_launch(config: TrainConfig) -> None:
+    """Refuse launches that would crash later: several processes on one GPU (NCCL fails mid-start) and
+    ``train.single_pass`` under DeepSpeed (whose engine expects one backward per micro-batch)."""
+    processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if gpus and processes > gpus:
+        raise ValueError(
+            f"{processes} processes were launched on this machine, which has {gpus} GPU(s): run one process per GPU "
+            f"(accelerate launch --num_processes {gpus}), or run the processes on the CPU by hiding the GPUs "
+            "(CUDA_VISIBLE_DEVICES= accelerate launch ...)")
+    if config.train.single_pass and launched_with_deepspeed():
+        raise ValueError("train.single_pass does not run under DeepSpeed, whose engine expects one backward per "
+                         "micro-batch: set train.single_pass=false, or launch without DeepSpeed")
+
+
+def build_accelerator(config: TrainConfig):
+    """The Accelerator for this launch: multi-CPU or gloo where there is no CUDA, and one optimizer step per
+    ``gradient_accumulation_steps`` backwards (the update pass takes one backward per row batch and trained
+    step; ``single_pass`` one per epoch)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    output_dir = Path(config.output_dir)
+    # DeepSpeed without CUDA runs on gloo, which Accelerate only counts processes for when named
+    deepspeed_on_cpu = launched_with_deepspeed() and not torch.cuda.is_available()
+    return Accelerator(
+        cpu=_several_processes_without_cuda(),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else None,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=(1 if config.train.single_pass
+                                     else config.train.gradient_accumulation_steps * config.trained_steps),
+        log_with=config.log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def uses_deepspeed(accelerator) -> bool:
+    """Whether ``accelerator`` drives a DeepSpeed engine (which owns the optimizer state and master weights)."""
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def configure_deepspeed(accelerator, config: TrainConfig) -> None:
+    """The DeepSpeed engine counts micro-batches itself; ours are (row batch, denoising step) pairs, not a
+    DataLoader's, so the trainer's own settings replace the launch config's."""
+    values = {"train_micro_batch_size_per_gpu": config.train.batch_size,
+              "gradient_clipping": config.train.max_grad_norm,
+              "gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
+    deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    deepspeed_config.update(values)
+    deepspeed_config.pop("train_batch_size", None)
+
+
+def gather_rows(accelerator, values: torch.Tensor, prompts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Every process's rows of ``values`` and their prompts, in process order (the same on every process)."""
+    from accelerate.utils import gather_object
+
+    return accelerator.gather(values.to(accelerator.device)).cpu().numpy(), gather_object(list(prompts))
+
+
+def own_rows(accelerator, gathered: np.ndarray, count: int) -> np.ndarray:
+    """This process's ``count`` rows of an array laid out as ``gather_rows`` returns it."""
+    start = accelerator.process_index * count
+    return gathered[start:start + count]
+
+
+def average_gradients(accelerator, parameters: list[torch.nn.Parameter]) -> None:
+    """Average the gradients over processes in one all-reduce, as DDP would (for forwards run outside its
+    wrapper, such as the sampling pass's)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for parameter, piece in zip(parameters, flat.split([g.numel() for g in grads])):
+        parameter.grad = piece.view_as(parameter)
