@@ -24,6 +24,7 @@ from msdda.adapters import (
 )
 from msdda.config import ConfigError, load_config
 from msdda.diffusion import adapter_kernels, decode_latents, encode_prompts, load_base_pipeline
+from msdda.errors import UserError
 from msdda.rewards import Reward, load_reward
 from msdda.train import TrainConfig
 from msdda.train.checkpoint import latest_checkpoint, lora_state, optimizer_from_files, optimizer_to_files
@@ -345,7 +346,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
         return dataclasses.replace(terms, loss=terms.loss * float("nan")) if len(trainer.history) == 1 else terms
 
     monkeypatch.setattr(trainer, "step_loss", poisoned)
-    with pytest.raises(RuntimeError, match="loss became nan at epoch 2.*checkpoint-00001"):
+    with pytest.raises(UserError, match="loss became nan at epoch 2.*checkpoint-00001"):
         trainer.run()
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-00001"
     assert not (tmp_path / "run" / "final").exists()

@@ -12,6 +12,8 @@ from typing import Literal
 
 import numpy as np
 
+from msdda.errors import UserError
+
 __all__ = ["PerPromptStatTracker", "per_prompt_advantages"]
 
 Normalisation = Literal["center", "standardize"]
@@ -27,7 +29,7 @@ class PerPromptStatTracker:
 
     def __init__(self, buffer_size: int = 32, min_count: int = 16, normalisation: Normalisation = "center"):
         if normalisation not in ("center", "standardize"):
-            raise ValueError(f"normalisation must be 'center' or 'standardize', got {normalisation!r}")
+            raise UserError(f"normalisation must be 'center' or 'standardize', got {normalisation!r}")
         self.buffer_size, self.min_count, self.normalisation = buffer_size, min_count, normalisation
         self.buffers: dict[Hashable, deque] = defaultdict(lambda: deque(maxlen=buffer_size))
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msdda.adapters import AdapterMetadata, save_adapter
+from msdda.errors import UserError
 from msdda.train.distributed import uses_deepspeed
 
 __all__ = ["latest_checkpoint", "check_output_dir", "resume_folder", "lora_state", "save_checkpoint",
@@ -38,17 +39,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def check_output_dir(output_dir: Path, resume: str | None) -> None:
     """Refuse to overwrite another run, and a ``resume`` that names no folder, before any work."""
     if (output_dir / RUN_CONFIG).is_file() and resume is None:
-        raise ValueError(f"output_dir {output_dir} holds another run; pass resume=latest to continue it, "
+        raise UserError(f"output_dir {output_dir} holds another run; pass resume=latest to continue it, "
                          "or choose another output_dir")
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
-        raise ValueError(f"resume={resume!r}: no such checkpoint folder; use 'latest' or a path")
+        raise UserError(f"resume={resume!r}: no such checkpoint folder; use 'latest' or a path")
 
 
 def resume_folder(output_dir: Path, resume: str) -> Path:
     """The checkpoint ``resume`` ('latest' or a folder) names."""
     checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
     if checkpoint is None:
-        raise ValueError(f"resume=latest but {output_dir}/checkpoints holds no complete checkpoint")
+        raise UserError(f"resume=latest but {output_dir}/checkpoints holds no complete checkpoint")
     return checkpoint
 
 
@@ -114,11 +115,11 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, parameters: lis
     set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(folder / "lora.safetensors"))
     if uses_deepspeed(accelerator):  # the engine restores its own parameter copies and optimizer shards
         if not (folder / DEEPSPEED_STATE).is_dir():
-            raise ValueError(f"{folder} was written without DeepSpeed; resume it with the launch config it "
+            raise UserError(f"{folder} was written without DeepSpeed; resume it with the launch config it "
                              "was trained with")
         accelerator.load_state(str(folder / DEEPSPEED_STATE), load_module_strict=False)
     elif "optimizer" not in state:
-        raise ValueError(f"{folder} was written under DeepSpeed (its optimizer state is sharded); resume it with "
+        raise UserError(f"{folder} was written under DeepSpeed (its optimizer state is sharded); resume it with "
                          "a DeepSpeed launch config")
     else:
         for parameter in parameters:

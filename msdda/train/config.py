@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from msdda.errors import UserError
 from msdda.prompts import check_prompts_spec, load_prompts
 
 __all__ = ["TrainConfig", "LoraSettings", "SamplingSettings", "RewardSettings", "OptimSettings",
@@ -116,12 +117,12 @@ class TrainConfig:
         from msdda.rewards import available_rewards
 
         if not (self.beta >= 0 and math.isfinite(self.beta)):
-            raise ValueError(f"beta must be a finite number >= 0 (the KL weight), got {self.beta}")
+            raise UserError(f"beta must be a finite number >= 0 (the KL weight), got {self.beta}")
         if self.sampling.scheduler == "ddim" and not self.sampling.eta > 0:
-            raise ValueError(f"sampling.eta={self.sampling.eta} makes DDIM deterministic: step-level RL needs "
+            raise UserError(f"sampling.eta={self.sampling.eta} makes DDIM deterministic: step-level RL needs "
                              "Gaussian steps; set sampling.eta > 0 (1.0 is DDPM-like)")
         if self.reward.name not in available_rewards() and ":" not in self.reward.name:
-            raise ValueError(f"unknown reward {self.reward.name!r}; built-in rewards are {available_rewards()}, "
+            raise UserError(f"unknown reward {self.reward.name!r}; built-in rewards are {available_rewards()}, "
                              "or give 'package.module:name'")
         check_prompts_spec(self.prompts)
         for name, value in (("epochs", self.epochs), ("sampling.batch_size", self.sampling.batch_size),
@@ -130,19 +131,19 @@ class TrainConfig:
                             ("train.batch_size", self.train.batch_size), ("lora.rank", self.lora.rank),
                             ("checkpoint.every", self.checkpoint.every), ("checkpoint.keep", self.checkpoint.keep)):
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise UserError(f"{name} must be at least 1, got {value}")
         if self.train.estimator == "pathwise" and self.reward.step_reward == "terminal":
-            raise ValueError("train.estimator=pathwise differentiates the tweedie or rollout step reward; got "
+            raise UserError("train.estimator=pathwise differentiates the tweedie or rollout step reward; got "
                              "reward.step_reward='terminal': set reward.step_reward=tweedie (or rollout) or use "
                              "train.estimator=policy-gradient")
         if self.train.compile and self.train.gradient_checkpointing:
-            raise ValueError("train.compile does not run with train.gradient_checkpointing (its recomputation keeps "
+            raise UserError("train.compile does not run with train.gradient_checkpointing (its recomputation keeps "
                              "the adapter routing through a hook torch.compile does not trace): set one of them false")
         if not 0 < self.train.timestep_fraction <= 1:
-            raise ValueError(f"train.timestep_fraction must be in (0, 1], got {self.train.timestep_fraction}")
+            raise UserError(f"train.timestep_fraction must be in (0, 1], got {self.train.timestep_fraction}")
         per_epoch = self.sampling.batch_size * self.sampling.batches_per_epoch
         if per_epoch % self.train.batch_size:
-            raise ValueError(f"train.batch_size={self.train.batch_size} must divide the trajectories sampled per "
+            raise UserError(f"train.batch_size={self.train.batch_size} must divide the trajectories sampled per "
                              f"epoch (sampling.batch_size * sampling.batches_per_epoch = {per_epoch})")
         if self.train.single_pass:
             self._check_single_pass(per_epoch)
@@ -150,14 +151,14 @@ class TrainConfig:
     def _check_single_pass(self, per_epoch: int) -> None:
         train = self.train
         if train.estimator != "policy-gradient":
-            raise ValueError(f"train.single_pass needs train.estimator=policy-gradient, got {train.estimator!r}: the "
+            raise UserError(f"train.single_pass needs train.estimator=policy-gradient, got {train.estimator!r}: the "
                              "pathwise update differentiates the reward, which the sampling pass does not; set "
                              "train.single_pass=false")
         if train.inner_epochs != 1:
-            raise ValueError(f"train.single_pass trains once on the sampling pass's graph, but train.inner_epochs="
+            raise UserError(f"train.single_pass trains once on the sampling pass's graph, but train.inner_epochs="
                              f"{train.inner_epochs}: set train.inner_epochs=1 or train.single_pass=false")
         if train.batch_size * train.gradient_accumulation_steps != per_epoch:
-            raise ValueError(
+            raise UserError(
                 f"train.single_pass takes one gradient step per epoch, but train.batch_size * "
                 f"train.gradient_accumulation_steps = {train.batch_size * train.gradient_accumulation_steps} is not "
                 f"the {per_epoch} trajectories sampled per epoch: set train.gradient_accumulation_steps="

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msdda.errors import UserError
 from msdda.train.config import TrainConfig
 
 __all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "uses_deepspeed",
@@ -38,12 +39,12 @@ def check_launch(config: TrainConfig) -> None:
     ``train.single_pass`` under DeepSpeed (whose engine expects one backward per micro-batch)."""
     processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
     if gpus and processes > gpus:
-        raise ValueError(
+        raise UserError(
             f"{processes} processes were launched on this machine, which has {gpus} GPU(s): run one process per GPU "
             f"(accelerate launch --num_processes {gpus}), or run the processes on the CPU by hiding the GPUs "
             "(CUDA_VISIBLE_DEVICES= accelerate launch ...)")
     if config.train.single_pass and launched_with_deepspeed():
-        raise ValueError("train.single_pass does not run under DeepSpeed, whose engine expects one backward per "
+        raise UserError("train.single_pass does not run under DeepSpeed, whose engine expects one backward per "
                          "micro-batch: set train.single_pass=false, or launch without DeepSpeed")
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from msdda.errors import UserError
+
 __all__ = ["StepLoss", "step_loss", "pathwise_step_loss"]
 
 
@@ -56,7 +58,7 @@ def step_loss(
     policy_loss = torch.maximum(unclipped, clipped).mean()
     kl = kl_to_reference.mean() if kl_to_reference is not None else torch.zeros((), device=log_prob.device)
     if beta and kl_to_reference is None:
-        raise ValueError(f"beta={beta} needs the KL to the reference; pass kl_to_reference")
+        raise UserError(f"beta={beta} needs the KL to the reference; pass kl_to_reference")
     with torch.no_grad():
         clip_fraction = ((ratio - 1).abs() > clip_range).float().mean()
         approx_kl = 0.5 * (log_ratio**2).mean()
@@ -77,7 +79,7 @@ def pathwise_step_loss(step_reward: torch.Tensor, kl_to_reference: torch.Tensor 
         beta: the KL weight.
     """
     if beta and kl_to_reference is None:
-        raise ValueError(f"beta={beta} needs the KL to the reference; pass kl_to_reference")
+        raise UserError(f"beta={beta} needs the KL to the reference; pass kl_to_reference")
     finite = torch.isfinite(step_reward)  # a reward that fails on some images: those rows carry no gradient
     policy_loss = -torch.where(finite, step_reward, 0.0).sum() / finite.sum().clamp(min=1)
     kl = kl_to_reference.mean() if kl_to_reference is not None else torch.zeros((), device=step_reward.device)

@@ -16,6 +16,7 @@ import torch
 
 from msdda.adapters import weights_hash
 from msdda.diffusion import checkpoint_keeping_adapter_routing, load_base_pipeline
+from msdda.errors import UserError
 from msdda.train.config import TrainConfig
 
 __all__ = ["Policy", "load_policy"]
@@ -45,7 +46,7 @@ def _check_lora_targets(unet, targets: list[str]) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         examples = sorted({n.rsplit(".", 1)[-1] for n in names if "attn" in n})[:8]
-        raise ValueError(f"lora.target_modules {missing} match no module of the UNet; attention projections are "
+        raise UserError(f"lora.target_modules {missing} match no module of the UNet; attention projections are "
                          f"named like {examples}")
 
 

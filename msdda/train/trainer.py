@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 from msdda.config import config_to_dict
 from msdda.diffusion import encode_prompts, guided_output, images_to_pil
+from msdda.errors import UserError
 from msdda.kernels import StepKernel, step_kernel
 from msdda.rewards import Reward, load_reward
 from msdda.train.advantages import PerPromptStatTracker, per_prompt_advantages
@@ -68,7 +69,7 @@ def _training_reward(config: TrainConfig, device: torch.device) -> Reward:
     """The configured reward on ``device``, refused before any work where the estimator cannot use it."""
     reward = load_reward(config.reward.name, **config.reward.kwargs).to(device)
     if config.train.estimator == "pathwise" and not reward.differentiable:
-        raise ValueError(f"train.estimator=pathwise needs a differentiable reward; {reward.name!r} is not "
+        raise UserError(f"train.estimator=pathwise needs a differentiable reward; {reward.name!r} is not "
                          "(its class does not set differentiable = True): use train.estimator=policy-gradient")
     return reward
 
@@ -186,7 +187,7 @@ class Trainer:
                      for inner in range(config.train.inner_epochs)]
             means = update_pass(self.step_loss, trajectories, advantages, config, self.learner, seeds)
         if not math.isfinite(means["loss"]):  # before this epoch's checkpoint: the last one written stays the last good
-            raise RuntimeError(f"the loss became {means['loss']} at epoch {epoch + 1}; stopping. The last good "
+            raise UserError(f"the loss became {means['loss']} at epoch {epoch + 1}; stopping. The last good "
                                f"checkpoint is {latest_checkpoint(self.output_dir)}. Lower train.learning_rate or "
                                "raise beta")
         return means
@@ -232,7 +233,7 @@ class Trainer:
             return False
         self.bad_epochs += 1
         if self.bad_epochs >= self.config.max_bad_epochs:
-            raise ValueError(
+            raise UserError(
                 f"the reward {self.reward.name!r} returned NaN or inf for all {samples} samples of each of the last "
                 f"{self.bad_epochs} epochs (max_bad_epochs={self.config.max_bad_epochs}); stopping. Make it return a "
                 "finite score for the images it is given (NaN for a few drops just those samples): call it on a "
@@ -302,7 +303,7 @@ class Trainer:
         )
 
     def _sample_grid(self, epoch: int) -> None:
-        from msdda.world.sampling import image_grid
+        from msdda.utils import image_grid
 
         prompts = self.prompts[:: max(1, len(self.prompts) // 8)][:8]
         pipeline = self.policy.pipeline
