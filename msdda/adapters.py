@@ -49,6 +49,17 @@ class AdapterMetadata:
     training: dict[str, Any]
     msdda_version: str = ""
     format_version: int = FORMAT_VERSION
+    reward_spec: str = ""
+    """How training named the reward to ``load_reward``: a registered name, or a user reward's 'module:attribute'
+    (whose ``reward_name`` is only the class's own name). Empty in adapters written before it was recorded."""
+    reward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The reward's constructor arguments in training (``reward.kwargs``)."""
+
+    def trained_reward(self):
+        """The reward this adapter was trained on, loaded the way training loaded it."""
+        from msdda.rewards import load_reward
+
+        return load_reward(self.reward_spec or self.reward_name, **self.reward_kwargs)
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -156,7 +167,9 @@ def load_adapter_metadata(folder: str | Path) -> AdapterMetadata:
         raise InputNotFound(f"{folder} has no {METADATA_FILE}: it is not an msdda adapter folder")
     data = json.loads(path.read_text())
     names = {field.name for field in dataclasses.fields(AdapterMetadata)}
-    missing = sorted(names - set(data) - {"msdda_version", "format_version"})
+    optional = {field.name for field in dataclasses.fields(AdapterMetadata)
+                if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING}
+    missing = sorted(names - set(data) - optional)
     if missing:
         raise UserError(f"{path} lacks the fields {missing}")
     return AdapterMetadata(**{key: value for key, value in data.items() if key in names})

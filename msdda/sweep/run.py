@@ -126,17 +126,18 @@ class Sweep:
         self.oracle_names = {weight_key(SweepConfig.parse_weight_key(key)): name for name, (key, _) in oracles.items()}
         """Weight key -> the comparison adapter retrained there, loaded to measure KLs against (never fused)."""
         self.pipeline.load_comparison_adapters({name: folder for name, (_, folder) in oracles.items()})
-        names = config.rewards or [self._trained_reward(a) for a in self.pipeline.adapters]
-        self.rewards = [load_reward(name).to(self.device) for name in names]
+        rewards = ([load_reward(name) for name in config.rewards] if config.rewards
+                   else [self._trained_reward(adapter) for adapter in self.pipeline.adapters])
+        self.rewards = [reward.to(self.device) for reward in rewards]
         self.reward_names = [reward.name for reward in self.rewards]
         self.cells = plan_cells(config, len(config.adapters))
 
     @staticmethod
-    def _trained_reward(adapter) -> str:
+    def _trained_reward(adapter):
         if adapter.metadata is None:
             raise UserError(f"adapter {adapter.source} has no msdda metadata naming its reward; give rewards: "
                              "[one per adapter] in the sweep config")
-        return adapter.metadata.reward_name
+        return adapter.metadata.trained_reward()
 
     def _check_folder(self) -> None:
         saved = self.folder / CONFIG_FILE

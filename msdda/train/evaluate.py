@@ -60,8 +60,9 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     where = resolve_device(device)
     pipeline = MSDDAPipeline.from_pretrained(_base_of(adapter), adapters=[adapter]).to(where)
     metadata = pipeline.adapters[0].metadata
-    names = rewards or [metadata.reward_name]
-    scorers = [load_reward(name).to(where) for name in names]
+    names = list(rewards) if rewards else [metadata.reward_name]
+    scorers = [load_reward(name) for name in rewards] if rewards else [metadata.trained_reward()]
+    scorers = [scorer.to(where) for scorer in scorers]
     prompt_list = load_prompts(prompts, num_prompts)
     steps, guidance, eta = metadata.num_inference_steps, metadata.guidance_scale, metadata.eta
     scores = {side: {n: [] for n in names} for side in ("base", "adapter")}

@@ -289,7 +289,8 @@ class Trainer:
         config, scheduler = self.config, self.policy.pipeline.scheduler
         last = self.history[-1] if self.history else {}
         return AdapterMetadata(
-            reward_name=self.reward.name, reward_version=self.reward.version, beta=config.beta,
+            reward_name=self.reward.name, reward_version=self.reward.version, reward_spec=config.reward.name,
+            reward_kwargs=dict(config.reward.kwargs), beta=config.beta,
             step_reward=config.reward.step_reward, base_model=config.base, base_model_hash=self.policy.base_hash,
             scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
             num_inference_steps=config.sampling.num_inference_steps, eta=config.sampling.eta,
