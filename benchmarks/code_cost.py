@@ -27,15 +27,18 @@ PROMPT = "a red circle on the left"
 REWARDS = ("world-aesthetic", "world-consistency")
 
 
-def seconds_per_image(run: Callable[[], object], batch: int, repeats: int) -> float:
-    """The median wall time of ``repeats`` calls of ``run`` (after one warm-up call), per image."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def paired_seconds_per_image(runs: dict[str, Callable[[], object]], batch: int, repeats: int) -> dict[str, float]:
+    """The median wall time per image of each run, timed in turn within every repeat (after one warm-up call
+    each), so that load from other processes on a shared machine falls on every run alike."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) / batch
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) / batch for name, values in times.items()}
 
 
 def sampler(pipe: MSDDAPipeline, method: str, batch: int, steps: int, **options) -> Callable[[], object]:
@@ -62,16 +65,16 @@ def main() -> None:
                     for i in range(args.adapters)]
         pipe = MSDDAPipeline.from_pretrained("world", adapters=adapters)
         pipe.set_progress_bar_config(disable=True)
-        msdda = seconds_per_image(sampler(pipe, "msdda", args.batch, args.steps), args.batch, args.repeats)
-        code = seconds_per_image(sampler(pipe, "code", args.batch, args.steps, rewards=rewards,
-                                         code_candidates=args.candidates, code_block=args.block),
-                                 args.batch, args.repeats)
+        seconds = paired_seconds_per_image(
+            {"msdda": sampler(pipe, "msdda", args.batch, args.steps),
+             "code": sampler(pipe, "code", args.batch, args.steps, rewards=rewards, code_candidates=args.candidates,
+                             code_block=args.block)}, args.batch, args.repeats)
     print(f"K = {args.adapters} adapters, {args.steps} steps, batch {args.batch}, {args.threads} threads; "
           f"CoDe N = {args.candidates}, block = {args.block}")
     print(f"{'method':>6} {'s/img':>8}")
-    print(f"{'msdda':>6} {msdda:>8.4f}")
-    print(f"{'code':>6} {code:>8.4f}")
-    print(f"\nratio code / msdda = {code / msdda:.1f}")
+    for method, value in seconds.items():
+        print(f"{method:>6} {value:>8.4f}")
+    print(f"\nratio code / msdda = {seconds['code'] / seconds['msdda']:.1f}")
 
 
 if __name__ == "__main__":
