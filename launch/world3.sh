@@ -2,10 +2,11 @@
 # Three rewards on the embedded world: train the aesthetic, consistency and rule-of-thirds adapters at three betas
 # (0.001, 0.004 and 0.002), three retrained oracles on the weighted sum of the three rewards at interior weights,
 # then sweep every fusion method over the 2-simplex and off it (configs/sweep/world3.yaml) and write the report.
-# Estimated (not measured) 80-110 min on 2 CPU cores, from the measured times in docs/training.md and README.md:
+# Estimated, not measured: 90-120 min on 2 CPU cores, from the times docs/training.md and README.md measured:
 # aesthetic 7.5 min, consistency 11 min, thirds about 8 min (the aesthetic recipe's budget), three oracles about
-# 25 min (as launch/oracles.sh's), the sweep's 97 cells (the 2-adapter sweep's 28 cells take about 9 min;
-# three adapters cost about a third more per fused step) 30-55 min.
+# 25 min (as launch/oracles.sh's), and the sweep's 97 cells 40-65 min (configs/sweep/world.yaml's 28 cells take
+# about 9 min; a third adapter, the reference kernel that unequal betas bring into MSDDA's product and the path
+# KL measurements should cost 1.3-2 times as much per cell).
 # Re-running continues where a stopped run ended: finished adapters are kept, interrupted training resumes from
 # its checkpoints (--resume), and finished sweep cells are kept.
 # Usage: bash launch/world3.sh [output folder, default runs]; it writes <folder>/world3_<reward>,
