@@ -1,14 +1,18 @@
 """The three-reward job on the embedded world: launch/world3.sh trains three adapters at three betas and
-oracles that match the sweep's objective, and configs/sweep/world3.yaml covers the simplex and beyond."""
+oracles that match the sweep's objective, configs/sweep/world3.yaml covers the simplex and beyond, and the
+world's evaluation selects by each of the three rewards."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from msdda.config import load_config
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import weight_key
 from msdda.train import TrainConfig
+from msdda.world.evaluate import _selection
 from tests.test_tooling import _commands_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +48,9 @@ def test_world3_trains_three_betas_and_oracles_on_the_sweeps_objective(tmp_path:
         assert (oracle.reward.step_reward, oracle.train.estimator, oracle.epochs) == (
             singles[0].reward.step_reward, singles[0].train.estimator, singles[0].epochs)
     assert commands[7] == ["report", sweep.output_dir]
+
+
+def test_world_evaluation_selects_the_best_of_each_prompts_samples_by_each_reward() -> None:
+    scores = {"a": np.array([[1.0, 0.0], [0.0, 2.0]]), "b": np.array([[0.0, 3.0], [1.0, 0.0]])}
+    assert _selection(scores) == {"by_a": {"a": 1.5, "b": 0.0}, "by_b": {"a": 0.0, "b": 2.0},
+                                  "random": {"a": 0.75, "b": 1.0}}
