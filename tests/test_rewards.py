@@ -77,20 +77,6 @@ def test_thirds_is_one_minus_the_scaled_distance_to_the_nearest_thirds_point() -
     torch.testing.assert_close(scores, torch.tensor([1 - d / THIRDS_SCALE for d in distances]), rtol=0, atol=5e-4)
 
 
-def test_thirds_gradient_matches_a_central_difference() -> None:
-    pictures, attributes = _procedural(2, seed=3)
-    jitter = torch.rand(pictures.shape, generator=torch.Generator().manual_seed(1)) * 0.02
-    images = (pictures.clamp(0.05, 0.93) + jitter).requires_grad_(True)
-    prompts = [prompt_for(a) for a in attributes]
-    reward = load_reward("world-thirds")
-    (gradient,) = torch.autograd.grad(reward(images, prompts, grad=True).sum(), images)
-    assert float(gradient.abs().sum()) > 0
-    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
-    base, step = images.detach().double(), 1e-4
-    numeric = (reward.score(base + step * direction, prompts) - reward.score(base - step * direction, prompts)).sum()
-    assert float((gradient.double() * direction).sum()) == pytest.approx(float(numeric) / (2 * step), rel=1e-3)
-
-
 @pytest.mark.parametrize("name", ["world-consistency", "world-consistency-measured", "world-aesthetic",
                                   "world-thirds"])
 def test_world_rewards_are_deterministic_batched_and_one_float_per_image(name: str) -> None:
@@ -182,16 +168,18 @@ def test_registry_and_user_rewards() -> None:
         brightness(images, ["x", "y"])
 
 
-def test_rewards_give_grad_only_when_asked_and_able() -> None:
+@pytest.mark.parametrize("name", ["world-aesthetic", "world-thirds"])
+def test_rewards_give_grad_only_when_asked_and_able(name: str) -> None:
     pictures, attributes = _procedural(2, seed=3)
     # generated images have no exactly tied pixels (flat procedural ones do, where the border median has a kink)
     jitter = torch.rand(pictures.shape, generator=torch.Generator().manual_seed(1)) * 0.02
     images = (pictures.clamp(0.05, 0.93) + jitter).requires_grad_(True)
     prompts = [prompt_for(a) for a in attributes]
-    reward = load_reward("world-aesthetic")
+    reward = load_reward(name)
     assert not reward(images, prompts).requires_grad  # no grad unless asked
     scores = reward(images, prompts, grad=True)
     (gradient,) = torch.autograd.grad(scores.sum(), images)
+    assert float(gradient.abs().sum()) > 0
     # the pixel gradient matches a float64 central difference along a small random direction
     direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
     base, step = images.detach().double(), 1e-4
