@@ -1,4 +1,4 @@
-"""The reward interface and registry, and the embedded world's two rewards against closed forms."""
+"""The reward interface and registry, and the embedded world's rewards against closed forms."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from msdda.rewards import FunctionReward, Reward, available_rewards, load_reward
 from msdda.rewards.world import (
     COLOUR_SCALE,
     PLACEMENT_SCALE,
+    THIRDS_SCALE,
     centredness,
     colour_match,
     colourfulness,
     placement,
     shape_probabilities,
+    thirds,
 )
 from msdda.world.data import (
     COLOURS,
@@ -26,6 +28,7 @@ from msdda.world.data import (
     prompt_for,
     render_images,
     sample_attributes,
+    shape_coverage,
 )
 
 
@@ -55,7 +58,27 @@ def test_centredness_is_one_minus_the_normalised_centroid_distance() -> None:
     assert float(scores[0]) > float(scores[1]) + 0.2
 
 
-@pytest.mark.parametrize("name", ["world-consistency", "world-consistency-measured", "world-aesthetic"])
+def test_thirds_is_one_minus_the_scaled_distance_to_the_nearest_thirds_point() -> None:
+    image = torch.zeros(3, 3, 32, 32)
+    image[0, :, 5, 20] = 1.0  # one white pixel on black: the centroid is that pixel's centre, (20.5, 5.5)
+    image[1, :, 10, 21] = 1.0  # centroid (21.5, 10.5), 0.24 px from the thirds point (64/3, 32/3)
+    nearest = [math.hypot(20.5 - 64 / 3, 5.5 - 32 / 3), math.hypot(21.5 - 64 / 3, 10.5 - 32 / 3)]
+    expected = [1 - d / THIRDS_SCALE for d in nearest] + [0.0]  # the third image has no subject
+    torch.testing.assert_close(thirds(image), torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    far = torch.zeros(1, 3, 32, 32)
+    far[0, :, 0, 0] = 1.0  # 14.6 px from the nearest point: floored at 0
+    assert float(thirds(far)) == 0.0
+    # white discs on grey, centred on the image centre, a prompt's "on the left" and a thirds point
+    centres = torch.tensor([[16.0, 16.0], list(POSITIONS["left"][1]), [32 / 3, 64 / 3]], dtype=torch.float64)
+    discs = 0.3 + 0.7 * shape_coverage("circle", centres, torch.full((3,), 5.0, dtype=torch.float64))
+    distances = [math.hypot(16 - 32 / 3, 16 - 32 / 3), math.hypot(8.5 - 32 / 3, 16 - 32 / 3), 0.0]
+    scores = load_reward("world-thirds")(discs[:, None].expand(3, 3, 32, 32).float(), ["a red circle"] * 3)
+    # a disc off the pixel grid has its pixelated centroid within 0.005 px of its centre
+    torch.testing.assert_close(scores, torch.tensor([1 - d / THIRDS_SCALE for d in distances]), rtol=0, atol=5e-4)
+
+
+@pytest.mark.parametrize("name", ["world-consistency", "world-consistency-measured", "world-aesthetic",
+                                  "world-thirds"])
 def test_world_rewards_are_deterministic_batched_and_one_float_per_image(name: str) -> None:
     reward = load_reward(name)
     images, attributes = _procedural(12)
@@ -145,16 +168,18 @@ def test_registry_and_user_rewards() -> None:
         brightness(images, ["x", "y"])
 
 
-def test_rewards_give_grad_only_when_asked_and_able() -> None:
+@pytest.mark.parametrize("name", ["world-aesthetic", "world-thirds"])
+def test_rewards_give_grad_only_when_asked_and_able(name: str) -> None:
     pictures, attributes = _procedural(2, seed=3)
     # generated images have no exactly tied pixels (flat procedural ones do, where the border median has a kink)
     jitter = torch.rand(pictures.shape, generator=torch.Generator().manual_seed(1)) * 0.02
     images = (pictures.clamp(0.05, 0.93) + jitter).requires_grad_(True)
     prompts = [prompt_for(a) for a in attributes]
-    reward = load_reward("world-aesthetic")
+    reward = load_reward(name)
     assert not reward(images, prompts).requires_grad  # no grad unless asked
     scores = reward(images, prompts, grad=True)
     (gradient,) = torch.autograd.grad(scores.sum(), images)
+    assert float(gradient.abs().sum()) > 0
     # the pixel gradient matches a float64 central difference along a small random direction
     direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
     base, step = images.detach().double(), 1e-4

@@ -16,6 +16,10 @@
   people's colourfulness ratings) plus a centred composition (the subject's centroid near the image centre).
   A person prefers the vivid, centred picture; the prompt often asks for a shape "on the left", so the
   aesthetic and consistency rewards conflict, as they do on real models.
+- ``world-thirds``: is it composed by the rule of thirds? The subject's centroid near the nearest of the four
+  points where the lines at a third of the width and height cross, a placement photographers are taught to
+  prefer to the centre. It pulls against the aesthetic reward's centring by construction, and against
+  consistency because the prompt's positions lie between the thirds points (docs/world.md measures both).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from msdda.rewards.base import Reward, register_reward
 from msdda.world.data import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, parse_prompt, shape_coverage
 
 __all__ = ["WorldConsistency", "WorldConsistencyMeasured", "WorldAesthetic", "colourfulness", "centredness",
-           "placement", "colour_match", "shape_probabilities"]
+           "WorldThirds", "placement", "thirds", "colour_match", "shape_probabilities"]
 
 SUBJECT_THRESHOLD = 0.15
 """RGB distance from the background above which a pixel belongs to the subject (above gradients and noise)."""
@@ -39,6 +43,9 @@ SUBJECT_SOLID = 0.2
 """RGB distance beyond the threshold at which a pixel counts as wholly subject in its mask."""
 PLACEMENT_SCALE = 15.0
 """Pixels at which placement reaches 0: the distance between the left and right positions."""
+THIRDS_SCALE = 10.0
+"""Pixels from the nearest thirds point at which the thirds score reaches 0: a centred subject, 7.5 px away,
+scores 0.25, one at a prompt's position (5.8 px away for left, right, top and bottom) 0.43."""
 COLOUR_SCALE = 0.5
 """RGB distance (channels in [0, 1]) at which the colour match reaches 0; red to orange is 0.39."""
 SHAPE_TEMPERATURE = 0.05
@@ -88,6 +95,19 @@ def placement(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     0; 0 without a subject. For 32x32 images. A centred subject scores 0.5 for "on the left"."""
     centroid, has_subject = _centroid(subject_saliency(images))
     score = (1 - (centroid - targets).norm(dim=1) / PLACEMENT_SCALE).clamp(min=0)
+    return torch.where(has_subject, score, torch.zeros_like(score))
+
+
+def thirds(images: torch.Tensor) -> torch.Tensor:
+    """1 - (distance of the subject's centroid from the nearest thirds point) / THIRDS_SCALE, floored at 0; 0
+    without a subject. The thirds points are (W/3, H/3), (2W/3, H/3), (W/3, 2H/3) and (2W/3, 2H/3). For 32x32
+    images."""
+    height, width = images.shape[-2:]
+    centroid, has_subject = _centroid(subject_saliency(images))
+    points = torch.tensor([[width * i / 3, height * j / 3] for j in (1, 2) for i in (1, 2)],
+                          device=images.device, dtype=images.dtype)
+    nearest = (centroid[:, None] - points[None]).norm(dim=2).min(dim=1).values
+    score = (1 - nearest / THIRDS_SCALE).clamp(min=0)
     return torch.where(has_subject, score, torch.zeros_like(score))
 
 
@@ -200,3 +220,15 @@ class WorldAesthetic(Reward):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return colourfulness(images) + centredness(images)
+
+
+@register_reward("world-thirds")
+class WorldThirds(Reward):
+    """The subject's nearness to the nearest rule-of-thirds point; needs no weights and ignores the prompt."""
+
+    name = "world-thirds"
+    version = "1"
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return thirds(_world_size(images).clamp(0, 1))

@@ -1,8 +1,9 @@
 """Measure the embedded world: does the classifier read the prompt in samples, and do the rewards conflict?
 
 Reported: the classifier's accuracy on procedural test images and on samples (training prompts, and the
-held-out attribute combinations), and the conflict between the two rewards on samples: their correlation
-across samples of one prompt, and what selecting the best of 4 samples by one reward does to the other.
+held-out attribute combinations), and the conflict between the rewards on samples: the correlation of the
+aesthetic and consistency rewards across samples of one prompt, and what selecting the best of 4 samples by one
+reward does to the other; likewise for the rule-of-thirds reward against each of them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from msdda.diffusion import images_to_pil
-from msdda.rewards.world import WorldAesthetic, WorldConsistency
+from msdda.rewards.world import WorldAesthetic, WorldConsistency, WorldThirds
 from msdda.world.data import (
     HELD_OUT,
     Attributes,
@@ -50,6 +51,17 @@ def _accuracy(classifier, images: torch.Tensor, attributes: list[Attributes]) ->
     }
 
 
+def _selection(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """For each reward and for a random pick, the mean of every reward ``[prompts, samples]`` over the sample of
+    each prompt that reward selects as its best."""
+    rows = np.arange(len(next(iter(scores.values()))))
+    picks = {f"by_{name}": values.argmax(1) for name, values in scores.items()}
+    result = {pick: {name: float(values[rows, best].mean()) for name, values in scores.items()}
+              for pick, best in picks.items()}
+    result["random"] = {name: float(values.mean()) for name, values in scores.items()}
+    return result
+
+
 def evaluate_world(base: str | Path | None = None, num_prompts: int = 64, samples_per_prompt: int = 4,
                    held_out_per_combo: int = 16, seed: int = 0, num_inference_steps: int = 20,
                    guidance_scale: float = 3.0, eta: float = 1.0, grid: str | Path | None = None) -> dict:
@@ -72,6 +84,7 @@ def evaluate_world(base: str | Path | None = None, num_prompts: int = 64, sample
 
     consistency_scores = consistency(images, prompts).numpy()
     aesthetic_scores = aesthetic(images, prompts).numpy()
+    thirds_scores = WorldThirds()(images, prompts).numpy()
     by_prompt = lambda scores: scores.reshape(num_prompts, samples_per_prompt)  # noqa: E731
     centred = lambda scores: by_prompt(scores) - by_prompt(scores).mean(1, keepdims=True)  # noqa: E731
     within_prompt_correlation = float(np.corrcoef(centred(consistency_scores).ravel(),
@@ -90,6 +103,12 @@ def evaluate_world(base: str | Path | None = None, num_prompts: int = 64, sample
             "aesthetic_mean": float(aesthetic_scores.mean()), "aesthetic_std": float(aesthetic_scores.std()),
             "correlation_across_samples": float(np.corrcoef(consistency_scores, aesthetic_scores)[0, 1]),
             "correlation_within_prompt": within_prompt_correlation,
+            "thirds_mean": float(thirds_scores.mean()), "thirds_std": float(thirds_scores.std()),
+            **{f"thirds_{name}_correlation_{where}": correlation
+               for name, scores in (("aesthetic", aesthetic_scores), ("consistency", consistency_scores))
+               for where, correlation in (("across_samples", float(np.corrcoef(thirds_scores, scores)[0, 1])),
+                                          ("within_prompt", float(np.corrcoef(centred(thirds_scores).ravel(),
+                                                                              centred(scores).ravel())[0, 1])))},
         },
         "selection_best_of_samples": {
             "by_aesthetic": {"aesthetic": float(by_prompt(aesthetic_scores)[rows, best_aesthetic].mean()),
@@ -98,6 +117,9 @@ def evaluate_world(base: str | Path | None = None, num_prompts: int = 64, sample
                                "consistency": float(by_prompt(consistency_scores)[rows, best_consistency].mean())},
             "random": {"aesthetic": float(aesthetic_scores.mean()), "consistency": float(consistency_scores.mean())},
         },
+        "selection_best_of_samples_with_thirds": _selection(
+            {"aesthetic": by_prompt(aesthetic_scores), "consistency": by_prompt(consistency_scores),
+             "thirds": by_prompt(thirds_scores)}),
     }
     if grid is not None:
         rows_shown = min(8, num_prompts)

@@ -1,0 +1,56 @@
+"""The three-reward job on the embedded world: launch/world3.sh trains three adapters at three betas and
+oracles that match the sweep's objective, configs/sweep/world3.yaml covers the simplex and beyond, and the
+world's evaluation selects by each of the three rewards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from msdda.config import load_config
+from msdda.sweep.config import SweepConfig
+from msdda.sweep.grid import weight_key
+from msdda.train import TrainConfig
+from msdda.world.evaluate import _selection
+from tests.test_tooling import _commands_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_config(command: list[str]) -> TrainConfig:
+    """The config a recorded ``msdda train`` command would run (without --resume)."""
+    start = command.index("--config") + 1
+    return load_config(TrainConfig, ROOT / command[start], [a for a in command[start + 1:] if a != "--resume"])
+
+
+def test_world3_trains_three_betas_and_oracles_on_the_sweeps_objective(tmp_path: Path) -> None:
+    commands = _commands_of("launch/world3.sh", tmp_path)
+    assert [c[0] for c in commands] == ["train"] * 6 + ["sweep", "report"]
+    singles = [_train_config(c) for c in commands[:3]]
+    oracles = [_train_config(c) for c in commands[3:6]]
+    assert [c.reward.name for c in singles] == ["world-aesthetic", "world-consistency", "world-thirds"]
+    assert sorted(c.beta for c in singles) == [0.001, 0.002, 0.004]
+    assert load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml").beta == 0.001  # recipes unedited
+    assert load_config(TrainConfig, ROOT / "configs/train/world_consistency.yaml").beta == 0.001
+    start = commands[6].index("--config") + 1
+    sweep = load_config(SweepConfig, ROOT / commands[6][start], commands[6][start + 1:])
+    sweep.validate()
+    assert sweep.adapters == [f"{c.output_dir}/final" for c in singles]
+    assert sweep.rewards == [c.reward.name for c in singles]
+    interior = {weight_key(v) for v in sweep.weights if min(v) > 0 and abs(sum(v) - 1) < 1e-9}
+    assert len(interior) >= 10
+    assert {weight_key(v) for v in sweep.weights} >= {"1,1,1", "0.2,0.2,0.2"}
+    assert {weight_key(SweepConfig.parse_weight_key(k)) for k in sweep.oracles} <= interior
+    for oracle, (key, folder) in zip(oracles, sweep.oracles.items()):
+        assert oracle.beta == sweep.beta and folder == f"{oracle.output_dir}/final"
+        assert oracle.reward.kwargs == {"rewards": sweep.rewards, "weights": list(SweepConfig.parse_weight_key(key))}
+        assert (oracle.reward.step_reward, oracle.train.estimator, oracle.epochs) == (
+            singles[0].reward.step_reward, singles[0].train.estimator, singles[0].epochs)
+    assert commands[7] == ["report", sweep.output_dir]
+
+
+def test_world_evaluation_selects_the_best_of_each_prompts_samples_by_each_reward() -> None:
+    scores = {"a": np.array([[1.0, 0.0], [0.0, 2.0]]), "b": np.array([[0.0, 3.0], [1.0, 0.0]])}
+    assert _selection(scores) == {"by_a": {"a": 1.5, "b": 0.0}, "by_b": {"a": 0.0, "b": 2.0},
+                                  "random": {"a": 0.75, "b": 1.0}}
