@@ -53,17 +53,22 @@ def class_node(cls: type) -> ast.ClassDef:
 
 
 def field_sources(cls: type) -> dict[str, tuple[str, str]]:
-    """{field: (annotation as written, attribute docstring or '')}, in source order."""
-    body = class_node(cls).body
+    """{field: (annotation as written, attribute docstring or '')}, from the class and the dataclasses it
+    extends (a field redeclared without a docstring keeps the base class's)."""
     found: dict[str, tuple[str, str]] = {}
-    for index, node in enumerate(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            doc = ""
-            following = body[index + 1] if index + 1 < len(body) else None
-            if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                    and isinstance(following.value.value, str)):
-                doc = inspect.cleandoc(following.value.value)
-            found[node.target.id] = (ast.unparse(node.annotation), doc)
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = class_node(klass).body
+        for index, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = ""
+                following = body[index + 1] if index + 1 < len(body) else None
+                if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                        and isinstance(following.value.value, str)):
+                    doc = inspect.cleandoc(following.value.value)
+                inherited = found.get(node.target.id, ("", ""))[1]
+                found[node.target.id] = (ast.unparse(node.annotation), doc or inherited)
     return found
 
 

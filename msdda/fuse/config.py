@@ -10,29 +10,25 @@ from msdda.fuse.methods import get_method
 from msdda.prompts import check_prompts_spec
 from msdda.utils import parse_seeds
 
-__all__ = ["FuseConfig"]
+__all__ = ["SamplingConfig", "FuseConfig"]
 
 
 @dataclass
-class FuseConfig:
-    """What ``msdda fuse`` samples; a YAML file (``--config``) holds these keys, and flags override them."""
+class SamplingConfig:
+    """What every command that samples K adapters shares (``msdda fuse`` and ``msdda sweep``)."""
 
     base: str = "world"
     """The base pipeline the adapters were trained on: a folder, a Hub id, or 'world' (the embedded one)."""
     adapters: list[str] = field(default_factory=list)
-    """The reward adapters to fuse (folders written by ``msdda train``, or Hub ids), in the order of the weights."""
-    weights: list[float] | None = None
-    """One weight per adapter (default: equal weights summing to 1)."""
+    """The K reward adapters (folders written by ``msdda train``, or Hub ids), in the order of the weights."""
     betas: list[float] | None = None
     """The adapters' KL weights, when their metadata lacks them."""
     beta: float | None = None
-    """The fused objective's KL weight (default: the adapters' common beta; required when their betas differ)."""
-    method: str = "msdda"
-    """The fusion method: msdda or a baseline (see ``msdda fuse --help``)."""
-    rewards: list[str] = field(default_factory=list)
-    """Rewards for methods that score while sampling ('code'), one per adapter."""
-    prompts: list[str] | str = field(default_factory=list)
-    """A list, a text/table file, or 'hub:<dataset>' (see msdda.prompts)."""
+    """The fused objective's KL weight: MSDDA's exponents l_i = w_i beta_i / beta and the beta of the regularised
+    objective sum_i w_i r_i - beta KL (default: the adapters' common beta; needed when their betas differ)."""
+    prompts: list[str] | str = "world"
+    """A list, a text/table file, 'hub:<dataset>' (see msdda.prompts), or 'world' (the embedded world's
+    training prompts)."""
     num_prompts: int | None = None
     """Use this many prompts, evenly spaced through the list (None: all)."""
     seeds: str = "0-7"
@@ -41,10 +37,24 @@ class FuseConfig:
     """Default: the adapters' own (from their metadata); likewise guidance_scale and eta."""
     guidance_scale: float | None = None
     eta: float | None = None
-    out: str = "runs/fuse"
-    """Folder for the PNGs, grid.png and settings.json."""
     device: str = "auto"
     """Where to sample: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+
+
+@dataclass
+class FuseConfig(SamplingConfig):
+    """What ``msdda fuse`` samples; a YAML file (``--config``) holds these keys, and flags override them."""
+
+    prompts: list[str] | str = field(default_factory=list)
+    """The prompts to sample (required): a list, a text/table file, 'hub:<dataset>', or 'world'."""
+    weights: list[float] | None = None
+    """One weight per adapter (default: equal weights summing to 1)."""
+    method: str = "msdda"
+    """The fusion method: msdda or a baseline (see ``msdda fuse --help``)."""
+    rewards: list[str] = field(default_factory=list)
+    """Rewards for methods that score while sampling ('code'), one per adapter."""
+    out: str = "runs/fuse"
+    """Folder for the PNGs, grid.png and settings.json."""
 
     def validate(self) -> None:
         """Refuse bad settings before any model loads; each message names the key and the fix."""

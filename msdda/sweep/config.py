@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from msdda.errors import UserError
+from msdda.fuse.config import SamplingConfig
 from msdda.fuse.methods import method_names
 from msdda.prompts import check_prompts_spec, load_prompts
 
@@ -13,16 +14,11 @@ __all__ = ["SweepConfig"]
 
 
 @dataclass
-class SweepConfig:
-    base: str = "world"
-    """The base pipeline every adapter was trained on (a folder, a Hub id, or 'world')."""
-    adapters: list[str] = field(default_factory=list)
-    """K reward adapters (folders or Hub ids), in the order of the weights."""
-    betas: list[float] | None = None
-    """The adapters' KL weights, when their metadata lacks them."""
-    beta: float | None = None
-    """The fused objective's KL weight: MSDDA's exponents l_i = w_i beta_i / beta and the beta of the regularised
-    objective sum_i w_i r_i - beta KL (default: the adapters' common beta; needed when their betas differ)."""
+class SweepConfig(SamplingConfig):
+    """Every method at every weight vector on the same prompts and seeds (``msdda sweep``)."""
+
+    num_prompts: int | None = 16
+    """Use this many prompts, evenly spaced through the list (None: all)."""
     rewards: list[str] | None = None
     """The rewards to score, one per adapter (default: the reward each adapter was trained on)."""
     methods: list[str] = field(default_factory=method_names)
@@ -31,15 +27,6 @@ class SweepConfig:
     """Points per edge of the simplex grid (11: 0, 0.1, ..., 1 for K = 2), or explicit weight vectors."""
     oracles: dict[str, str] = field(default_factory=dict)
     """Adapters trained on the weighted reward: {'0.25,0.75': folder, ...}, sampled alone as method 'oracle'."""
-    prompts: list[str] | str = "world"
-    """A list, a text file with one prompt per line, or 'world' (the embedded world's training prompts)."""
-    num_prompts: int | None = 16
-    """Use this many prompts, evenly spaced through the list (None: all)."""
-    seeds: str = "0-7"
-    num_inference_steps: int | None = None
-    """Default: the adapters' own (from their metadata); likewise guidance_scale and eta."""
-    guidance_scale: float | None = None
-    eta: float | None = None
     batch_size: int = 16
     """Prompts per sampling call."""
     code_candidates: int = 8
@@ -47,8 +34,6 @@ class SweepConfig:
     grid_prompts: int = 4
     """Images kept per cell for the report's grids (the first prompts, first seed)."""
     output_dir: str = "runs/sweep"
-    device: str = "auto"
-    """Where to sample: auto (the GPU when there is one), cpu, cuda or cuda:N."""
 
     def validate(self) -> None:
         """Refuse bad settings before any sampling; each message names the key and the fix."""
