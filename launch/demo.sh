@@ -12,20 +12,11 @@ out="${1:-runs}"
 msdda="${MSDDA:-.venv/bin/msdda}"
 [ -x "$msdda" ] || msdda=msdda
 
-train() {  # $1: the recipe's reward (aesthetic or consistency)
-    local folder="$out/world_$1"
-    if [ -f "$folder/final/msdda_adapter.json" ]; then
-        echo "demo: $folder/final exists; not retraining"
-        return
-    fi
-    local resume=()
-    [ -f "$folder/run_config.yaml" ] && resume=(--resume)
-    "$msdda" train --config "configs/train/world_$1.yaml" "output_dir=$folder" "${resume[@]}"
-}
+source launch/train_adapter.sh
 
 start=$(date +%s)
-train aesthetic
-train consistency
+train_adapter "$out/world_aesthetic" configs/train/world_aesthetic.yaml
+train_adapter "$out/world_consistency" configs/train/world_consistency.yaml
 "$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep_world" \
     "adapters=[$out/world_aesthetic/final,$out/world_consistency/final]"
 "$msdda" report "$out/sweep_world"

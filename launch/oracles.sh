@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 out="${1:-runs}"
 msdda="${MSDDA:-.venv/bin/msdda}"
 [ -x "$msdda" ] || msdda=msdda
+source launch/train_adapter.sh
 [ -f "$out/sweep_world/sweep.yaml" ] || { echo "oracles: no sweep in $out/sweep_world; run bash launch/demo.sh first" >&2; exit 2; }
 
 oracles=()
@@ -16,14 +17,7 @@ for w in 0.25 0.5 0.75; do
     rest=$(python3 -c "print(round(1 - $w, 10))")
     folder="$out/world_oracle_$w"
     oracles+=("'$w,$rest': $folder/final")
-    if [ -f "$folder/final/msdda_adapter.json" ]; then
-        echo "oracles: $folder/final exists; not retraining"
-        continue
-    fi
-    resume=()
-    [ -f "$folder/run_config.yaml" ] && resume=(--resume)
-    "$msdda" train --config configs/train/world_oracle.yaml "reward.kwargs.weights=[$w,$rest]" "output_dir=$folder" \
-        "${resume[@]}"
+    train_adapter "$folder" configs/train/world_oracle.yaml "reward.kwargs.weights=[$w,$rest]"
 done
 joined=$(IFS=,; echo "${oracles[*]}")
 "$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep_world" \

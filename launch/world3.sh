@@ -18,23 +18,13 @@ msdda="${MSDDA:-.venv/bin/msdda}"
 [ -x "$msdda" ] || msdda=msdda
 beta=0.002  # the sweep's fused objective KL weight (configs/sweep/world3.yaml), and the oracles' beta
 
-train() {  # $1: the output folder; the rest: the recipe and its overrides
-    local folder="$1"
-    shift
-    if [ -f "$folder/final/msdda_adapter.json" ]; then
-        echo "world3: $folder/final exists; not retraining"
-        return
-    fi
-    local resume=()
-    [ -f "$folder/run_config.yaml" ] && resume=(--resume)
-    "$msdda" train --config "$@" "output_dir=$folder" "${resume[@]}"
-}
+source launch/train_adapter.sh
 
 start=$(date +%s)
 # the two existing recipes at their variant betas (only by override), the thirds recipe at its own 0.002
-train "$out/world3_aesthetic" configs/train/world_aesthetic.yaml beta=0.001
-train "$out/world3_consistency" configs/train/world_consistency.yaml beta=0.004
-train "$out/world3_thirds" configs/train/world_thirds.yaml
+train_adapter "$out/world3_aesthetic" configs/train/world_aesthetic.yaml beta=0.001
+train_adapter "$out/world3_consistency" configs/train/world_consistency.yaml beta=0.004
+train_adapter "$out/world3_thirds" configs/train/world_thirds.yaml
 # the oracles: the aesthetic and thirds recipes' estimator, step reward and budget (world_oracle.yaml's), the
 # sweep's beta; weights (aesthetic, consistency, thirds) at three of the sweep's interior points
 oracles=()
@@ -44,7 +34,7 @@ for weights in "0.3333333333333333,0.3333333333333333,0.3333333333333333" \
     name=$(python3 -c "print('_'.join(f'{float(w):.4g}' for w in '$weights'.split(',')))")
     folder="$out/world3_oracle_$name"
     oracles+=("'$weights': '$folder/final'")
-    train "$folder" configs/train/world_oracle.yaml "beta=$beta" \
+    train_adapter "$folder" configs/train/world_oracle.yaml "beta=$beta" \
         "reward.kwargs.rewards=[world-aesthetic,world-consistency,world-thirds]" "reward.kwargs.weights=[$weights]"
 done
 joined=$(IFS=,; echo "${oracles[*]}")
