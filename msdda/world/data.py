@@ -64,7 +64,7 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
 )
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt outside the embedded world's grammar."""
 
 
