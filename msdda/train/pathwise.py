@@ -29,7 +29,7 @@ def pathwise_loss(policy: KernelFunction, batch: Transitions, config: TrainConfi
     """Minus the step objective E[R_t] - beta * KL of ``batch``, differentiated through the action."""
     kernel = policy(batch)
     kl = batch.kl_to_reference(kernel, config.beta)
-    action = kernel.mean + kernel.std * batch.noises
+    action = kernel.sample(noise=batch.noises)
     return pathwise_step_loss(step_reward(action, batch), kl, config.beta)
 
 
