@@ -21,7 +21,7 @@ import torch
 from msdda.errors import InputNotFound, UserError
 
 __all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "resolve_adapter", "weights_hash",
-           "METADATA_FILE", "WEIGHTS_FILE"]
+           "METADATA_FILE", "WEIGHTS_FILE", "SHIPPED_PREFIX", "shipped_adapters"]
 
 METADATA_FILE = "msdda_adapter.json"
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -141,8 +141,28 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     return folder
 
 
+SHIPPED_PREFIX = "world:"
+"""``world:<name>`` names a reference adapter shipped with the embedded world (``msdda/world/assets/adapters``)."""
+
+
+def shipped_adapters() -> dict[str, Path]:
+    """The reference adapters shipped inside the package, by short name (``world:aesthetic`` -> its folder)."""
+    folder = Path(__file__).parent / "world" / "assets" / "adapters"
+    if not folder.is_dir():
+        return {}
+    return {f"{SHIPPED_PREFIX}{child.name}": child for child in sorted(folder.iterdir())
+            if (child / WEIGHTS_FILE).is_file()}
+
+
 def resolve_adapter(source: str) -> Path:
-    """A local adapter folder, or a Hub repo id downloaded (or taken from the cache) with huggingface_hub."""
+    """A shipped reference adapter (``world:<name>``), a local adapter folder, or a Hub repo id downloaded (or
+    taken from the cache) with huggingface_hub."""
+    if source.startswith(SHIPPED_PREFIX):
+        shipped = shipped_adapters()
+        if source not in shipped:
+            raise InputNotFound(f"no reference adapter {source!r} ships with msdda; the shipped ones are "
+                                f"{sorted(shipped) or 'none (this install has no msdda/world/assets/adapters)'}")
+        return shipped[source]
     path = Path(source)
     if path.is_dir():
         if not (path / WEIGHTS_FILE).is_file():
