@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Three rewards on the embedded world: train the aesthetic, consistency and rule-of-thirds adapters at three betas
-# (0.001, 0.004 and 0.002), three retrained oracles on the weighted sum of the three rewards at interior weights,
-# then sweep every fusion method over the 2-simplex and off it (configs/sweep/world3.yaml) and write the report.
-# Estimated, not measured: 90-120 min on 2 CPU cores, from the times docs/training.md and README.md measured:
-# aesthetic 7.5 min, consistency 11 min, thirds about 8 min (the aesthetic recipe's budget), three oracles about
-# 25 min (as launch/oracles.sh's), and the sweep's 97 cells 40-65 min (configs/sweep/world.yaml's 28 cells take
-# about 9 min; a third adapter, the reference kernel that unequal betas bring into MSDDA's product and the path
-# KL measurements should cost 1.3-2 times as much per cell).
+# Three rewards on the embedded world: train the aesthetic, consistency and rule-of-thirds adapters with their
+# recipes (three betas: 0.004, 0.001 and 0.002), three retrained oracles on the weighted sum of the three rewards at
+# interior weights (the same estimator, step reward and budget, at the sweep's beta 0.002), then sweep every fusion
+# method inside the 2-simplex and off it (configs/sweep/world3.yaml) and write the report.
+# The adapters go where the demo's do (runs/world_aesthetic, runs/world_consistency): after bash launch/demo.sh only
+# the thirds adapter and the oracles are trained. The wall time measured on 2 CPU cores is in docs/experiments.md.
 # Re-running continues where a stopped run ended: finished adapters are kept, interrupted training resumes from
 # its checkpoints (--resume), and finished sweep cells are kept.
-# Usage: bash launch/world3.sh [output folder, default runs]; it writes <folder>/world3_<reward>,
+# Usage: bash launch/world3.sh [output folder, default runs]; it writes <folder>/world_<reward>,
 # <folder>/world3_oracle_<w_aesthetic>_<w_consistency>_<w_thirds> and the sweep with its report in <folder>/sweep_world3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +19,11 @@ beta=0.002  # the sweep's fused objective KL weight (configs/sweep/world3.yaml),
 source launch/train_adapter.sh
 
 start=$(date +%s)
-# the two existing recipes at their variant betas (only by override), the thirds recipe at its own 0.002
-train_adapter "$out/world3_aesthetic" configs/train/world_aesthetic.yaml beta=0.001
-train_adapter "$out/world3_consistency" configs/train/world_consistency.yaml beta=0.004
-train_adapter "$out/world3_thirds" configs/train/world_thirds.yaml
-# the oracles: the aesthetic and thirds recipes' estimator, step reward and budget (world_oracle.yaml's), the
-# sweep's beta; weights (aesthetic, consistency, thirds) at three of the sweep's interior points
+train_adapter "$out/world_aesthetic" configs/train/world_aesthetic.yaml
+train_adapter "$out/world_consistency" configs/train/world_consistency.yaml
+train_adapter "$out/world_thirds" configs/train/world_thirds.yaml
+# the oracles: the recipes' estimator, step reward and budget (world_oracle.yaml), the sweep's beta; weights
+# (aesthetic, consistency, thirds) at three of the sweep's interior points
 oracles=()
 for weights in "0.3333333333333333,0.3333333333333333,0.3333333333333333" \
                "0.6666666666666666,0.16666666666666666,0.16666666666666666" \
@@ -39,7 +36,7 @@ for weights in "0.3333333333333333,0.3333333333333333,0.3333333333333333" \
 done
 joined=$(IFS=,; echo "${oracles[*]}")
 "$msdda" sweep --config configs/sweep/world3.yaml "output_dir=$out/sweep_world3" "beta=$beta" \
-    "adapters=[$out/world3_aesthetic/final,$out/world3_consistency/final,$out/world3_thirds/final]" \
+    "adapters=[$out/world_aesthetic/final,$out/world_consistency/final,$out/world_thirds/final]" \
     "oracles={$joined}"
 "$msdda" report "$out/sweep_world3"
 echo "world3: done in $(( ($(date +%s) - start) / 60 )) min; the report is $out/sweep_world3/report.md (and report.html)"

@@ -63,8 +63,10 @@ def _unet_as(pipe: MSDDAPipeline, adapters: list[str], weights: list[float] | No
         pipe.set_adapters(["adapter_0", "adapter_1"], [1.0, 1.0])
 
 
-def _by_hand(pipe: MSDDAPipeline, method: str, weights: list[float]) -> dict[str, torch.Tensor]:
-    """msdda's or soup's path KLs to the base and to the oracle, stepped with a stock DDIMScheduler: each kernel's
+def _by_hand(pipe: MSDDAPipeline, method: str, weights: list[float]) -> tuple[dict[str, torch.Tensor],
+                                                                                list[torch.Tensor]]:
+    """msdda's or soup's path KLs to the base and to the oracle, and the base's x0 estimate (``scheduler.step``'s
+    ``pred_original_sample``) at every state, stepped with a stock DDIMScheduler: each kernel's
     mean is ``scheduler.step`` with zero noise, its variance eta^2 * ``scheduler._get_variance``; with equal betas
     and weights on the simplex msdda's mean is the weighted mean of the adapters' means (equal variances); the KL
     of two kernels of one variance is ||mu_p - mu_q||^2 / (2 var)."""
@@ -78,11 +80,16 @@ def _by_hand(pipe: MSDDAPipeline, method: str, weights: list[float]) -> dict[str
     totals = {BASE: torch.zeros(len(PROMPTS), dtype=torch.float64),
               ORACLE: torch.zeros(len(PROMPTS), dtype=torch.float64)}
 
-    def mean(adapters: list[str], adapter_weights: list[float] | None, t: torch.Tensor) -> torch.Tensor:
+    reference_x0 = []
+
+    def step(adapters: list[str], adapter_weights: list[float] | None, t: torch.Tensor):
         with torch.no_grad(), _unet_as(pipe, adapters, adapter_weights) as unet:
             unconditional, conditional = unet(torch.cat([x, x]), t, torch.cat([negative, positive])).sample.chunk(2)
         epsilon = unconditional + guidance * (conditional - unconditional)
-        return scheduler.step(epsilon, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+        return scheduler.step(epsilon, t, x, eta=eta, variance_noise=torch.zeros_like(x))
+
+    def mean(adapters: list[str], adapter_weights: list[float] | None, t: torch.Tensor) -> torch.Tensor:
+        return step(adapters, adapter_weights, t).prev_sample
 
     for t in scheduler.timesteps:
         variance = eta**2 * scheduler._get_variance(t, t - scheduler.config.num_train_timesteps // STEPS)
@@ -90,21 +97,27 @@ def _by_hand(pipe: MSDDAPipeline, method: str, weights: list[float]) -> dict[str
             own = sum(w * mean([name], None, t) for w, name in zip(weights, ["adapter_0", "adapter_1"]))
         else:
             own = mean(["adapter_0", "adapter_1"], weights, t)
+        base = step([], None, t)
+        reference_x0.append(base.pred_original_sample)
         if variance > 0:
-            for target, kernel_mean in ((BASE, mean([], None, t)), (ORACLE, mean([ORACLE], None, t))):
+            for target, kernel_mean in ((BASE, base.prev_sample), (ORACLE, mean([ORACLE], None, t))):
                 totals[target] += ((own - kernel_mean) ** 2).sum(dim=(1, 2, 3)).double() / (2 * float(variance))
         x = own + float(variance) ** 0.5 * torch.randn(shape, generator=generator)
-    return totals
+    return totals, reference_x0
 
 
 @pytest.mark.parametrize("method", ["msdda", "soup"])
 def test_recorded_path_kl_equals_an_independent_computation(measured, method: str) -> None:
     weights = [0.3, 0.7]
-    recorded = _call(measured, method, weights, return_kl=True, kl_to=[ORACLE]).path_kl.totals
-    expected = _by_hand(measured, method, weights)
+    recorded = _call(measured, method, weights, return_kl=True, kl_to=[ORACLE], return_reference_x0=True).path_kl
+    expected, reference_x0 = _by_hand(measured, method, weights)
     for target in (BASE, ORACLE):
         assert bool((expected[target] > 1.0).all())  # the adapters really move the kernels
-        torch.testing.assert_close(recorded[target], expected[target], rtol=1e-4, atol=0)
+        torch.testing.assert_close(recorded.totals[target], expected[target], rtol=1e-4, atol=0)
+    # the step-level objective's clean images: the base's x0 estimate at each state of the method's own path
+    assert len(recorded.reference_x0) == STEPS
+    for ours, theirs in zip(recorded.reference_x0, reference_x0):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["msdda", "diffusion-blend", "soup"])
@@ -129,6 +142,8 @@ def test_kernels_the_method_computed_are_reused(measured) -> None:
 def test_bad_kl_requests_are_refused(measured) -> None:
     with pytest.raises(UserError, match="pass return_kl=True"):
         _call(measured, "msdda", [0.5, 0.5], kl_to=[ORACLE])
+    with pytest.raises(UserError, match="return_reference_x0=True is measured along with the path KL"):
+        _call(measured, "msdda", [0.5, 0.5], return_reference_x0=True)
     with pytest.raises(UserError, match=r"kl_to names \['oracle_9'\].*load_comparison_adapters"):
         _call(measured, "msdda", [0.5, 0.5], return_kl=True, kl_to=["oracle_9"])
     with pytest.raises(UserError, match="are taken"):

@@ -205,14 +205,16 @@ class MSDDAPipeline(StableDiffusionPipeline):
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
                  code_block: int = 5, return_dict: bool = True, return_kl: bool = False,
-                 kl_to: Sequence[str] = ()):
+                 kl_to: Sequence[str] = (), return_reference_x0: bool = False):
         """Sample with the adapters fused by ``method`` at ``weights`` (one per adapter).
 
         ``beta`` is the fused objective's KL weight (default: the adapters' common beta). ``rewards`` (one per
         adapter) are needed only by ``method="code"``. Defaults for steps, guidance and eta come from the
         adapters' metadata. ``return_kl`` measures each sample's path KL to the base, and to each comparison
         adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the
-        images are the same with and without it.
+        images are the same with and without it. ``return_reference_x0`` (with ``return_kl``) also keeps the
+        base's x0 estimate at every state of the trajectory in ``output.path_kl.reference_x0`` (empty for a
+        method without a Gaussian kernel): the images the ``tweedie`` step reward scores.
         """
         fusion = get_method(method)
         count = len(self.adapters)
@@ -241,7 +243,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
         positive, negative = self.encode_prompt(prompts, self._execution_device, 1, guidance_scale > 1.0,
                                                 negative_prompt)
         names = [a.name for a in self.adapters]
-        path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to)
+        path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to, return_reference_x0)
         context = FusionContext(
             unet=self.unet, scheduler=self.scheduler, positive=positive, negative=negative, adapter_names=names,
             weights=weights, exponents=powers, guidance_scale=guidance_scale, eta=eta,
@@ -256,15 +258,19 @@ class MSDDAPipeline(StableDiffusionPipeline):
             return (images, None)
         return MSDDAPipelineOutput(images=images, nsfw_content_detected=None, path_kl=path_kl)
 
-    def _path_kl(self, fusion, batch: int, return_kl: bool, kl_to: Sequence[str]) -> PathKL | None:
+    def _path_kl(self, fusion, batch: int, return_kl: bool, kl_to: Sequence[str],
+                 return_reference_x0: bool) -> PathKL | None:
         """The meter a call records into: the base and the named comparison adapters as targets."""
         if not return_kl:
-            if kl_to:
-                raise UserError(f"kl_to={list(kl_to)} asks for KLs: pass return_kl=True as well")
+            if kl_to or return_reference_x0:
+                asked = f"kl_to={list(kl_to)}" if kl_to else "return_reference_x0=True"
+                raise UserError(f"{asked} is measured along with the path KL: pass return_kl=True as well")
             return None
         unknown = [name for name in kl_to if name not in self.comparison_adapters]
         if unknown:
             raise UserError(f"kl_to names {unknown}, which are not loaded comparison adapters "
                             f"({sorted(self.comparison_adapters)}); load them with load_comparison_adapters")
         targets = (BASE, *kl_to)
-        return PathKL.zeros(targets, batch) if fusion.gaussian else PathKL.undefined(targets, batch)
+        if not fusion.gaussian:
+            return PathKL.undefined(targets, batch)
+        return PathKL.zeros(targets, batch, keeps_reference_x0=return_reference_x0)

@@ -8,6 +8,11 @@ Every sample also carries its path KL along its own trajectory: to the base (``k
 oracle adapter was retrained at the cell's weights, to that oracle (``kl_to_oracle``); NaN where a method has
 no Gaussian kernel (CoDe) or there is no oracle. The oracles are loaded into the sweep's pipeline as comparison
 adapters, never fused. The summary adds the trajectory-level objective sum_i w_i r_i - beta KL per cell.
+
+Where every adapter was trained with the ``tweedie`` step reward, each sample also carries its step rewards
+summed over the trajectory (``step:<reward>``: r_i of the base's x0 estimate at every state x_{T-1} ... x_1,
+and of x_0), and the summary the step-level objective sum_i w_i sum_t r_i,t - beta KL, the one MSDDA's kernel
+is exact for.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key
 
 __all__ = ["Cell", "plan_cells", "run_sweep", "SAMPLE_SETTINGS", "weight_column", "load_manifest", "MANIFEST",
-           "KL_TO_BASE", "KL_TO_ORACLE", "OBJECTIVE", "REGULARISED", "COSTS"]
+           "KL_TO_BASE", "KL_TO_ORACLE", "OBJECTIVE", "REGULARISED", "STEP_OBJECTIVE", "COSTS", "step_column"]
 
 CONFIG_FILE = "sweep.yaml"
 RESULTS = "results"
@@ -48,6 +53,9 @@ KL_TO_BASE, KL_TO_ORACLE = "kl_to_base", "kl_to_oracle"
 OBJECTIVE, REGULARISED = "objective", "regularised_objective"
 """Per-sample sum_i w_i r_i at the cell's weights, and that minus beta * kl_to_base (the trajectory-level
 objective: terminal rewards minus path KL)."""
+STEP_OBJECTIVE = "step_objective"
+"""Per-sample sum_i w_i sum_t r_i,t - beta * kl_to_base, with the ``tweedie`` step rewards r_i,t (the
+step-level objective; NaN where the adapters were not trained with that step reward, or for CoDe)."""
 COSTS = ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image", "kl_seconds_per_image",
          "kl_unet_rows_per_image")
 """Per-image costs: the method's own, then the KL measurement's (extra forwards), kept apart."""
@@ -55,6 +63,11 @@ COSTS = ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image", 
 
 def weight_column(reward: str) -> str:
     return f"w:{reward}"
+
+
+def step_column(reward: str) -> str:
+    """The column of a reward's step rewards summed over a sample's trajectory."""
+    return f"step:{reward}"
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,9 @@ class Sweep:
         self.rewards = [reward.to(self.device) for reward in rewards]
         self.reward_names = [reward.name for reward in self.rewards]
         self.cells = plan_cells(config, len(config.adapters))
+        self.step_level = all(adapter.metadata is not None and adapter.metadata.step_reward == "tweedie"
+                              for adapter in self.pipeline.adapters)
+        """Whether the step-level objective is measured: the adapters' step reward is the reference's x0 estimate."""
 
     @staticmethod
     def _trained_reward(adapter):
@@ -174,7 +190,8 @@ class Sweep:
         call = dict(weights=weights, method=method, beta=config.beta, num_inference_steps=config.num_inference_steps,
                     guidance_scale=config.guidance_scale, eta=config.eta, code_candidates=config.code_candidates,
                     code_block=config.code_block, rewards=self.rewards if get_method(method).needs_rewards else None,
-                    output_type="pt", return_kl=True, kl_to=[oracle] if oracle else [])
+                    output_type="pt", return_kl=True, kl_to=[oracle] if oracle else [],
+                    return_reference_x0=self.step_level)
         for seed in self.seeds:
             for start in range(0, len(self.prompts), config.batch_size):
                 prompts = self.prompts[start:start + config.batch_size]
@@ -191,11 +208,13 @@ class Sweep:
                 counts["kl_unet_rows_per_image"] += measured.unet_rows
                 images = output.images
                 scores = [reward(images, prompts).tolist() for reward in self.rewards]
+                step_sums = self._step_reward_sums(pipeline, measured.reference_x0, images, prompts)
                 to_oracle = measured.totals[oracle].tolist() if oracle else [float("nan")] * len(prompts)
                 for index, prompt in enumerate(prompts):
                     row = {"method": cell.method, **{weight_column(n): w for n, w in zip(self.reward_names, cell.weights)},
                            "prompt": prompt, "seed": seed, **{n: s[index] for n, s in zip(self.reward_names, scores)},
-                           KL_TO_BASE: float(output.kl_to_base[index]), KL_TO_ORACLE: to_oracle[index]}
+                           KL_TO_BASE: float(output.kl_to_base[index]), KL_TO_ORACLE: to_oracle[index],
+                           **{step_column(n): s[index] for n, s in zip(self.reward_names, step_sums)}}
                     rows.append(row)
                 if seed == self.seeds[0]:
                     strip.extend(images[: max(0, config.grid_prompts - len(strip))])
@@ -203,6 +222,19 @@ class Sweep:
         for row in rows:
             row.update({key: value / len(rows) for key, value in counts.items()})
         return rows, strip
+
+    def _step_reward_sums(self, pipeline, reference_x0: list[torch.Tensor], images: torch.Tensor,
+                          prompts: list[str]) -> list[list[float]]:
+        """Per reward, each sample's ``tweedie`` step rewards summed over its trajectory: r of the base's x0
+        estimate at x_{T-1} ... x_1 (the states the steps reach; the estimate at x_T scores no step) and of the
+        final image. NaN without the estimates (adapters trained otherwise, or a method with no Gaussian kernel)."""
+        from msdda.diffusion import decode_latents
+
+        if not reference_x0:
+            return [[float("nan")] * len(prompts) for _ in self.rewards]
+        reached = [decode_latents(pipeline, x0) for x0 in reference_x0[1:]] + [images]
+        return [torch.stack([reward(image, prompts).double() for image in reached]).sum(0).tolist()
+                for reward in self.rewards]
 
     def _write_cell(self, cell: Cell, rows: list[dict], strip: list) -> None:
         from msdda.utils import image_grid
@@ -287,10 +319,17 @@ def write_tables(folder: Path, cells: list[Cell], reward_names: list[str], beta:
     weight_columns = [weight_column(n) for n in reward_names]
     table[OBJECTIVE] = (table[weight_columns].to_numpy() * table[reward_names].to_numpy()).sum(axis=1)
     table[REGULARISED] = table[OBJECTIVE] - beta * table[KL_TO_BASE]
+    step_columns = [step_column(n) for n in reward_names]
+    for name in step_columns:
+        if name not in table:  # a cell written before step rewards were measured
+            table[name] = float("nan")
+    table[STEP_OBJECTIVE] = ((table[weight_columns].to_numpy() * table[step_columns].to_numpy()).sum(axis=1)
+                             - beta * table[KL_TO_BASE])
     table.to_csv(folder / f"{RESULTS}.csv", index=False)
     table.to_parquet(folder / f"{RESULTS}.parquet", index=False)
     grouped = table.groupby(["method", *weight_columns], sort=False)
-    summary = grouped[[*reward_names, KL_TO_BASE, KL_TO_ORACLE, OBJECTIVE, REGULARISED]].agg(["mean", "sem"])
+    summary = grouped[[*reward_names, KL_TO_BASE, KL_TO_ORACLE, OBJECTIVE, REGULARISED, STEP_OBJECTIVE]].agg(
+        ["mean", "sem"])
     summary.columns = [f"{name}_{stat}" for name, stat in summary.columns]
     summary = summary.join(grouped[list(COSTS)].first()).join(grouped.size().rename("samples")).reset_index()
     summary.insert(len(weight_columns) + 1, "beta", beta)

@@ -33,6 +33,10 @@ class PathKL:
     sampled trajectory. A target the method's own forward already evaluated at that x_t (the reference inside
     MSDDA's product, the base model's own kernel) is reused, so the base's KL to itself is exactly 0 and costs
     nothing. ``unet_rows`` and ``seconds`` are what the measuring forwards cost, kept apart from the method's.
+
+    With ``keeps_reference_x0`` it also keeps the reference's x0 estimate at every state x_T ... x_1 of the
+    trajectory (deterministic steps included): the clean images the ``tweedie`` step reward scores, from which a
+    sweep computes the step-level objective the adapters were trained for.
     """
 
     targets: tuple[str, ...]
@@ -40,11 +44,15 @@ class PathKL:
     """Target name -> ``[B]`` float64 path KL (NaN when the method has no Gaussian kernel)."""
     unet_rows: int = 0
     seconds: float = 0.0
+    keeps_reference_x0: bool = False
+    reference_x0: list[torch.Tensor] = field(default_factory=list)
+    """With ``keeps_reference_x0``: the reference's x0 estimate at each step's x_t, in sampling order."""
     _seen: tuple[torch.Tensor, torch.Tensor, dict[str, StepKernel]] | None = field(default=None, repr=False)
 
     @classmethod
-    def zeros(cls, targets: Sequence[str], batch: int) -> PathKL:
-        return cls(tuple(targets), {name: torch.zeros(batch, dtype=torch.float64) for name in targets})
+    def zeros(cls, targets: Sequence[str], batch: int, keeps_reference_x0: bool = False) -> PathKL:
+        return cls(tuple(targets), {name: torch.zeros(batch, dtype=torch.float64) for name in targets},
+                   keeps_reference_x0=keeps_reference_x0)
 
     @classmethod
     def undefined(cls, targets: Sequence[str], batch: int) -> PathKL:
@@ -111,17 +119,23 @@ class FusionContext:
         """The loop's recorder: add the step's KL to each target of :attr:`path_kl` (none: nothing to do). The
         targets the method's forward did not evaluate get one forward of their own; the measurement's time and
         UNet rows are counted apart from the method's."""
-        if self.path_kl is None or step.kernel.is_deterministic:
+        meter = self.path_kl
+        deterministic = step.kernel.is_deterministic
+        if meter is None or (deterministic and not meter.keeps_reference_x0):
             return
         started = self._synchronized_clock()
-        targets = dict(self.path_kl.known(step.latents, step.timestep))
-        missing = [name for name in self.path_kl.targets if name not in targets]
+        targets = dict(meter.known(step.latents, step.timestep))
+        wanted = (BASE,) if deterministic else meter.targets
+        missing = [name for name in wanted if name not in targets]
         if missing:
             targets.update(zip(missing, self.kernels(step.latents, step.timestep, missing)))
             halves = 2 if self.negative is not None and self.guidance_scale > 1.0 else 1
-            self.path_kl.unet_rows += len(step.latents) * len(missing) * halves
-        self.path_kl.add(step.kernel, targets)
-        self.path_kl.seconds += self._synchronized_clock() - started
+            meter.unet_rows += len(step.latents) * len(missing) * halves
+        if meter.keeps_reference_x0:
+            meter.reference_x0.append(targets[BASE].pred_original_sample)
+        if not deterministic:
+            meter.add(step.kernel, targets)
+        meter.seconds += self._synchronized_clock() - started
 
     def _synchronized_clock(self) -> float:
         """Now, once the GPU has finished what it was given (else its time would count for the wrong forward)."""
