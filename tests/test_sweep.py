@@ -143,16 +143,33 @@ def test_report_writes_plot_tables_and_metrics(sweep_folder: Path) -> None:
     metrics = json.loads((sweep_folder / "metrics.json").read_text())
     assert {"msdda", "soup", "code", "base", "oracle", "single: world-aesthetic"} <= set(metrics["methods"])
     msdda = metrics["methods"]["msdda"]
-    assert msdda["hypervolume"] >= 0 and set(msdda["weighted_objective"]) == {"0.5,0.5"}
-    assert set(metrics["methods"]["base"]["weighted_objective"]) == {"0.25,0.75", "0.5,0.5", "0.75,0.25"}
+    grid = {"1,0", "0.5,0.5", "0,1"}  # the sweep's weights=3
+    assert msdda["hypervolume"] >= 0 and set(msdda["weighted_objective"]) == grid
+    assert set(metrics["methods"]["base"]["weighted_objective"]) == grid
+    assert set(metrics["methods"]["oracle"]["weighted_objective"]) == {"0.5,0.5"}
     assert (sweep_folder / "pareto.png").stat().st_size > 10_000
     assert (sweep_folder / "grids" / "msdda.png").is_file() and (sweep_folder / "report.html").is_file()
     assert (sweep_folder / "kl.png").stat().st_size > 10_000 and "kl.png" in text
-    assert "Regularised objective" in text and "Path KL to the oracle" in text and "trajectory-level" in text
+    assert "Trajectory-level objective" in text and "Path KL to the oracle" in text and "what a user sees" in text
     assert "no Gaussian kernel" in text  # CoDe's KL cells
-    assert set(msdda["regularised_objective"]) == {"0.5,0.5"}
+    assert set(msdda["regularised_objective"]) == grid
     assert not metrics["methods"]["code"]["regularised_objective"]
-    assert msdda["points"][1]["kl_to_oracle"]["mean"] > 0
+    assert next(p for p in msdda["points"] if p["weights"] == [0.5, 0.5])["kl_to_oracle"]["mean"] > 0
+    # the step-level objective: the random adapters record the tweedie step reward
+    assert "Step-level objective" in text and set(msdda["step_objective"]) == grid
+    assert not metrics["methods"]["code"]["step_objective"]
+    table = pd.read_csv(sweep_folder / "results.csv")
+    cell = table[(table.method == "soup") & (table["w:world-aesthetic"] == 0.5)]
+    expected = (0.5 * cell["step:world-aesthetic"] + 0.5 * cell["step:world-consistency"] - metrics["beta"]
+                * cell["kl_to_base"])
+    assert np.isclose(metrics["methods"]["soup"]["step_objective"]["0.5,0.5"]["mean"], expected.mean())
+    # paired differences: MSDDA minus soup is the mean of per-sample differences
+    ours = table[(table.method == "msdda") & (table["w:world-aesthetic"] == 0.5)]
+    difference = (ours["regularised_objective"].to_numpy() - cell["regularised_objective"].to_numpy()).mean()
+    assert np.isclose(metrics["methods"]["soup"]["msdda_minus"]["0.5,0.5"]["regularised_objective"]["mean"],
+                      difference)
+    best = metrics["best"]["regularised_objective"]["0.5,0.5"]
+    assert f"**{metrics['methods'][best]['regularised_objective']['0.5,0.5']['mean']:.4g}" in text
 
 
 def test_report_refuses_a_sweep_from_before_kl_accounting(sweep_folder: Path, tmp_path) -> None:

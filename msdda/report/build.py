@@ -21,7 +21,7 @@ from msdda.report.metrics import (
 )
 from msdda.fuse.methods import get_method, method_names
 from msdda.sweep.grid import weight_key
-from msdda.sweep.run import COSTS, KL_TO_BASE, KL_TO_ORACLE, load_manifest, weight_column
+from msdda.sweep.run import COSTS, KL_TO_BASE, KL_TO_ORACLE, load_manifest, step_column, weight_column
 
 __all__ = ["Curve", "load_curves", "build_report"]
 
@@ -29,11 +29,21 @@ ORACLE = "oracle"
 """The sweep's cells of adapters retrained on the weighted reward: not a fusion method, one adapter per weight."""
 NO_KERNEL = "no Gaussian kernel"
 """What the tables say instead of a KL for a method whose step is not one Gaussian kernel (CoDe)."""
-OBJECTIVES_NOTE = (
-    "The regularised objective is the trajectory-level one: sum_i w_i r_i of the terminal sample minus beta times "
-    "the path KL to the base, sum over steps of KL(method kernel || base kernel) at the method's own states. MSDDA "
-    "is exact for the step-level objective (per step, the step reward minus beta times that step's KL), which this "
-    "report does not compute; the two rank methods alike only as far as the step rewards track the terminal one.")
+TRAJECTORY_NOTE = (
+    "The regularised objective is the trajectory-level one, what a user sees: sum_i w_i r_i of the terminal sample "
+    "minus beta times the path KL to the base, sum over steps of KL(method kernel || base kernel) at the method's own "
+    "states.")
+STEP_NOTE = (
+    "The step-level objective is the one MSDDA's kernel is exact for and each adapter was trained on: sum over steps "
+    "of sum_i w_i r_i,t minus beta times that step's KL, with the tweedie step reward r_i,t = r_i of the base's x0 "
+    "estimate at the state the step reaches (of x_0 at the last step). The two objectives rank methods alike only as "
+    "far as the step rewards track the terminal ones; the table of best methods shows where they do not.")
+NO_STEP_NOTE = ("The step-level objective (the one MSDDA is exact for) is not reported: it is measured only for "
+                "adapters trained with the tweedie step reward.")
+PRECISION_NOTE = (
+    "MSDDA's fused precision, P = (1 - sum_i l_i) / s_ref^2 + sum_i l_i / s_i^2, is 1 / s^2 > 0 at every weight "
+    "here, off the simplex too: every kernel has the scheduler's variance s^2. (With learned variances it can turn "
+    "non-positive, and sampling refuses such weights.)")
 
 
 @dataclass
@@ -49,6 +59,8 @@ class Curve:
     """Per weight vector, each sample's path KL to the base ([N]; NaN without a Gaussian kernel)."""
     kl_to_oracle: list[np.ndarray] = field(default_factory=list)
     """Per weight vector, each sample's path KL to the oracle retrained there ([N]; NaN where there is none)."""
+    step_rewards: list[np.ndarray] = field(default_factory=list)
+    """Per weight vector, each sample's step rewards summed over its trajectory ([N, K]; NaN where not measured)."""
 
     def means(self, rows: np.ndarray | None = None) -> np.ndarray:
         return np.stack([(r if rows is None else r[rows]).mean(axis=0) for r in self.rewards])
@@ -92,12 +104,15 @@ def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
         curve.rewards.append(cell[names].to_numpy(dtype=np.float64))
         curve.kl.append(cell[KL_TO_BASE].to_numpy(dtype=np.float64))
         curve.kl_to_oracle.append(cell[KL_TO_ORACLE].to_numpy(dtype=np.float64))
+        steps = [step_column(n) for n in names]
+        curve.step_rewards.append(cell[steps].to_numpy(dtype=np.float64) if set(steps) <= set(cell.columns)
+                                  else np.full((len(cell), len(names)), np.nan))
         curve.images.append(images.get((method, weights)))
         for key in COSTS:
             curve.costs[key] = curve.costs.get(key, 0.0) + float(cell[key].iloc[0])
     for curve in curves.values():
         order = np.argsort([w[0] for w in curve.weights], kind="stable")
-        for name in ("weights", "rewards", "kl", "kl_to_oracle", "images"):
+        for name in ("weights", "rewards", "kl", "kl_to_oracle", "step_rewards", "images"):
             setattr(curve, name, [getattr(curve, name)[i] for i in order])
         curve.costs = {k: v / len(curve.weights) for k, v in curve.costs.items()}
     sizes = {len(r) for c in curves.values() for r in c.rewards}
@@ -106,10 +121,11 @@ def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
     return list(curves.values()), names, {**config, "beta": manifest["beta"]}
 
 
-def _objective_weights(count: int, firsts: list[float]) -> list[tuple[float, ...]]:
-    if count == 2:
-        return [(w, 1.0 - w) for w in firsts]
-    return [tuple(1.0 / count for _ in range(count))]
+def grid_weights(curves: list[Curve]) -> list[tuple[float, ...]]:
+    """The weight vectors the sweep's fusion methods sampled (its grid, plus any oracle's), in a stable order:
+    where every objective is reported."""
+    found = {weight_key(w): w for c in curves if c.sweeps_weights for w in c.weights}
+    return [found[key] for key in sorted(found, key=lambda k: [-float(v) for v in k.split(",")])]
 
 
 def _cell_at(curve: Curve, weights: tuple[float, ...]) -> int | None:
@@ -123,27 +139,50 @@ def _mean_sem(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(values.mean()), "sem": standard_error(values)}
 
 
-def compute_metrics(curves: list[Curve], names: list[str], reference: list[float] | None,
-                    objective_firsts: list[float], resamples: int, beta: float) -> dict:
+def _objectives(curve: Curve, index: int, weights: tuple[float, ...], beta: float) -> dict[str, np.ndarray]:
+    """Per sample at ``weights``: the terminal weighted objective and, for a Gaussian-kernel method, the
+    trajectory-level and (where step rewards were measured) step-level regularised objectives."""
+    terminal = weighted_objective(curve.rewards[index], weights)
+    values = {"weighted_objective": terminal}
+    if curve.gaussian:  # paired: each sample's reward less its own KL
+        values["regularised_objective"] = terminal - beta * curve.kl[index]
+        step = weighted_objective(curve.step_rewards[index], weights) - beta * curve.kl[index]
+        if np.isfinite(step).all():
+            values["step_objective"] = step
+    return values
+
+
+OBJECTIVES = ("weighted_objective", "regularised_objective", "step_objective")
+
+
+def compute_metrics(curves: list[Curve], names: list[str], reference: list[float] | None, resamples: int,
+                    beta: float) -> dict:
+    """Hypervolumes, per-cell rewards and KLs, the three objectives at every grid weight, MSDDA minus every other
+    method on them (paired by prompt and seed), and the best method per weight under each objective."""
     all_means = np.concatenate([c.means() for c in curves])
     reference_point = np.asarray(reference if reference is not None else all_means.min(axis=0), dtype=np.float64)
     count = len(curves[0].rewards[0])
+    targets = grid_weights(curves)
     metrics: dict = {"rewards": names, "reference_point": reference_point.tolist(), "samples_per_cell": count,
                      "reference_point_rule": "given" if reference is not None else
-                     "the lowest mean of each reward over all cells", "beta": beta, "methods": {}}
-    targets = _objective_weights(len(names), objective_firsts)
+                     "the lowest mean of each reward over all cells", "beta": beta,
+                     "weights": [list(w) for w in targets], "methods": {}, "best": {}}
+    per_sample: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for curve in curves:
         volume = hypervolume(curve.means(), reference_point)
         error = bootstrap_standard_error(lambda rows, c=curve: hypervolume(c.means(rows), reference_point), count,
                                          resamples)
-        objectives, regularised = {}, {}
+        entry = {"hypervolume": volume, "hypervolume_sem": error, "gaussian": curve.gaussian,
+                 "sweeps_weights": curve.sweeps_weights, "costs": curve.costs, **{name: {} for name in OBJECTIVES}}
+        per_sample[curve.label] = {}
         for weights in targets:
             index = _cell_at(curve, weights)
-            if index is not None:
-                values = weighted_objective(curve.rewards[index], weights)
-                objectives[weight_key(weights)] = _mean_sem(values)
-                if curve.gaussian:  # paired: each sample's reward less its own KL
-                    regularised[weight_key(weights)] = _mean_sem(values - beta * curve.kl[index])
+            if index is None:
+                continue
+            values = _objectives(curve, index, weights, beta)
+            per_sample[curve.label][weight_key(weights)] = values
+            for name, samples in values.items():
+                entry[name][weight_key(weights)] = _mean_sem(samples)
         points = []
         for w, m, e, kl, to_oracle in zip(curve.weights, curve.means(), curve.errors(), curve.kl, curve.kl_to_oracle):
             point = {"weights": list(w), "mean": m.tolist(), "sem": e.tolist(),
@@ -151,42 +190,61 @@ def compute_metrics(curves: list[Curve], names: list[str], reference: list[float
             if curve.gaussian and np.isfinite(to_oracle).all():
                 point["kl_to_oracle"] = _mean_sem(to_oracle)
             points.append(point)
-        metrics["methods"][curve.label] = {
-            "hypervolume": volume, "hypervolume_sem": error, "gaussian": curve.gaussian,
-            "weighted_objective": objectives, "regularised_objective": regularised, "points": points,
-            "costs": curve.costs,
-        }
+        entry["points"] = points
+        metrics["methods"][curve.label] = entry
+    if "msdda" in per_sample:
+        ours = per_sample["msdda"]
+        for label, theirs in per_sample.items():
+            metrics["methods"][label]["msdda_minus"] = {
+                key: {name: _mean_sem(ours[key][name] - values[name]) for name in OBJECTIVES
+                      if name in values and name in ours.get(key, {})}
+                for key, values in theirs.items() if key in ours and label != "msdda"}
+    for name in OBJECTIVES:
+        best = {}
+        for weights in targets:
+            key = weight_key(weights)
+            scored = {label: m[name][key]["mean"] for label, m in metrics["methods"].items() if key in m[name]}
+            if scored:
+                best[key] = max(scored, key=scored.get)
+        metrics["best"][name] = best
     return metrics
 
 
 def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:
-    """Mean rewards per weight with standard-error bars; one curve per weight-sweeping method (first two
-    rewards when there are more). MSDDA's and the oracles' points carry the first reward's weight."""
+    """Mean rewards per weight with standard-error bars; one curve per weight-sweeping method, one panel per pair
+    of rewards (the first three pairs). MSDDA's and the oracles' points carry their weights (K = 2: the first)."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 5.5))
-    markers = iter("osD^v<>ph*")
-    for curve in curves:
-        means, errors = curve.means(), curve.errors()
-        style = "-" if curve.sweeps_weights and curve.method != ORACLE and len(means) > 1 else "none"
-        # MSDDA on top as open circles: with equal variances and betas it coincides with output averaging
-        emphasis = dict(markersize=10, markerfacecolor="none", linewidth=2.2, zorder=5) \
-            if curve.method == "msdda" else dict(markersize=5, linewidth=1.2)
-        drawn = axes.errorbar(means[:, 0], means[:, 1], xerr=errors[:, 0], yerr=errors[:, 1], linestyle=style,
-                              marker=next(markers, "o"), capsize=2, label=curve.label, **emphasis)
-        if curve.method in ("msdda", ORACLE):  # the pairs the method is judged by, labelled with w_1
-            for weights, (x, y) in zip(curve.weights, means[:, :2]):
-                axes.annotate(f"{weights[0]:g}", (x, y), xytext=(5, 5), textcoords="offset points", fontsize=7,
-                              color=drawn[0].get_color(), bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none",
-                                                                    alpha=0.75), zorder=6)
-    axes.set_xlabel(f"{names[0]} (mean, higher is better)")
-    axes.set_ylabel(f"{names[1]} (mean, higher is better)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    pairs = list(itertools.combinations(range(len(names)), 2))[:3]
+    figure, panels = plt.subplots(1, len(pairs), figsize=(7 * len(pairs), 5.5), squeeze=False)
+    for axes, (x_index, y_index) in zip(panels[0], pairs):
+        markers = iter("osD^v<>ph*")
+        for curve in curves:
+            means, errors = curve.means(), curve.errors()
+            style = "-" if curve.sweeps_weights and curve.method != ORACLE and len(means) > 1 and len(names) == 2 \
+                else "none"  # with K > 2 the cells are a grid on the simplex, not a path
+            # MSDDA on top as open circles: with equal variances and betas it coincides with output averaging
+            emphasis = dict(markersize=10, markerfacecolor="none", linewidth=2.2, zorder=5) \
+                if curve.method == "msdda" else dict(markersize=5, linewidth=1.2)
+            drawn = axes.errorbar(means[:, x_index], means[:, y_index], xerr=errors[:, x_index],
+                                  yerr=errors[:, y_index], linestyle=style, marker=next(markers, "o"), capsize=2,
+                                  label=curve.label, **emphasis)
+            if curve.method in ("msdda", ORACLE):  # the points the method is judged by, labelled with w
+                for weights, x, y in zip(curve.weights, means[:, x_index], means[:, y_index]):
+                    text = f"{weights[0]:g}" if len(names) == 2 else ",".join(f"{w:.2g}" for w in weights)
+                    axes.annotate(text, (x, y), xytext=(5, 5), textcoords="offset points", fontsize=7,
+                                  color=drawn[0].get_color(), bbox=dict(boxstyle="round,pad=0.1", fc="white",
+                                                                        ec="none", alpha=0.75), zorder=6)
+        axes.set_xlabel(f"{names[x_index]} (mean, higher is better)")
+        axes.set_ylabel(f"{names[y_index]} (mean, higher is better)")
+        axes.grid(alpha=0.3)
+    panels[0][0].legend(fontsize=8, loc="best")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=150)
     plt.close(figure)
@@ -249,51 +307,102 @@ def _cell_text(value: dict[str, float] | None) -> str:
     return "" if value is None else f"{value['mean']:.4g} ± {value['sem']:.2g}"
 
 
-def _by_weights(methods: dict, field: str, keys: list[str]) -> list[list[str]]:
-    """Per method, ``field`` (mean ± s.e. keyed by target weights) in columns ``keys``; where the field needs a KL
-    and the method has none (CoDe), the row says so."""
-    return [[label] + ([NO_KERNEL] * len(keys) if field == "regularised_objective" and not m["gaussian"] else
-                       [_cell_text(m[field].get(k)) for k in keys]) for label, m in methods.items()]
+def _point_at(method: dict, key: str) -> dict | None:
+    """The method's cell standing for weights ``key``: its own there, or its only one when it ignores weights."""
+    points = method["points"]
+    found = next((p for p in points if weight_key(p["weights"]) == key), None)
+    return found if found is not None or len(points) != 1 or method.get("sweeps_weights", True) else points[0]
 
 
-def _points_table(methods: dict, field: str) -> tuple[list[str], list[list[str]]]:
-    """Per method, a per-cell KL (``kl_to_base``, ``kl_to_oracle``) in columns keyed by the cells' weights: the
-    weights where some method has it, and the methods that have it somewhere (or have no Gaussian kernel)."""
-    keys = sorted({weight_key(p["weights"]) for m in methods.values() for p in m["points"] if p.get(field)},
-                  key=lambda k: [float(v) for v in k.split(",")])
+def _objective_table(metrics: dict, field: str, keys: list[str]) -> list[list[str]]:
+    """Rows per weight vector, a column per method: ``field`` there (mean ± s.e.), the best method's in bold; where
+    the field needs a KL and the method has none (CoDe), the cell says so."""
+    best = metrics["best"].get(field, {})
     rows = []
-    for label, m in methods.items():
-        values = {weight_key(p["weights"]): p.get(field) for p in m["points"]}
-        if not m["gaussian"]:
-            rows.append([label] + [NO_KERNEL] * len(keys))
-        elif any(values.get(k) for k in keys):
-            rows.append([label] + [_cell_text(values.get(k)) for k in keys])
-    return keys, rows
+    for key in keys:
+        row = [key]
+        for label, method in metrics["methods"].items():
+            if field != "weighted_objective" and not method["gaussian"]:
+                row.append(NO_KERNEL)
+                continue
+            text = _cell_text(method[field].get(key))
+            row.append(f"**{text}**" if text and best.get(key) == label else text)
+        rows.append(row)
+    return rows
+
+
+def _point_table(metrics: dict, keys: list[str], value) -> list[list[str]]:
+    """Rows per weight vector, a column per method: ``value(point, method)`` of the cell standing for it."""
+    rows = []
+    for key in keys:
+        row = [key]
+        for method in metrics["methods"].values():
+            point = _point_at(method, key)
+            row.append("" if point is None else value(point, method))
+        rows.append(row)
+    return rows
+
+
+def _kl_text(field: str):
+    def text(point: dict, method: dict) -> str:
+        return _cell_text(point.get(field)) if method["gaussian"] else NO_KERNEL
+    return text
+
+
+def _difference_table(metrics: dict, field: str, keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    """MSDDA minus each other method on ``field`` (paired by prompt and seed), rows per weight vector."""
+    others = [label for label, m in metrics["methods"].items() if "msdda_minus" in m]
+    rows = [[key] + [_cell_text(metrics["methods"][label]["msdda_minus"].get(key, {}).get(field)) or
+                     (NO_KERNEL if not metrics["methods"][label]["gaussian"] and field != "weighted_objective" else "")
+                     for label in others] for key in keys]
+    return others, rows
 
 
 def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[list[str]]]]:
     methods = metrics["methods"]
+    labels = list(methods)
+    keys = [weight_key(w) for w in metrics["weights"]]
+    weights_header = f"w ({', '.join(names)})"
     volume_rows = [[label, f"{m['hypervolume']:.4g} ± {m['hypervolume_sem']:.2g}"] for label, m in methods.items()]
-    keys = sorted({k for m in methods.values() for k in m["weighted_objective"]})
     cost_rows = [[label, f"{m['costs']['seconds_per_image']:.3f}", f"{m['costs']['unet_rows_per_image']:.0f}",
                   f"{m['costs']['reward_images_per_image']:.0f}", f"{m['costs']['kl_seconds_per_image']:.3f}",
                   f"{m['costs']['kl_unet_rows_per_image']:.0f}"]
                  for label, m in methods.items()]
-    kl_keys, kl_rows = _points_table(methods, "kl_to_base")
-    oracle_keys, oracle_rows = _points_table(methods, "kl_to_oracle")
-    tables = [
-        ("Hypervolume (± bootstrap standard error)", ["method", "hypervolume"], volume_rows),
-        (f"Weighted objective sum_i w_i r_i (terminal rewards; w over {names}; mean ± standard error)",
-         ["method", *keys], _by_weights(methods, "weighted_objective", keys)),
-        (f"Regularised objective sum_i w_i r_i - beta * path KL to the base (trajectory level, beta = "
-         f"{metrics['beta']:g}; mean ± paired standard error)", ["method", *keys],
-         _by_weights(methods, "regularised_objective", keys)),
-        ("Path KL to the base, sum over steps of KL(method || base) at the method's own states, per cell "
-         "(mean ± standard error)", ["method", *kl_keys], kl_rows),
+    beta = f"beta = {metrics['beta']:g}"
+    tables = [("Hypervolume (± bootstrap standard error)", ["method", "hypervolume"], volume_rows)]
+    for index, name in enumerate(names):
+        tables.append((f"Mean {name} per cell (± standard error)", [weights_header, *labels],
+                       _point_table(metrics, keys, lambda p, m, i=index: f"{p['mean'][i]:.4g} ± {p['sem'][i]:.2g}")))
+    tables += [
+        ("Weighted objective sum_i w_i r_i of the terminal sample (mean ± standard error; best in bold)",
+         [weights_header, *labels], _objective_table(metrics, "weighted_objective", keys)),
+        (f"Trajectory-level objective sum_i w_i r_i - beta * path KL to the base ({beta}; mean ± paired standard "
+         "error; best in bold)", [weights_header, *labels], _objective_table(metrics, "regularised_objective", keys)),
     ]
+    measured_steps = any(m["step_objective"] for m in methods.values())
+    if measured_steps:
+        tables.append((f"Step-level objective sum_t (sum_i w_i r_i,t - beta * KL_t), tweedie step rewards ({beta}; "
+                       "mean ± paired standard error; best in bold)", [weights_header, *labels],
+                       _objective_table(metrics, "step_objective", keys)))
+    if "msdda" in methods:
+        for field, caption in (("regularised_objective", "trajectory-level"), ("step_objective", "step-level")):
+            if field == "step_objective" and not measured_steps:
+                continue
+            others, rows = _difference_table(metrics, field, keys)
+            tables.append((f"MSDDA minus each method on the {caption} objective, paired by (prompt, seed) "
+                           "(mean ± standard error of the differences)", [weights_header, *others], rows))
+    tables.append(("Best method per weight vector under each objective", [weights_header, "terminal rewards",
+                   "trajectory-level", *(["step-level"] if measured_steps else [])],
+                   [[key, *(metrics["best"][field].get(key, "") for field in OBJECTIVES
+                            if field != "step_objective" or measured_steps)] for key in keys]))
+    tables.append(("Path KL to the base, sum over steps of KL(method || base) at the method's own states, per cell "
+                   "(mean ± standard error)", [weights_header, *labels], _point_table(metrics, keys,
+                                                                                     _kl_text("kl_to_base"))))
+    oracle_keys = [k for k in keys if any((_point_at(m, k) or {}).get("kl_to_oracle") for m in methods.values())]
     if oracle_keys:
         tables.append(("Path KL to the oracle retrained at w, sum over steps of KL(method || oracle) at the method's "
-                       "own states (mean ± standard error)", ["method", *oracle_keys], oracle_rows))
+                       "own states (mean ± standard error)", [weights_header, *labels],
+                       _point_table(metrics, oracle_keys, _kl_text("kl_to_oracle"))))
     tables.append(("Cost per image (mean over the method's cells; KL measurement apart)",
                    ["method", "seconds", "UNet rows", "reward calls (images)", "KL seconds",
                     "KL UNet rows"], cost_rows))
@@ -314,6 +423,11 @@ def _markdown(title: str, intro: list[str], tables, plots: dict[str, str], grids
     return "\n".join(lines)
 
 
+def _bold(cell: str) -> str:
+    """Markdown's **bold** of a table cell as HTML."""
+    return f"<b>{cell[2:-2]}</b>" if cell.startswith("**") and cell.endswith("**") else cell
+
+
 def _html(title: str, intro: list[str], tables, plots: dict[str, str], grids: dict[str, str],
           grid_caption: str) -> str:
     escape = html.escape
@@ -324,7 +438,7 @@ def _html(title: str, intro: list[str], tables, plots: dict[str, str], grids: di
     parts += [f"<img src='{escape(plot)}' alt='{escape(alt)}'>" for alt, plot in plots.items()]
     for caption, header, rows in tables:
         parts.append(f"<h2>{escape(caption)}</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts += ["<tr>" + "".join(f"<td>{_bold(escape(c))}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
     parts.append(f"<h2>Images per method</h2><p>{escape(grid_caption)}</p>")
     for label, path in grids.items():
@@ -354,14 +468,13 @@ def _coincidences(curves: list[Curve]) -> list[str]:
     return notes
 
 
-def build_report(folder: str | Path, reference_point: list[float] | None = None,
-                 objective_weights: list[float] = (0.25, 0.5, 0.75), resamples: int = 200) -> Path:
+def build_report(folder: str | Path, reference_point: list[float] | None = None, resamples: int = 200) -> Path:
     """Write pareto.png, kl.png, grids/, metrics.json, report.md and report.html into the sweep ``folder``."""
     folder = Path(folder)
     curves, names, config = load_curves(folder)
     if reference_point is not None and len(reference_point) != len(names):
         raise UserError(f"reference point {reference_point} needs one value per reward {names}")
-    metrics = compute_metrics(curves, names, reference_point, list(objective_weights), resamples, config["beta"])
+    metrics = compute_metrics(curves, names, reference_point, resamples, config["beta"])
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = f"MSDDA sweep: {' vs '.join(names)}"
     pareto_plot(curves, names, folder / "pareto.png", title)
@@ -372,7 +485,10 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
     intro = [f"{metrics['samples_per_cell']} samples per cell ({config.get('num_prompts') or 'all'} prompts × seeds "
              f"{config.get('seeds')}), base {config.get('base')}, adapters {config.get('adapters')}.",
              f"Hypervolume reference point: {[round(v, 4) for v in metrics['reference_point']]} "
-             f"({metrics['reference_point_rule']})." + "".join(notes), OBJECTIVES_NOTE]
+             f"({metrics['reference_point_rule']})." + "".join(notes), TRAJECTORY_NOTE,
+             STEP_NOTE if any(m["step_objective"] for m in metrics["methods"].values()) else NO_STEP_NOTE]
+    if "msdda" in metrics["methods"]:
+        intro.append(PRECISION_NOTE)
     tables = _tables(metrics, names)
     shown = _grid_prompts(folder, config)
     grid_caption = (f"Rows: weights w = ({', '.join(names)}). Columns: the first seed of {shown}.")

@@ -11,7 +11,6 @@ def _report(args: argparse.Namespace) -> int:
     from msdda.report.build import build_report
 
     path = build_report(args.folder, reference_point=parse_floats(args.reference_point, "reference-point"),
-                        objective_weights=parse_floats(args.objective_weights, "objective-weights"),
                         resamples=args.resamples)
     print(f"report written to {path} (and report.html, pareto.png, kl.png, metrics.json beside it)")
     return 0
@@ -22,7 +21,5 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("folder", help="a folder written by msdda sweep")
     parser.add_argument("--reference-point", default=None,
                         help="hypervolume reference, one value per reward (default: each reward's lowest cell mean)")
-    parser.add_argument("--objective-weights", default="0.25,0.5,0.75",
-                        help="first-reward weights at which to report sum_i w_i r_i (K = 2)")
     parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples for standard errors")
     parser.set_defaults(handler=_report)
