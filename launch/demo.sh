@@ -14,10 +14,18 @@ msdda="${MSDDA:-.venv/bin/msdda}"
 
 source launch/train_adapter.sh
 
+python="${PYTHON:-.venv/bin/python}"
+[ -x "$python" ] || python=python3
+
+"$python" benchmarks/yardstick.py  # this machine's speed, to read the wall times below against
 start=$(date +%s)
+stage() { echo "demo: $1 after $(( $(date +%s) - start )) s"; }
 train_adapter "$out/world_aesthetic" configs/train/world_aesthetic.yaml
+stage "aesthetic adapter trained"
 train_adapter "$out/world_consistency" configs/train/world_consistency.yaml
+stage "consistency adapter trained"
 "$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep_world" \
     "adapters=[$out/world_aesthetic/final,$out/world_consistency/final]"
+stage "sweep done"
 "$msdda" report "$out/sweep_world"
-echo "demo: done in $(( ($(date +%s) - start) / 60 )) min; the report is $out/sweep_world/report.md (and report.html)"
+echo "demo: done in $(( $(date +%s) - start )) s; the report is $out/sweep_world/report.md (and report.html)"

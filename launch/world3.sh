@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Three rewards on the embedded world: train the aesthetic, consistency and rule-of-thirds adapters with their
-# recipes (three betas: 0.004, 0.001 and 0.002), three retrained oracles on the weighted sum of the three rewards at
-# interior weights (the same estimator, step reward and budget, at the sweep's beta 0.002), then sweep every fusion
+# recipes (three betas: 0.001, 0.0005 and 0.002), three retrained oracles on the weighted sum of the three rewards at
+# interior weights (the same estimator, step reward and budget, at the sweep's beta 0.001), then sweep every fusion
 # method inside the 2-simplex and off it (configs/sweep/world3.yaml) and write the report.
 # The adapters go where the demo's do (runs/world_aesthetic, runs/world_consistency): after bash launch/demo.sh only
 # the thirds adapter and the oracles are trained. The wall time measured on 2 CPU cores is in docs/experiments.md.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 out="${1:-runs}"
 msdda="${MSDDA:-.venv/bin/msdda}"
 [ -x "$msdda" ] || msdda=msdda
-beta=0.002  # the sweep's fused objective KL weight (configs/sweep/world3.yaml), and the oracles' beta
+beta=0.001  # the sweep's fused objective KL weight (configs/sweep/world3.yaml), and the oracles' beta
 
 source launch/train_adapter.sh
 

@@ -48,13 +48,14 @@ def test_the_fast_tier_leaves_out_the_slow_and_deepspeed_tiers_and_ci_runs_both(
 
 
 def _commands_of(script: str, tmp_path: Path) -> list[list[str]]:
-    """The msdda commands a launch script runs, by running it with a stand-in msdda that only records them."""
+    """The msdda commands a launch script runs, by running it with a stand-in msdda that only records them (and
+    no yardstick)."""
     log = tmp_path / "commands.txt"
     fake = tmp_path / "msdda"
     fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\t" "$@" >> {log}\necho >> {log}\n')
     fake.chmod(0o755)
     result = subprocess.run(["bash", str(ROOT / script)], capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin", "MSDDA": str(fake)})
+                            env={"PATH": "/usr/bin:/bin", "MSDDA": str(fake), "PYTHON": "/bin/true"})
     assert result.returncode == 0, result.stderr
     return [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
 

@@ -36,7 +36,7 @@ def test_world3_trains_three_betas_and_oracles_on_the_sweeps_objective(tmp_path:
     singles = [_train_config(c) for c in commands[:3]]
     oracles = [_train_config(c) for c in commands[3:6]]
     assert [c.reward.name for c in singles] == ["world-aesthetic", "world-consistency", "world-thirds"]
-    assert [c.beta for c in singles] == [0.004, 0.001, 0.002]  # the recipes' own betas, no overrides
+    assert [c.beta for c in singles] == [0.001, 0.0005, 0.002]  # the recipes' own betas, no overrides
     # the demo trains the same two adapters into the same folders, so world3 after the demo reuses them
     (tmp_path / "demo").mkdir()
     demo = [_train_config(c) for c in _commands_of("launch/demo.sh", tmp_path / "demo")[:2]]
