@@ -111,6 +111,18 @@ def test_exponents() -> None:
     assert reference_exponent([0.3, 0.7]) == 0.0
 
 
+def test_without_beta_the_fused_beta_is_the_weights_mean_of_the_betas() -> None:
+    """sum_i w_i beta_i / sum_i w_i: equal betas give their common value (l = w), simplex weights need no
+    reference (sum l = 1), a corner is its adapter alone, and off the simplex sum l = sum w."""
+    assert exponents([0.3, 0.7], [0.1, 0.1]) == pytest.approx([0.3, 0.7])
+    beta = 0.25 * 0.1 + 0.75 * 0.4
+    assert exponents([0.25, 0.75], [0.1, 0.4]) == pytest.approx([0.25 * 0.1 / beta, 0.75 * 0.4 / beta])
+    assert sum(exponents([0.25, 0.75], [0.1, 0.4])) == pytest.approx(1.0)
+    assert exponents([1.0, 0.0], [0.1, 0.4]) == pytest.approx([1.0, 0.0])
+    assert sum(exponents([1.0, 1.0], [0.1, 0.4])) == pytest.approx(2.0)
+    assert exponents([0.5, 0.5], [0.1, 0.4], 0.1) == pytest.approx([0.5, 2.0])  # a given beta is kept
+
+
 @pytest.mark.parametrize(
     "weights, betas, beta, message",
     [
@@ -119,7 +131,6 @@ def test_exponents() -> None:
         ([0.0, 0.0], None, None, "all zero"),
         ([], None, None, "at least one"),
         ([0.5, 0.5], [0.1], None, "one beta per adapter"),
-        ([0.5, 0.5], [0.1, 0.2], None, "betas differ"),
         ([0.5, 0.5], [0.1, -0.2], 1.0, "KL weight"),
         ([0.5, 0.5], [0.1, 0.1], 0.0, "KL weight"),
     ],

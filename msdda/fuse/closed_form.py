@@ -41,8 +41,10 @@ def exponents(
     """The fusion exponents l_i = w_i * beta_i / beta.
 
     ``betas`` are the KL weights the adapters were trained with; ``beta`` is the KL weight of the fused
-    objective. Left out, ``betas`` are all ``beta`` (so l_i = w_i); ``beta`` may be left out only when the
-    betas are all equal, and then is their common value.
+    objective. Left out, ``betas`` are all ``beta`` (so l_i = w_i). Left out, ``beta`` is the weights' mean of
+    the betas, sum_i w_i beta_i / sum_i w_i: the adapters' common beta when they share one, and in general the
+    beta that keeps sum_i l_i = sum_i w_i, so weights on the simplex need no reference kernel and a corner is
+    its adapter alone; the reference enters at unequal betas only when ``beta`` is given.
     """
     weights = _check_finite_numbers(weights, "weights")
     if not weights:
@@ -61,11 +63,7 @@ def exponents(
         raise UserError(f"got {len(weights)} weights but {len(betas)} betas; give one beta per adapter")
     _check_positive_beta(betas, "betas")
     if beta is None:
-        if max(betas) != min(betas):
-            raise UserError(
-                f"the adapters' betas differ ({betas}); say which KL weight the fused objective has with `beta`"
-            )
-        beta = betas[0]
+        beta = betas[0] if max(betas) == min(betas) else sum(w * b for w, b in zip(weights, betas)) / sum(weights)
     _check_positive_beta([beta], "beta")
     return [w * b / beta for w, b in zip(weights, betas)]
 

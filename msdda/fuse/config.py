@@ -25,7 +25,8 @@ class SamplingConfig:
     """The adapters' KL weights, when their metadata lacks them."""
     beta: float | None = None
     """The fused objective's KL weight: MSDDA's exponents l_i = w_i beta_i / beta and the beta of the regularised
-    objective sum_i w_i r_i - beta KL (default: the adapters' common beta; needed when their betas differ)."""
+    objective sum_i w_i r_i - beta KL (default: sum_i w_i beta_i / sum_i w_i, the adapters' common beta when they
+    share one; with it, weights on the simplex need no reference kernel)."""
     prompts: list[str] | str = "world"
     """A list, a text/table file, 'hub:<dataset>' (see msdda.prompts), or 'world' (the embedded world's
     training prompts)."""

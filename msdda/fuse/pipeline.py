@@ -208,7 +208,8 @@ class MSDDAPipeline(StableDiffusionPipeline):
                  kl_to: Sequence[str] = (), return_reference_x0: bool = False):
         """Sample with the adapters fused by ``method`` at ``weights`` (one per adapter).
 
-        ``beta`` is the fused objective's KL weight (default: the adapters' common beta). ``rewards`` (one per
+        ``beta`` is the fused objective's KL weight (default: sum_i w_i beta_i / sum_i w_i, the adapters' common
+        beta when they share one). ``rewards`` (one per
         adapter) are needed only by ``method="code"``. Defaults for steps, guidance and eta come from the
         adapters' metadata. ``return_kl`` measures each sample's path KL to the base, and to each comparison
         adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the
