@@ -118,7 +118,8 @@ def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
     sizes = {len(r) for c in curves.values() for r in c.rewards}
     if len(sizes) != 1:
         raise UserError(f"{folder}: cells hold different numbers of samples {sorted(sizes)}; re-run the sweep")
-    return list(curves.values()), names, {**config, "beta": manifest["beta"]}
+    return list(curves.values()), names, {**config, "beta": manifest["beta"],
+                                          "adapter_betas": manifest.get("adapter_betas")}
 
 
 def grid_weights(curves: list[Curve]) -> list[tuple[float, ...]]:
@@ -208,6 +209,32 @@ def compute_metrics(curves: list[Curve], names: list[str], reference: list[float
                 best[key] = max(scored, key=scored.get)
         metrics["best"][name] = best
     return metrics
+
+
+def step_optimum_check(curves: list[Curve], names: list[str], adapter_betas: list[float] | None) -> list[dict]:
+    """How near each adapter is to its step optimum, from its own cells against the base's (paired samples).
+
+    At the step optimum of r_t - beta KL_t with a locally linear step reward, the kernel's mean moves by
+    s^2 grad r / beta, so the step reward gained is 2 beta times the step's KL. An adapter that moved a fraction
+    alpha of that way gains alpha s^2 |grad r|^2 / beta at KL alpha^2 s^2 |grad r|^2 / (2 beta^2): its implied
+    beta, gain / (2 KL) summed over steps, is beta / alpha. Implied beta near the trained one: near the optimum;
+    far above it: the adapter stopped short (alpha < 1) or moved where its reward does not. MSDDA's exponents
+    w_i beta_i / beta assume every alpha_i = 1."""
+    by_label = {c.label: c for c in curves}
+    base = by_label.get("base")
+    if base is None or adapter_betas is None or not np.isfinite(base.step_rewards[0]).all():
+        return []
+    checks = []
+    for index, name in enumerate(names):
+        single = by_label.get(f"single: {name}")
+        if single is None:
+            continue
+        gain = single.step_rewards[0][:, index] - base.step_rewards[0][:, index]
+        kl = single.kl[0]
+        checks.append({"reward": name, "beta": adapter_betas[index], "step_gain": _mean_sem(gain),
+                       "kl_to_base": _mean_sem(kl), "implied_beta": float(gain.mean() / (2 * kl.mean())),
+                       "terminal_gain": _mean_sem(single.rewards[0][:, index] - base.rewards[0][:, index])})
+    return checks
 
 
 def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:
@@ -403,6 +430,14 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
         tables.append(("Path KL to the oracle retrained at w, sum over steps of KL(method || oracle) at the method's "
                        "own states (mean ± standard error)", [weights_header, *labels],
                        _point_table(metrics, oracle_keys, _kl_text("kl_to_oracle"))))
+    if metrics.get("step_optimum"):
+        tables.append(("Each adapter against its step optimum: its own reward's gain over the base (paired), its path "
+                       "KL, and the beta they imply, gain / (2 KL) (equal to the trained beta at the step optimum of a "
+                       "locally linear reward; above it: the adapter stopped short of its optimum)",
+                       ["reward", "trained beta", "terminal gain", "step-reward gain (sum over steps)",
+                        "path KL to the base", "implied beta"],
+                       [[c["reward"], f"{c['beta']:g}", _cell_text(c["terminal_gain"]), _cell_text(c["step_gain"]),
+                         _cell_text(c["kl_to_base"]), f"{c['implied_beta']:.3g}"] for c in metrics["step_optimum"]]))
     tables.append(("Cost per image (mean over the method's cells; KL measurement apart)",
                    ["method", "seconds", "UNet rows", "reward calls (images)", "KL seconds",
                     "KL UNet rows"], cost_rows))
@@ -475,6 +510,7 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
     if reference_point is not None and len(reference_point) != len(names):
         raise UserError(f"reference point {reference_point} needs one value per reward {names}")
     metrics = compute_metrics(curves, names, reference_point, resamples, config["beta"])
+    metrics["step_optimum"] = step_optimum_check(curves, names, config.get("adapter_betas"))
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = f"MSDDA sweep: {' vs '.join(names)}"
     pareto_plot(curves, names, folder / "pareto.png", title)

@@ -266,7 +266,7 @@ class Sweep:
             self._write_cell(cell, rows, strip)
         progress.close()
         write_tables(self.folder, self.cells, self.reward_names, self.beta)
-        _write_manifest(self.folder, self.cells, self.reward_names, self.beta)
+        _write_manifest(self.folder, self.cells, self.reward_names, self.beta, self.pipeline.betas)
         return self.folder
 
 
@@ -278,9 +278,11 @@ def _written_before_kl(rows_file: Path) -> bool:
         return KL_TO_BASE not in next(csv.reader(handle), [])
 
 
-def _write_manifest(folder: Path, cells: list[Cell], reward_names: list[str], beta: float) -> None:
+def _write_manifest(folder: Path, cells: list[Cell], reward_names: list[str], beta: float,
+                    adapter_betas: list[float]) -> None:
     manifest = {
-        "rewards": reward_names, "beta": beta, "config": CONFIG_FILE, "results": f"{RESULTS}.csv", "summary": SUMMARY,
+        "rewards": reward_names, "beta": beta, "adapter_betas": adapter_betas, "config": CONFIG_FILE,
+        "results": f"{RESULTS}.csv", "summary": SUMMARY,
         "cells": [{"method": cell.method, "weights": list(cell.weights), "adapter": cell.adapter,
                    "rows": cell.rows_file,
                    "images": cell.images_file if (folder / cell.images_file).is_file() else None}
