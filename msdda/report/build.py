@@ -159,9 +159,12 @@ def compute_metrics(curves: list[Curve], names: list[str], reference: list[float
     return metrics
 
 
-def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:
+def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> list[list[tuple[float, float]]]:
     """Mean rewards per weight with standard-error bars; one curve per weight-sweeping method (first two
-    rewards when there are more). MSDDA's and the oracles' points carry the first reward's weight."""
+    rewards when there are more). MSDDA's and the oracles' points carry the first reward's weight.
+
+    Returns, per curve and cell, the point's (x, y) in the saved PNG's pixels (y down from the top), so that a
+    click on the image can be mapped back to its cell (msdda studio does)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,8 +191,13 @@ def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
+    dpi = 150
+    scale, height = dpi / figure.dpi, figure.get_figheight() * dpi
+    pixels = [[(float(x) * scale, height - float(y) * scale) for x, y in axes.transData.transform(curve.means()[:, :2])]
+              for curve in curves]
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
+    return pixels
 
 
 def kl_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:
