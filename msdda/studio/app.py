@@ -64,7 +64,9 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
                         compare = gr.Checkbox(False, label="side by side with a baseline", elem_id="compare")
                         baseline = gr.Dropdown([m for m in methods if m != "msdda"], value="soup", label="baseline",
                                                elem_id="baseline")
-                    beta = gr.Number(None, label="beta (empty: the adapters' common beta)", minimum=0,
+                    beta = gr.Number(studio.default_beta, label="beta, the fused objective's KL weight (empty: the "
+                                     f"adapters' common beta; theirs: {', '.join(f'{b:g}' for b in studio.pipeline.betas)})",
+                                     minimum=0,
                                      elem_id="beta")
                     steps = gr.Slider(1, 50, value=int(studio.default("num_inference_steps", 10)), step=1,
                                       label="steps", elem_id="steps")

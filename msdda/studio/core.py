@@ -13,6 +13,7 @@ the weights' (or the method's) doing alone.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,6 +110,14 @@ class Studio:
     @property
     def reward_names(self) -> list[str]:
         return [reward.name for reward in self.rewards]
+
+    @property
+    def default_beta(self) -> float | None:
+        """What the page's beta starts at: None (the adapters' common beta) when their betas agree, else their
+        median, which the fused objective then needs (``launch/world3.sh`` fuses betas 0.001, 0.004 and 0.002
+        at 0.002)."""
+        betas = self.pipeline.betas
+        return None if len(set(betas)) <= 1 else statistics.median(betas)
 
     @property
     def is_world(self) -> bool:
