@@ -54,7 +54,9 @@ def test_a_render_is_the_pipelines_samples_with_their_scores_and_kls(studio: Stu
         assert [s.scores[reward_name] for s in shown.samples] == pytest.approx(scores.tolist(), rel=1e-5)
     moved = studio.render([0.9, 0.1], "msdda", steps=STEPS, guidance=3.0, seed=5, prompt=PROMPT)
     assert not np.array_equal(np.asarray(moved.samples[0].image), np.asarray(shown.samples[0].image))
-    assert "KL to base" in shown.samples[0].caption and "world-aesthetic" in shown.samples[0].caption
+    table = shown.table().splitlines()
+    assert table[0] == "|  | #1 | #2 | #3 | #4 |" and table[2].startswith("| world-aesthetic | ")
+    assert table[-1] == "| path KL to base | " + " | ".join(f"{s.kl_to_base:.4g}" for s in shown.samples) + " |"
 
 
 def test_the_base_has_no_kl_to_itself_and_code_none_at_all(studio: Studio) -> None:
@@ -62,7 +64,7 @@ def test_the_base_has_no_kl_to_itself_and_code_none_at_all(studio: Studio) -> No
     assert all(sample.kl_to_base == 0 for sample in base.samples)
     code = studio.render([0.5, 0.5], "code", steps=STEPS, prompt=PROMPT, code_candidates=2, code_block=2)
     assert all(math.isnan(sample.kl_to_base) for sample in code.samples)
-    assert code.samples[0].caption.endswith("KL to base n/a") and format_kl(0.25) == "0.25"
+    assert code.table().endswith("| path KL to base | n/a | n/a | n/a | n/a |") and format_kl(0.25) == "0.25"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -70,7 +72,7 @@ def test_the_base_has_no_kl_to_itself_and_code_none_at_all(studio: Studio) -> No
     (dict(weights=[0.5]), "1 weights for 2 adapters"),
     (dict(weights=[-0.5, 1.0]), ">= 0"),
     (dict(method="blend"), "not one of"),
-    (dict(beta=0.0), "beta must be > 0"),
+    (dict(beta=0.0), "beta must be > 0 .* the adapters' are \\[0.01, 0.01\\]"),
     (dict(steps=0), "steps must be"),
     (dict(guidance=-1.0), "guidance must be"),
     (dict(prompt="  "), "prompt is empty"),
@@ -86,7 +88,7 @@ def test_bad_input_is_a_user_error_that_names_it(studio: Studio, change: dict, m
 
 def test_unequal_betas_start_the_beta_at_their_median_which_the_render_then_needs(adapters) -> None:
     equal = MSDDAPipeline.from_pretrained("world", adapters=[str(adapters[0])])
-    assert Studio(equal, [load_reward("world-aesthetic")]).default_beta is None
+    assert Studio(equal, [load_reward("world-aesthetic")]).default_beta == 0.01
     unequal = Studio.load("world", [str(adapters[0]), str(adapters[2])], rewards=REWARDS, device="cpu")
     assert unequal.default_beta == pytest.approx((0.01 + 0.04) / 2)
     with pytest.raises(UserError, match="beta"):  # betas differ and none given

@@ -8,8 +8,12 @@ reaches outside the machine.
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads the variable at import
+# Gradio's queue summarises its own events with pandas (locally, for its monitoring page) in calls that pandas 3
+# deprecates: two warnings per event, about Gradio's code, that would bury the studio's own messages
+warnings.filterwarnings("ignore", module=r"gradio\.queueing")
 
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -33,7 +37,7 @@ CSS = """
 
 
 def _gallery(render: Render) -> list[tuple[Image.Image, str]]:
-    return [(sample.image, sample.caption) for sample in render.samples]
+    return [(sample.image, f"#{index + 1}") for index, sample in enumerate(render.samples)]
 
 
 def _timing(renders: list[Render]) -> str:
@@ -64,9 +68,8 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
                         compare = gr.Checkbox(False, label="side by side with a baseline", elem_id="compare")
                         baseline = gr.Dropdown([m for m in methods if m != "msdda"], value="soup", label="baseline",
                                                elem_id="baseline")
-                    beta = gr.Number(studio.default_beta, label="beta, the fused objective's KL weight (empty: the "
-                                     f"adapters' common beta; theirs: {', '.join(f'{b:g}' for b in studio.pipeline.betas)})",
-                                     minimum=0,
+                    beta = gr.Number(studio.default_beta, label="beta, the fused objective's KL weight (the adapters': "
+                                     f"{', '.join(f'{b:g}' for b in studio.pipeline.betas)})",
                                      elem_id="beta")
                     steps = gr.Slider(1, 50, value=int(studio.default("num_inference_steps", 10)), step=1,
                                       label="steps", elem_id="steps")
@@ -94,6 +97,8 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
                     baseline_grid = gr.Gallery(label="baseline", columns=4, format="png", object_fit="contain",
                                                height="auto", allow_preview=False, visible=False,
                                                elem_id="studio-baseline")
+                    scores = gr.Markdown("", elem_id="studio-scores")
+                    baseline_scores = gr.Markdown("", elem_id="studio-baseline-scores")
                     timing = gr.Markdown("", elem_id="studio-timing")
         controls = {*sliders, method, compare, baseline, beta, steps, guidance, seed, *prompt_parts, candidates, block}
 
@@ -115,13 +120,15 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
                     renders.append(studio.render(weights, values[baseline], **settings))
             except UserError as error:  # bad input: say so in the page and keep serving; anything else is a bug
                 gr.Warning(str(error))
-                return _error(str(error)), gr.skip(), gr.skip(), gr.skip()
-            shown = gr.Gallery(_gallery(renders[1]), visible=True, label=f"baseline: {get_method(renders[1].method).label}") \
-                if len(renders) > 1 else gr.Gallery(visible=False)
-            return ("", gr.Gallery(_gallery(renders[0]), label=f"{get_method(renders[0].method).label}: "
-                                   f"{settings['prompt']}, seed {settings['seed']}"), shown, _timing(renders))
+                return _error(str(error)), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            first, second = renders[0], renders[1] if len(renders) > 1 else None
+            title = f"{get_method(first.method).label}: {settings['prompt']}, seed {settings['seed']}"
+            return ("", gr.Gallery(_gallery(first), label=title), f"**{first.method}**\n\n{first.table()}",
+                    gr.Gallery(visible=False) if second is None else
+                    gr.Gallery(_gallery(second), visible=True, label=f"baseline: {get_method(second.method).label}"),
+                    "" if second is None else f"**{second.method}**\n\n{second.table()}", _timing(renders))
 
-        outputs = [message, grid, baseline_grid, timing]
+        outputs = [message, grid, scores, baseline_grid, baseline_scores, timing]
         events = dict(fn=update, inputs=controls, outputs=outputs, trigger_mode="always_last",
                       concurrency_id="render", concurrency_limit=1, show_progress="minimal")
         for slider in (*sliders, steps, guidance, candidates, block):

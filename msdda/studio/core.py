@@ -49,11 +49,6 @@ class Sample:
     kl_to_base: float
     """Path KL to the base along the sample's own trajectory; NaN for a method without a Gaussian kernel."""
 
-    @property
-    def caption(self) -> str:
-        scores = ", ".join(f"{name} {score:.3f}" for name, score in self.scores.items())
-        return f"{scores}; KL to base {format_kl(self.kl_to_base)}"
-
 
 @dataclass(frozen=True)
 class Render:
@@ -65,6 +60,15 @@ class Render:
     samples: list[Sample]
     seconds: float
     """Wall time of the sampling call, reward scoring and image conversion."""
+
+    def table(self) -> str:
+        """Each image's reward scores and path KL to the base as a Markdown table, a column per image in the
+        grid's order (#1, #2, ...): the page shows it under the grid, whose captions would cut long text."""
+        columns = [f"#{i + 1}" for i in range(len(self.samples))]
+        rows = [[name, *(f"{s.scores[name]:.3f}" for s in self.samples)] for name in self.samples[0].scores]
+        rows.append(["path KL to base", *(format_kl(s.kl_to_base) for s in self.samples)])
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in [["", *columns], ["---"] * (len(columns) + 1),
+                                                                         *rows])
 
 
 class Studio:
@@ -112,12 +116,11 @@ class Studio:
         return [reward.name for reward in self.rewards]
 
     @property
-    def default_beta(self) -> float | None:
-        """What the page's beta starts at: None (the adapters' common beta) when their betas agree, else their
-        median, which the fused objective then needs (``launch/world3.sh`` fuses betas 0.001, 0.004 and 0.002
-        at 0.002)."""
-        betas = self.pipeline.betas
-        return None if len(set(betas)) <= 1 else statistics.median(betas)
+    def default_beta(self) -> float:
+        """What the page's beta starts at: the adapters' common beta (what the pipeline takes by default) when
+        their betas agree, else their median, since the fused objective then needs one (``launch/world3.sh``
+        fuses betas 0.001, 0.004 and 0.002 at 0.002)."""
+        return statistics.median(self.pipeline.betas)
 
     @property
     def is_world(self) -> bool:
@@ -139,8 +142,8 @@ class Studio:
         if any(not math.isfinite(w) for w in weights):
             raise UserError(f"weights must be numbers, got {list(weights)}")
         if beta is not None and not beta > 0:
-            raise UserError(f"beta must be > 0 (the fused objective's KL weight), got {beta}; leave it empty for "
-                            "the adapters' common beta")
+            raise UserError(f"beta must be > 0 (the fused objective's KL weight), got {beta}; the adapters' "
+                            f"are {self.pipeline.betas}")
         if int(steps) != steps or steps < 1:
             raise UserError(f"steps must be a whole number >= 1, got {steps}")
         if not guidance >= 0:
