@@ -60,7 +60,7 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
         with gr.Tab("Fuse"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
-                    sliders = [gr.Slider(0.0, WEIGHT_MAXIMUM, value=1.0 / count if count else 0.0, step=0.05,
+                    sliders = [gr.Slider(0.0, WEIGHT_MAXIMUM, value=round(1.0 / count, 2) if count else 0.0, step=0.05,
                                          label=f"weight: {label}", info=adapter.source, elem_id=f"weight-{index}")
                                for index, (label, adapter) in enumerate(zip(studio.adapter_labels, adapters))]
                     method = gr.Dropdown(methods, value="msdda", label="method", elem_id="method")
@@ -92,12 +92,12 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
                         block = gr.Slider(1, 20, value=5, step=1, label="block (steps)")
                 with gr.Column(scale=2):
                     message = gr.Markdown("", elem_id="studio-message")
-                    grid = gr.Gallery(label="fused samples", columns=4, format="png", object_fit="contain",
-                                      height="auto", allow_preview=False, elem_id="studio-grid")
-                    baseline_grid = gr.Gallery(label="baseline", columns=4, format="png", object_fit="contain",
-                                               height="auto", allow_preview=False, visible=False,
-                                               elem_id="studio-baseline")
+                    grid = gr.Gallery(label="fused samples", columns=4, rows=1, format="png", object_fit="contain",
+                                      height=300, allow_preview=False, elem_id="studio-grid")
                     scores = gr.Markdown("", elem_id="studio-scores")
+                    baseline_grid = gr.Gallery(label="baseline", columns=4, rows=1, format="png", object_fit="contain",
+                                               height=300, allow_preview=False, visible=False,
+                                               elem_id="studio-baseline")
                     baseline_scores = gr.Markdown("", elem_id="studio-baseline-scores")
                     timing = gr.Markdown("", elem_id="studio-timing")
         controls = {*sliders, method, compare, baseline, beta, steps, guidance, seed, *prompt_parts, candidates, block}
