@@ -11,6 +11,7 @@ from msdda.errors import UserError
 from msdda.fuse.cli import add_fuse_parser
 from msdda.push import add_push_parser
 from msdda.report.cli import add_report_parser
+from msdda.studio.cli import add_studio_parser
 from msdda.sweep.cli import add_sweep_parser
 from msdda.train.cli import add_evaluate_parser, add_train_parser
 from msdda.world.cli import add_world_parser
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(subparsers)
     add_push_parser(subparsers)
     add_world_parser(subparsers)
+    add_studio_parser(subparsers)
     return parser
 
 

@@ -39,12 +39,12 @@ def test_the_filter_drops_only_the_two_fallback_warnings_diffusers_causes() -> N
     assert quiet.filter(record("Could not import module 'CLIPModel'."))
 
 
-def test_the_fast_tier_leaves_out_the_slow_and_deepspeed_tiers_and_ci_runs_both() -> None:
+def test_the_fast_tier_leaves_out_the_slow_deepspeed_and_browser_tiers_and_ci_runs_the_last_two() -> None:
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert "-m 'not slow and not deepspeed'" in options["addopts"]
-    assert {marker.split(":")[0] for marker in options["markers"]} == {"slow", "deepspeed"}
+    assert "-m 'not slow and not deepspeed and not browser'" in options["addopts"]
+    assert {marker.split(":")[0] for marker in options["markers"]} == {"slow", "deepspeed", "browser"}
     ci = (ROOT / ".ci/run").read_text()
-    assert "bash scripts/install.sh" in ci and "pytest -q -m deepspeed" in ci
+    assert "bash scripts/install.sh" in ci and "pytest -q -m deepspeed" in ci and "pytest -q -m browser" in ci
 
 
 def _commands_of(script: str, tmp_path: Path) -> list[list[str]]:

@@ -237,9 +237,12 @@ def step_optimum_check(curves: list[Curve], names: list[str], adapter_betas: lis
     return checks
 
 
-def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:
+def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> list[list[tuple[float, float]]]:
     """Mean rewards per weight with standard-error bars; one curve per weight-sweeping method, one panel per pair
-    of rewards (the first three pairs). MSDDA's and the oracles' points carry their weights (K = 2: the first)."""
+    of rewards (the first three pairs). MSDDA's and the oracles' points carry their weights (K = 2: the first).
+
+    Returns, per curve and cell, the point's (x, y) in the first panel (the first two rewards) in the saved PNG's
+    pixels (y down from the top), so that a click on the image can be mapped back to its cell (msdda studio does)."""
     import itertools
 
     import matplotlib
@@ -273,8 +276,14 @@ def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -
     panels[0][0].legend(fontsize=8, loc="best")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
+    dpi = 150
+    scale, height = dpi / figure.dpi, figure.get_figheight() * dpi
+    first = panels[0][0]
+    pixels = [[(float(x) * scale, height - float(y) * scale) for x, y in first.transData.transform(curve.means()[:, :2])]
+              for curve in curves]
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
+    return pixels
 
 
 def kl_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> None:

@@ -1,0 +1,76 @@
+"""Latency of one slider change in msdda studio against plain single-adapter sampling of the same images.
+
+    python benchmarks/studio_latency.py [--adapter DIR ...] [--steps 10] [--repeats 5]
+
+A slider change runs ``Studio.render`` (what the page's event calls): MSDDA over every adapter for the grid's
+4 images, their rewards and path KLs, and the images' conversion. The baseline is ``method="single"`` through
+the same pipeline: the same 4 images with one adapter, no rewards, no KL. Both on the embedded world, after a
+warm-up, median of the repeats, in this run; prints both times and their ratio last. Without ``--adapter`` it
+uses three random-weight adapters (the cost does not depend on what the adapters learned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from msdda.studio.core import GRID_SIZE, Studio
+from msdda.testing import random_world_adapter
+
+PROMPT = "a red circle on the left"
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat; default: three "
+                        "random-weight world adapters)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        adapters = args.adapter or [str(random_world_adapter(Path(folder) / f"a{i}", seed=i,
+                                                             num_inference_steps=args.steps)) for i in range(3)]
+        rewards = None if args.adapter else ["world-aesthetic", "world-consistency", "world-thirds"]
+        studio = Studio.load("world", adapters, rewards=rewards, device="cpu")
+        count = len(adapters)
+        weights = [[1.0 / count] * count, [0.6] + [0.4 / (count - 1)] * (count - 1) if count > 1 else [1.0]]
+        moves = iter(range(10**6))  # alternate two weight vectors, as a slider moving back and forth does
+
+        def slider_change():
+            return studio.render(weights[next(moves) % 2], "msdda", beta=studio.default_beta, steps=args.steps,
+                                 seed=0, prompt=PROMPT)
+
+        def single():
+            return studio.pipeline([PROMPT] * GRID_SIZE, weights=[1.0] + [0.0] * (count - 1), method="single",
+                                   num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
+                                   output_type="pil")
+
+        studio_seconds = median_seconds(slider_change, args.repeats)
+        single_seconds = median_seconds(single, args.repeats)
+    print(f"{count} adapters, {GRID_SIZE} images, {args.steps} steps, {args.threads} threads, median of {args.repeats}")
+    print(f"studio slider change (msdda + rewards + path KL): {studio_seconds:.3f} s")
+    print(f"single-adapter sampling of the same images:       {single_seconds:.3f} s")
+    print(f"\nratio studio / single = {studio_seconds / single_seconds:.2f} (goal: the change under 1 s: "
+          f"{'yes' if studio_seconds < 1 else 'no'})")
+
+
+if __name__ == "__main__":
+    main()
