@@ -3,10 +3,17 @@ broken variance or a fused precision that is not positive."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from torch import nn
 
+from msdda.diffusion import BASE, adapter_kernels
+from msdda.errors import UserError
+from msdda.fuse.methods import FusionContext, get_method
 from msdda.kernels import StepKernel, step_kernel
 from msdda.train.config import TrainConfig
 from msdda.train.pathwise import pathwise_loss
@@ -17,8 +24,8 @@ SHAPE = (4, 3, 5, 5)
 BETA = 0.3
 
 
-def _scheduler() -> DDPMScheduler:
-    scheduler = DDPMScheduler(variance_type="learned_range")
+def _scheduler(variance_type: str = "learned_range") -> DDPMScheduler:
+    scheduler = DDPMScheduler(variance_type=variance_type)
     scheduler.set_timesteps(10)
     return scheduler
 
@@ -78,3 +85,80 @@ def test_the_step_losses_use_each_kernels_own_learned_variance() -> None:
     reward_only = pathwise_loss(lambda _batch: policy, batch, TrainConfig(beta=0.0), step_reward)
     (gradient,) = torch.autograd.grad(reward_only.loss, output)
     assert float(gradient[:, SHAPE[1]:].abs().min()) > 0
+
+
+class FixedOutputs(nn.Module):
+    """A stand-in UNet: each routed group of batch rows (one per adapter name) gets its given output."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, rows: torch.Tensor, _timestep, _embeds) -> SimpleNamespace:
+        output = torch.cat(self.outputs)
+        assert len(output) == len(rows)
+        return SimpleNamespace(sample=output)
+
+
+def _learned_output(variance_type: str, value: float = 0.0) -> torch.Tensor:
+    """Epsilon and variance channels (``learned``: the variance itself, 0.01; ``learned_range``: 0), with one
+    variance element set to ``value`` (none when it is 0)."""
+    output = _output(1)
+    output[:, SHAPE[1]:] = 0.01 if variance_type == "learned" else 0.0
+    if value:
+        output[1, SHAPE[1] + 2, 3, 3] = value
+    return output
+
+
+@pytest.mark.parametrize("variance_type, value, what", [
+    ("learned", 1e-30, None),  # the variance itself: a zero below is refused, a tiny positive one is not
+    ("learned", -0.01, "1 zero or negative"),
+    ("learned", math.nan, "1 NaN"),
+    ("learned", math.inf, "1 infinite"),
+    ("learned_range", math.nan, "1 NaN"),
+    ("learned_range", 1e30, "1 infinite"),  # far out of range: the variance overflows
+    ("learned_range", -1e30, "1 zero or negative"),  # ... or underflows to 0
+])
+def test_a_broken_learned_variance_is_refused_naming_the_adapter_and_the_step(variance_type, value, what) -> None:
+    scheduler = _scheduler(variance_type)
+    timestep = scheduler.timesteps[3]
+    x_t = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    unet = FixedOutputs([_learned_output(variance_type), _learned_output(variance_type, value)])
+    call = lambda: adapter_kernels(unet, scheduler, x_t, timestep, torch.empty(SHAPE[0], 0), None,  # noqa: E731
+                                   ["a", "b"], 1.0, None)
+    if what is None:
+        assert not call()[1].is_deterministic
+        return
+    with pytest.raises(UserError, match=f"adapter 'b' predicts a variance .* at timestep {int(timestep)}: 1 of "
+                                        f"{math.prod(SHAPE)} elements .*{what}"):
+        call()
+
+
+def test_a_zero_learned_variance_at_the_last_ddpm_step_is_its_deterministic_step() -> None:
+    scheduler = _scheduler("learned")
+    x_t = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    output = _learned_output("learned")
+    output[:, SHAPE[1]:] = 0.0
+    (kernel,) = adapter_kernels(FixedOutputs([output]), scheduler, x_t, scheduler.timesteps[-1],
+                                torch.empty(SHAPE[0], 0), None, [BASE], 1.0, None)
+    assert int(scheduler.timesteps[-1]) == 0 and kernel.is_deterministic
+
+
+def test_msdda_refuses_a_fused_precision_that_is_not_positive_naming_the_step_and_the_exponents() -> None:
+    """Weights (1.5, 1.5) at equal betas give the reference exponent -2; with the adapters at the top of the
+    learned range and the reference at the bottom, -2 / s_ref^2 + 3 / s_adapter^2 < 0 late in the chain."""
+    scheduler = _scheduler("learned_range")
+    timestep = scheduler.timesteps[-2]
+    x_t = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    wide, narrow = _learned_output("learned_range"), _learned_output("learned_range")
+    wide[:, SHAPE[1]:], narrow[:, SHAPE[1]:] = 1.0, -1.0
+    method = get_method("msdda")
+    weights = [1.5, 1.5]
+    context = FusionContext(unet=FixedOutputs([wide, wide, narrow]), scheduler=scheduler,
+                            positive=torch.empty(SHAPE[0], 0), negative=None, adapter_names=["a", "b"],
+                            weights=weights, exponents=method.exponents(weights, [0.1, 0.1], None),
+                            guidance_scale=1.0, eta=None, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=rf"msdda at timestep {int(timestep)} with exponents \{{'a': 1.5, 'b': 1.5\}} "
+                                        rf"and -2 for the reference: the fused precision is not positive at "
+                                        rf"{math.prod(SHAPE)} of {math.prod(SHAPE)} elements"):
+        method.kernel(context, len(scheduler.timesteps) - 2, timestep, x_t)
