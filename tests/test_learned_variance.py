@@ -124,14 +124,16 @@ def test_a_broken_learned_variance_is_refused_naming_the_adapter_and_the_step(va
     timestep = scheduler.timesteps[3]
     x_t = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     unet = FixedOutputs([_learned_output(variance_type), _learned_output(variance_type, value)])
-    call = lambda: adapter_kernels(unet, scheduler, x_t, timestep, torch.empty(SHAPE[0], 0), None,  # noqa: E731
-                                   ["a", "b"], 1.0, None)
+
+    def kernels() -> list[StepKernel]:
+        return adapter_kernels(unet, scheduler, x_t, timestep, torch.empty(SHAPE[0], 0), None, ["a", "b"], 1.0, None)
+
     if what is None:
-        assert not call()[1].is_deterministic
+        assert not kernels()[1].is_deterministic
         return
     with pytest.raises(UserError, match=f"adapter 'b' predicts a variance .* at timestep {int(timestep)}: 1 of "
                                         f"{math.prod(SHAPE)} elements .*{what}"):
-        call()
+        kernels()
 
 
 def test_a_zero_learned_variance_at_the_last_ddpm_step_is_its_deterministic_step() -> None:

@@ -86,7 +86,8 @@ def _kernel(world: GaussianWorld, policy: nn.Module, batch: Transitions) -> Step
 def _tweedie(world: GaussianWorld, reward_vector: torch.Tensor) -> StepReward:
     """The ``tweedie`` step reward R_t = a . x0_hat(x_{t-1}) and its state value a . x0_hat(x_t)."""
     def step_reward(x_prev: torch.Tensor, x_t: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return world.tweedie_step_reward(x_prev, timestep, reward_vector), world.x0_estimate(x_t, timestep) @ reward_vector
+        value = world.x0_estimate(x_t, timestep) @ reward_vector
+        return world.tweedie_step_reward(x_prev, timestep, reward_vector), value
 
     return step_reward
 
