@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from msdda.errors import InputNotFound, UserError
-from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, standard_normal, step_kernel
+from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, check_learned_variances, standard_normal, step_kernel
 
 __all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output",
            "apply_guidance", "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
@@ -171,7 +171,8 @@ def adapter_kernels(unet, scheduler, latents, timestep, positive, negative, name
                     guidance_scale: float, eta: float | None) -> list[StepKernel]:
     """The step kernel of each named adapter ("__base__": the reference), from one batched forward.
 
-    ``names=None`` runs the UNet as it is configured (the soup: its weighted adapters all active).
+    ``names=None`` runs the UNet as it is configured (the soup: its weighted adapters all active). A learned
+    variance that is not a positive finite number is refused, naming the adapter and the timestep.
     """
     batch, groups = len(latents), len(names or [None])
     guided = negative is not None and guidance_scale > 1.0
@@ -189,4 +190,7 @@ def adapter_kernels(unet, scheduler, latents, timestep, positive, negative, name
             unconditional, conditional = chunk.chunk(2)
             chunk = apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
         kernels.append(step_kernel(scheduler, chunk, timestep, latents, eta=eta))
+    described = ["the UNet with its active adapters"] if names is None else [
+        "the base model" if name == BASE else f"adapter {name!r}" for name in names]
+    check_learned_variances(scheduler, kernels, described, timestep)
     return kernels

@@ -17,6 +17,7 @@ per batch row, as the trainer uses when it shuffles steps). Variances come back 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,8 @@ __all__ = [
     "gaussian_log_prob",
     "gaussian_kl",
     "kernel_kl",
+    "learns_variance",
+    "check_learned_variances",
     "initial_latents",
     "standard_normal",
     "SUPPORTED_SCHEDULERS",
@@ -40,6 +43,7 @@ __all__ = [
 SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+_LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 Reduction = Literal["sum", "mean", "none"]
 
 
@@ -92,6 +96,11 @@ def _check_scheduler(scheduler: object) -> None:
             f"DDPMScheduler variance_type {scheduler.config.variance_type!r} is not supported; use one of "
             f"{_DDPM_VARIANCE_TYPES}"
         )
+
+
+def learns_variance(scheduler: object) -> bool:
+    """Whether the scheduler takes its variance from the model output (DDPM ``learned``/``learned_range``)."""
+    return isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in _LEARNED_VARIANCE_TYPES
 
 
 def _as_timesteps(timestep: int | torch.Tensor, device: torch.device | None) -> torch.Tensor:
@@ -184,8 +193,7 @@ def step_kernel(
     beta_prod_t_prev = 1 - alpha_prod_t_prev
 
     predicted_variance = None
-    learned = not is_ddim and scheduler.config.variance_type in ("learned", "learned_range")
-    if learned:
+    if learns_variance(scheduler):
         if model_output.shape[1] != 2 * sample.shape[1]:
             raise UserError(
                 f"variance_type {scheduler.config.variance_type!r} needs a model output with {2 * sample.shape[1]} "
@@ -237,6 +245,34 @@ def step_kernel(
         # diffusers adds no noise at timestep 0: the last DDPM step is deterministic
         variance = torch.where(_per_row(timesteps, sample) > 0, variance, torch.zeros_like(variance))
     return StepKernel(mean=mean, variance=variance, pred_original_sample=pred_original_sample)
+
+
+def check_learned_variances(scheduler: DDPMScheduler | DDIMScheduler, kernels: Sequence[StepKernel],
+                            names: Sequence[str], timestep: int | torch.Tensor) -> None:
+    """Refuse kernels whose learned variance is NaN, infinite, zero or negative where the step is stochastic.
+
+    A broken adapter (weights gone to NaN in a diverged run, variance channels far out of range) would
+    otherwise sample NaN images, or noiseless steps, without a word. ``names`` name the kernels in the message
+    (e.g. ``"adapter 'aesthetic'"``). The scheduler's own variances are valid by construction and cost nothing
+    here; for a learned variance the check is one reduction per kernel and ONE host read for all of them, so a
+    caller that checks every step's kernels together waits for the GPU once per step; the details of a failure
+    are read only when there is one.
+    """
+    if not learns_variance(scheduler) or not kernels:
+        return
+    timesteps = _as_timesteps(timestep, kernels[0].variance.device)
+    stochastic = _per_row(timesteps > 0, kernels[0].mean)  # the last DDPM step has variance 0 by design
+    broken = [~torch.isfinite(kernel.variance) | ((kernel.variance <= 0) & stochastic) for kernel in kernels]
+    for name, kernel, bad, failed in zip(names, kernels, broken, torch.stack([b.any() for b in broken]).tolist()):
+        if failed:
+            variance = kernel.variance
+            where = timesteps.tolist() if timesteps.ndim else int(timesteps)
+            raise UserError(
+                f"{name} predicts a variance that is not a positive finite number at timestep {where}: "
+                f"{int(bad.sum())} of {variance.numel()} elements ({int(variance.isnan().sum())} NaN, "
+                f"{int(variance.isinf().sum())} infinite, {int((variance <= 0).sum())} zero or negative). Its weights "
+                "are broken (e.g. a training run that diverged) or its variance channels are far out of range: "
+                "retrain it, or use an earlier checkpoint of it")
 
 
 def _reduce(values: torch.Tensor, reduction: Reduction) -> torch.Tensor:

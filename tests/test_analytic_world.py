@@ -109,3 +109,24 @@ def test_sampling_with_fused_kernels_matches_the_exact_optimal_chain(world, weig
     sample_cov = torch.cov(samples.T)
     cov_error = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / count).sqrt()
     assert bool(((sample_cov - cov).abs() < 5 * cov_error).all())
+
+
+def test_quadratic_optimum_is_the_learned_variance_reference_tilted_by_the_step_reward(world) -> None:
+    """With learned_range variance channels at -1 the reference keeps the posterior variance; the quadratic
+    reward's optimum is that reference tilted by exp(R / beta) (log pi* - log p_ref - R / beta is -log Z), and
+    narrower than it."""
+    learned = GaussianWorld.default(dim=3, num_inference_steps=20, seed=0, variance_type="learned_range")
+    generator = torch.Generator().manual_seed(4)
+    centre, curvature, beta = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 0.7, 0.2
+    x_t = torch.randn(1, learned.dim, generator=generator, dtype=torch.float64)
+    for timestep in learned.timesteps[:-1]:
+        reference = learned.reference_kernel(x_t, timestep)
+        torch.testing.assert_close(reference.variance, world.reference_kernel(x_t, timestep).variance.expand(1, 3),
+                                   rtol=1e-12, atol=0)
+        optimum = learned.quadratic_optimal_kernel(x_t, timestep, centre, curvature, beta)
+        assert bool((optimum.variance < reference.variance).all())
+        points = reference.mean + torch.randn(64, learned.dim, generator=generator, dtype=torch.float64)
+        log_partition = (gaussian_log_prob(points, optimum.mean, optimum.variance)
+                         - gaussian_log_prob(points, reference.mean, reference.variance)
+                         - learned.quadratic_step_reward(points, centre, curvature) / beta)
+        assert float(log_partition.std()) < 1e-8 * max(1.0, float(log_partition.abs().max()))

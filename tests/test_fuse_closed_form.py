@@ -161,3 +161,11 @@ def test_fusion_refuses_bad_input() -> None:
         fuse_gaussians([a, b], [1.0], [0.5, 0.5])
     with pytest.raises(ValueError, match=">= 0 everywhere"):
         fuse_gaussians([a, b], [1.0, -1.0], [0.5, 0.5])
+    broken = torch.ones(2, 3)
+    broken[0, 1], broken[1, 2] = float("inf"), float("nan")
+    with pytest.raises(ValueError, match=r"variances\[1\] must be finite and >= 0 everywhere; it has 1 NaN, "
+                                         r"1 infinite"):
+        fuse_gaussians([a, b], [1.0, broken], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"not positive at 6 of 6 elements .* reference exponent -2 \(1 - the sum of "
+                                         r"the adapters' exponents \[1.5, 1.5\]\)"):
+        fuse_gaussians([a, b], [1.0, 1.0], [1.5, 1.5], ref_mean=a, ref_variance=0.1)

@@ -103,8 +103,11 @@ def fuse_gaussians(
     element has no well-defined limit and is refused.
 
     Raises:
-        ValueError: on mismatched lengths or shapes, negative/NaN exponents, negative variances, a missing
-        reference, or a fused precision that is not positive.
+        UserError (a ValueError): on mismatched lengths or shapes, negative/NaN exponents, negative, NaN or
+        infinite variances, a missing reference, or a fused precision that is not positive (possible only when
+        the reference's exponent is negative and its variance smaller than the adapters').
+
+    The checks cost one host read per call, whatever K.
     """
     exponent_values = _check_finite_numbers(exponents, "exponents")
     if not means:
@@ -141,9 +144,9 @@ def fuse_gaussians(
         all_exponents.append(ref_exponent)
 
     dtype, device = means[0].dtype, means[0].device
+    names = [f"variances[{index}]" for index in range(len(means))] + ["ref_variance"]
     variance_tensors = []
-    for index, variance in enumerate(all_variances):
-        name = "ref_variance" if index == len(means) else f"variances[{index}]"
+    for name, variance in zip(names, all_variances):
         variance = torch.as_tensor(variance, dtype=dtype, device=device)
         try:
             torch.broadcast_shapes(variance.shape, shape)
@@ -151,18 +154,11 @@ def fuse_gaussians(
             raise UserError(
                 f"{name} has shape {tuple(variance.shape)}, which does not broadcast to the means' {tuple(shape)}"
             ) from error
-        if bool((variance < 0).any()) or bool(variance.isnan().any()):
-            raise UserError(f"{name} must be >= 0 everywhere")
         variance_tensors.append(variance)
 
     variance_shape = torch.broadcast_shapes(*(v.shape for v in variance_tensors))
     zero = torch.stack([(v == 0).expand(variance_shape) for v in variance_tensors])
     all_zero, any_zero = zero.all(dim=0), zero.any(dim=0)
-    if bool((any_zero & ~all_zero).any()):
-        raise UserError(
-            "some kernels have zero variance where others do not; a deterministic step can only be fused with "
-            "other deterministic steps"
-        )
 
     precision = torch.zeros(variance_shape, dtype=dtype, device=device)
     weighted_mean = torch.zeros(torch.broadcast_shapes(variance_shape, shape), dtype=dtype, device=device)
@@ -173,11 +169,29 @@ def fuse_gaussians(
         weighted_mean = weighted_mean + (exponent / safe_variance) * mean
         limit_mean = limit_mean + exponent * mean
 
-    if bool((precision[~all_zero] <= 0).any()):
-        worst = float(precision[~all_zero].min())
+    # every check in one host read (a GPU sync per check would stall the sampler at every step); the details of
+    # a failure are read only when there is one
+    invalid = [~torch.isfinite(v) | (v < 0) for v in variance_tensors]
+    not_positive = ((precision <= 0) & ~all_zero).expand(weighted_mean.shape)
+    failed = torch.stack([b.any() for b in invalid] + [(any_zero & ~all_zero).any(), not_positive.any()]).tolist()
+    for name, variance, bad, flag in zip(names, variance_tensors, invalid, failed):
+        if flag:
+            raise UserError(
+                f"{name} must be finite and >= 0 everywhere; it has {int(variance.isnan().sum())} NaN, "
+                f"{int(variance.isinf().sum())} infinite and {int((variance < 0).sum())} negative elements (a broken "
+                "adapter's learned variance?)")
+    if failed[-2]:
         raise UserError(
-            f"the fused precision is not positive (min {worst:.4g}): the reference exponent {ref_exponent:.4g} "
-            "outweighs the adapters; lower the weights or raise the target beta so that sum(l_i) is smaller"
+            "some kernels have zero variance where others do not; a deterministic step can only be fused with "
+            "other deterministic steps"
+        )
+    if failed[-1]:
+        raise UserError(
+            f"the fused precision is not positive at {int(not_positive.sum())} of {not_positive.numel()} elements "
+            f"(min {float(precision[~all_zero].min()):.4g}): the reference exponent {ref_exponent:.4g} (1 - the sum of "
+            f"the adapters' exponents {[round(l, 6) for l in exponent_values]}) outweighs the adapters where the "
+            "reference's variance is the smaller; lower the weights or raise the target beta so that sum(l_i) is "
+            "nearer 1"
         )
     fused_mean = torch.where(all_zero, limit_mean, weighted_mean / torch.where(all_zero, 1.0, precision))
     fused_variance = torch.where(all_zero, torch.zeros_like(precision), 1 / precision)

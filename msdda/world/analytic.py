@@ -6,6 +6,12 @@ the ``tweedie`` step reward R_t(x_{t-1}) = r(E[x0 | x_{t-1}]), the step reward i
 KL-regularised step optimum p_ref * exp(R_t / beta) / Z is the reference Gaussian with its mean shifted by
 variance * grad R_t / beta. This lets tests check fusion, sampling and training against exact answers.
 
+Learned variances: with a ``learned_range`` scheduler the reference model also outputs its variance channels
+(at -1: the posterior variance, as ``fixed_small``), so a policy can move its variance too. A quadratic reward
+of the next state, R(x_{t-1}) = -c ||x_{t-1} - a||^2, has a step optimum with a different variance from the
+reference's: the reference Gaussian N(mu, s^2) tilted by exp(R / beta) is Gaussian with precision
+1 / s^2 + 2 c / beta and mean (mu / s^2 + 2 c a / beta) / precision (``quadratic_optimal_kernel``).
+
 Everything is float64 so that closed-form comparisons hold to 1e-10, far below the tolerances tested.
 """
 
@@ -20,7 +26,10 @@ from msdda.errors import UserError
 from msdda.kernels import StepKernel, previous_timestep, step_kernel
 from msdda.sampling import denoise
 
-__all__ = ["GaussianWorld"]
+__all__ = ["GaussianWorld", "VARIANCE_TYPES"]
+
+VARIANCE_TYPES = ("fixed_small", "learned_range")
+"""The DDPM variance types the world supports: the posterior variance, fixed or as the model's own output."""
 
 
 class GaussianWorld:
@@ -29,12 +38,16 @@ class GaussianWorld:
     Args:
         data_mean: ``[d]`` mean m0 of the data.
         data_cov: ``[d, d]`` positive-definite covariance S0 of the data.
-        scheduler: a ``DDPMScheduler`` with epsilon prediction, no clipping, and ``set_timesteps`` called.
+        scheduler: a ``DDPMScheduler`` with epsilon prediction, no clipping, a variance type of
+            ``VARIANCE_TYPES`` and ``set_timesteps`` called.
     """
 
     def __init__(self, data_mean: torch.Tensor, data_cov: torch.Tensor, scheduler: DDPMScheduler) -> None:
         if scheduler.config.prediction_type != "epsilon" or scheduler.config.clip_sample:
             raise UserError("the analytic world needs an epsilon-predicting DDPMScheduler with clip_sample=False")
+        if scheduler.config.variance_type not in VARIANCE_TYPES:
+            raise UserError(f"the analytic world's variance_type must be one of {VARIANCE_TYPES} (its reference "
+                             f"kernel has the posterior variance), got {scheduler.config.variance_type!r}")
         if scheduler.num_inference_steps is None:
             raise UserError("call scheduler.set_timesteps(num_inference_steps) before building the world")
         self.data_mean = torch.as_tensor(data_mean, dtype=torch.float64)
@@ -46,14 +59,16 @@ class GaussianWorld:
         self.scheduler = scheduler
 
     @classmethod
-    def default(cls, dim: int = 3, num_inference_steps: int = 20, seed: int = 0) -> GaussianWorld:
-        """A random correlated Gaussian in ``dim`` dimensions under SD's linear 1000-step DDPM schedule."""
+    def default(cls, dim: int = 3, num_inference_steps: int = 20, seed: int = 0,
+                variance_type: str = "fixed_small") -> GaussianWorld:
+        """A random correlated Gaussian in ``dim`` dimensions under SD's linear 1000-step DDPM schedule;
+        ``variance_type`` ``learned_range`` makes the variance part of the model's output."""
         generator = torch.Generator().manual_seed(seed)
         factor = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
         data_cov = factor @ factor.T + 0.1 * torch.eye(dim, dtype=torch.float64)
         data_mean = torch.randn(dim, generator=generator, dtype=torch.float64)
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                                  variance_type="fixed_small", prediction_type="epsilon")
+                                  variance_type=variance_type, prediction_type="epsilon")
         scheduler.set_timesteps(num_inference_steps)
         return cls(data_mean, data_cov, scheduler)
 
@@ -104,9 +119,20 @@ class GaussianWorld:
         gain, offset = self.x0_affine(timestep)
         return x @ gain.T + offset
 
+    @property
+    def learns_variance(self) -> bool:
+        """Whether the model output carries variance channels after the epsilon prediction."""
+        return self.scheduler.config.variance_type == "learned_range"
+
+    def reference_output(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
+        """The reference model's output ``[B, d]``: the ideal epsilon, followed with ``learned_range`` by ``[B, d]``
+        variance channels at -1 (the lower end of the range: the posterior variance)."""
+        epsilon = self.epsilon(x_t, timestep)
+        return torch.cat([epsilon, -torch.ones_like(epsilon)], dim=1) if self.learns_variance else epsilon
+
     def reference_kernel(self, x_t: torch.Tensor, timestep: int) -> StepKernel:
         """The reference policy p_ref(x_{t-1} | x_t), through msdda.kernels like any diffusers model."""
-        return step_kernel(self.scheduler, self.epsilon(x_t, timestep), timestep, x_t)
+        return step_kernel(self.scheduler, self.reference_output(x_t, timestep), timestep, x_t)
 
     def tweedie_step_reward(self, x_prev: torch.Tensor, timestep: int, reward_vector: torch.Tensor) -> torch.Tensor:
         """R_t(x_{t-1}) = a . E[x0 | x_{t-1}], the ``tweedie`` step reward of the step leaving ``timestep``."""
@@ -130,6 +156,23 @@ class GaussianWorld:
         gradient = sum(w * self.tweedie_reward_gradient(timestep, a) for w, a in zip(weights, reward_vectors))
         mean = reference.mean + reference.variance * gradient / beta
         return StepKernel(mean=mean, variance=reference.variance, pred_original_sample=reference.pred_original_sample)
+
+    @staticmethod
+    def quadratic_step_reward(x_prev: torch.Tensor, centre: torch.Tensor, curvature: float) -> torch.Tensor:
+        """R(x_{t-1}) = -curvature * ||x_{t-1} - centre||^2 for a batch ``[B, d]``: a reward of the next state whose
+        step optimum narrows the kernel (see ``quadratic_optimal_kernel``)."""
+        return -curvature * ((x_prev - torch.as_tensor(centre, dtype=x_prev.dtype)) ** 2).sum(dim=1)
+
+    def quadratic_optimal_kernel(self, x_t: torch.Tensor, timestep: int, centre: torch.Tensor, curvature: float,
+                                 beta: float) -> StepKernel:
+        """The step optimum for ``quadratic_step_reward`` with KL weight beta: p_ref * exp(R / beta) / Z, the
+        reference Gaussian N(mu, s^2) times an unnormalised Gaussian in x_{t-1} with precision 2 c / beta at the
+        centre. Its variance 1 / (1 / s^2 + 2 c / beta) is below the reference's."""
+        reference = self.reference_kernel(x_t, timestep)
+        tilt = 2 * curvature / beta
+        precision = 1 / reference.variance + tilt
+        mean = (reference.mean / reference.variance + tilt * torch.as_tensor(centre, dtype=x_t.dtype)) / precision
+        return StepKernel(mean=mean, variance=1 / precision, pred_original_sample=reference.pred_original_sample)
 
     def sample_chain(
         self,
