@@ -7,10 +7,14 @@ sampler both call it, so the arithmetic cannot drift between them.
 
 Supported: ``DDPMScheduler`` (variance types ``fixed_small``, ``fixed_small_log``, ``fixed_large``,
 ``learned``, ``learned_range``) and ``DDIMScheduler`` (any ``eta``; ``eta = 0`` is a deterministic step and
-is reported with variance 0), each with ``epsilon``, ``v_prediction`` and ``sample`` prediction.
+is reported with variance 0), each with ``epsilon``, ``v_prediction`` and ``sample`` prediction; and
+``FlowMatchEulerDiscreteScheduler`` (SD3, FLUX: a velocity prediction), either with Flow-GRPO's SDE step or,
+when the scheduler's ``stochastic_sampling`` is on, with diffusers' own re-noising step (see
+:func:`step_kernel`).
 
 Shapes: ``sample`` is ``[B, ...]``; ``timestep`` is an int, a 0-d tensor, or a ``[B]`` tensor (one timestep
-per batch row, as the trainer uses when it shuffles steps). Variances come back broadcastable to the mean:
+per batch row, as the trainer uses when it shuffles steps); for a flow scheduler it is one of its float
+``timesteps`` (sigma * num_train_timesteps). Variances come back broadcastable to the mean:
 ``[B, 1, ...]`` (or 0-d) for scheduler variances, full shape for a learned variance.
 """
 
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from msdda.errors import UserError
 
@@ -30,6 +34,7 @@ __all__ = [
     "StepKernel",
     "step_kernel",
     "previous_timestep",
+    "flow_sigmas",
     "gaussian_log_prob",
     "gaussian_kl",
     "kernel_kl",
@@ -38,9 +43,12 @@ __all__ = [
     "initial_latents",
     "standard_normal",
     "SUPPORTED_SCHEDULERS",
+    "DEFAULT_FLOW_NOISE_LEVEL",
 ]
 
-SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler)
+DEFAULT_FLOW_NOISE_LEVEL = 0.7
+"""Flow-GRPO's default ``noise_level`` a of its SDE step, sigma_t = a sqrt(t / (1 - t))."""
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 _LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -88,6 +96,13 @@ def _check_scheduler(scheduler: object) -> None:
             f"scheduler {type(scheduler).__name__} is not supported for Gaussian step kernels; use one of {names} "
             "(e.g. `DDIMScheduler.from_config(pipe.scheduler.config)` with eta > 0)"
         )
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if scheduler.config.invert_sigmas:
+            raise UserError("FlowMatchEulerDiscreteScheduler with invert_sigmas=True (Mochi) is not supported; use "
+                            "invert_sigmas=False, where sigma = 1 is noise and the schedule ends at sigma = 0")
+        if getattr(scheduler, "num_inference_steps", None) is None:
+            raise UserError("call scheduler.set_timesteps(num_inference_steps) before computing step kernels")
+        return
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in _PREDICTION_TYPES:
         raise UserError(f"prediction_type {prediction_type!r} is not supported; use one of {_PREDICTION_TYPES}")
@@ -115,6 +130,9 @@ def previous_timestep(
 ) -> torch.Tensor:
     """The timestep the scheduler steps to from ``timestep`` (-1 after the last step), elementwise."""
     _check_scheduler(scheduler)
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise UserError("a flow scheduler steps between noise levels, not timesteps: use flow_sigmas(scheduler, "
+                        "timestep) for the sigma a step starts from and the one it steps to")
     timesteps = _as_timesteps(timestep, timestep.device if torch.is_tensor(timestep) else None)
     if isinstance(scheduler, DDIMScheduler) or not (scheduler.custom_timesteps or scheduler.num_inference_steps):
         if isinstance(scheduler, DDIMScheduler) and scheduler.num_inference_steps is None:
@@ -153,13 +171,81 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
-def step_kernel(
-    scheduler: DDPMScheduler | DDIMScheduler,
+def flow_sigmas(
+    scheduler: FlowMatchEulerDiscreteScheduler, timestep: float | torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, sigma_next): the noise level a flow step starts from and the one it steps to, per row of ``like``.
+
+    ``timestep`` is one of ``scheduler.timesteps`` (a float, 0-d or ``[B]``); sigma_next is 0 after the last
+    step. Both come back in ``like``'s dtype, shaped to broadcast against it.
+    """
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise UserError(f"flow_sigmas needs a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}; "
+                        "DDPM and DDIM steps go between timesteps (previous_timestep)")
+    _check_scheduler(scheduler)
+    timesteps = torch.as_tensor(timestep, device=like.device)
+    if not timesteps.is_floating_point():
+        raise UserError(f"flow timesteps are floats (sigma * num_train_timesteps), got {timesteps.dtype} "
+                        f"{timesteps.tolist()}: pass one of scheduler.timesteps, not a step index")
+    if timesteps.ndim > 1:
+        raise UserError(f"timestep must be a float, a 0-d tensor or a [B] tensor, got shape {tuple(timesteps.shape)}")
+    schedule = _on_device(scheduler.timesteps, like.device, scheduler.timesteps.dtype)
+    matches = schedule[None, :] == timesteps.to(schedule.dtype).reshape(-1, 1)
+    if not bool(matches.any(dim=1).all()):
+        missing = timesteps.reshape(-1)[~matches.any(dim=1)].tolist()
+        raise UserError(f"timesteps {missing} are not in scheduler.timesteps; step only through the set schedule")
+    index = matches.long().argmax(dim=1).reshape(timesteps.shape)
+    sigmas = _on_device(scheduler.sigmas, like.device, like.dtype)
+    return _per_row(sigmas[index], like), _per_row(sigmas[index + 1], like)
+
+
+def _flow_step_kernel(
+    scheduler: FlowMatchEulerDiscreteScheduler,
     model_output: torch.Tensor,
-    timestep: int | torch.Tensor,
+    timestep: float | torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float,
+) -> StepKernel:
+    """The Gaussian kernel of a flow step from sigma to sigma_next < sigma, from the velocity prediction v.
+
+    x0_hat = x - sigma v and eps_hat = x + (1 - sigma) v are the clean and noise estimates (x = (1 - sigma) x0
+    + sigma eps). With the scheduler's ``stochastic_sampling`` the step is diffusers' re-noising of x0_hat:
+    N((1 - sigma_next) x0_hat, sigma_next^2) (deterministic at the last step). Otherwise it is Flow-GRPO's SDE
+    step (``sde_step_with_logprob``), with dt = sigma_next - sigma < 0 and s_t^2 = a^2 sigma / (1 - sigma):
+
+        mean = x + [v + s_t^2 / (2 sigma) eps_hat] dt,        variance = s_t^2 (-dt)
+
+    the Euler-Maruyama step of the reverse SDE whose drift is the ODE's v plus the score correction (the score
+    is -eps_hat / sigma), so it keeps the ODE's marginals. As in Flow-GRPO, s_t^2 takes 1 - sigmas[1] as its
+    denominator where sigma = 1 (the first step of a full schedule), and the last step (to sigma_next = 0)
+    is noisy too. ``noise_level = 0`` gives the deterministic Euler (ODE) step.
+    """
+    compute = torch.promote_types(sample.dtype, torch.float32)  # Flow-GRPO: bf16 overflows here
+    sample, model_output = sample.to(compute), model_output.to(compute)
+    sigma, sigma_next = flow_sigmas(scheduler, timestep, sample)
+    if bool((sigma <= 0).any()):
+        raise UserError("a flow step from sigma = 0 (clean data) has no kernel; the schedule's last step is the "
+                        "one to sigma = 0, so step only through scheduler.timesteps")
+    pred_original_sample = sample - sigma * model_output
+    if scheduler.config.stochastic_sampling:
+        return StepKernel(mean=(1 - sigma_next) * pred_original_sample, variance=sigma_next**2,
+                          pred_original_sample=pred_original_sample)
+    pred_noise = sample + (1 - sigma) * model_output
+    dt = sigma_next - sigma
+    first_next = _on_device(scheduler.sigmas, sample.device, compute)[1]
+    noise_scale_squared = noise_level**2 * sigma / (1 - torch.where(sigma == 1, first_next, sigma))
+    mean = sample + (model_output + noise_scale_squared / (2 * sigma) * pred_noise) * dt
+    return StepKernel(mean=mean, variance=noise_scale_squared * -dt, pred_original_sample=pred_original_sample)
+
+
+def step_kernel(
+    scheduler: DDPMScheduler | DDIMScheduler | FlowMatchEulerDiscreteScheduler,
+    model_output: torch.Tensor,
+    timestep: int | float | torch.Tensor,
     sample: torch.Tensor,
     eta: float | None = None,
     use_clipped_model_output: bool = False,
+    flow_noise_level: float | None = None,
 ) -> StepKernel:
     """The Gaussian kernel that ``scheduler.step(model_output, timestep, sample, ...)`` samples from.
 
@@ -167,8 +253,28 @@ def step_kernel(
     ``noise``. ``eta`` is DDIM's stochasticity (default 0, as in diffusers: a deterministic step); DDPM takes
     no eta. For learned variances the model output carries the variance channels after the prediction, as
     diffusers expects.
+
+    For a ``FlowMatchEulerDiscreteScheduler`` the model output is the velocity. Its ``step`` is the
+    deterministic Euler step, so the kernel is instead Flow-GRPO's SDE step with noise level
+    ``flow_noise_level`` (a, default 0.7 as in Flow-GRPO), the one ``sde_step_with_logprob`` samples from; with
+    ``stochastic_sampling=True`` in the scheduler's config it is diffusers' own stochastic step, which takes
+    no noise level. The formulas are in :func:`_flow_step_kernel`.
     """
     _check_scheduler(scheduler)
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if eta is not None or use_clipped_model_output:
+            raise UserError("eta and use_clipped_model_output are DDIM settings; a flow step's noise is set by "
+                            "flow_noise_level (Flow-GRPO's SDE) or the scheduler's stochastic_sampling")
+        if scheduler.config.stochastic_sampling and flow_noise_level is not None:
+            raise UserError(f"flow_noise_level={flow_noise_level} sets Flow-GRPO's SDE step, but the scheduler has "
+                            "stochastic_sampling=True (its own step, whose noise is fixed); drop one of the two")
+        noise_level = DEFAULT_FLOW_NOISE_LEVEL if flow_noise_level is None else flow_noise_level
+        if not (noise_level >= 0 and math.isfinite(noise_level)):
+            raise UserError(f"flow_noise_level must be a finite number >= 0 (Flow-GRPO uses 0.7), got {noise_level}")
+        return _flow_step_kernel(scheduler, model_output, timestep, sample, noise_level)
+    if flow_noise_level is not None:
+        raise UserError(f"flow_noise_level={flow_noise_level} is a setting of flow schedulers; "
+                        f"{type(scheduler).__name__} takes eta (DDIM) or nothing (DDPM)")
     is_ddim = isinstance(scheduler, DDIMScheduler)
     if not is_ddim and eta not in (None, 1.0):
         raise UserError(f"eta={eta} is a DDIM setting; DDPMScheduler steps are always fully stochastic (eta=1)")

@@ -1,4 +1,8 @@
-"""The analytic world: its exact denoiser and step optima, and MSDDA fusion of those optima."""
+"""The analytic worlds: their exact denoisers and step optima, and MSDDA fusion of those optima.
+
+The tilt and fusion tests run on the DDPM world and on the flow world under each flow kernel (Flow-GRPO's
+SDE at two noise levels, diffusers' stochastic_sampling step).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,25 @@ import torch
 
 from msdda.fuse import exponents, fuse_gaussians, reference_exponent
 from msdda.kernels import gaussian_log_prob
-from msdda.world.analytic import GaussianWorld
+from msdda.world.analytic import FlowGaussianWorld, GaussianWorld
+
+WORLDS = {
+    "ddpm": lambda: GaussianWorld.default(dim=3, num_inference_steps=20, seed=0),
+    "flow-sde": lambda: FlowGaussianWorld.default(dim=3, num_inference_steps=20, seed=0),
+    "flow-sde-a1": lambda: FlowGaussianWorld.default(dim=3, num_inference_steps=20, seed=0, flow_noise_level=1.0),
+    "flow-stochastic-sampling": lambda: FlowGaussianWorld.default(dim=3, num_inference_steps=20, seed=0,
+                                                                  stochastic_sampling=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(WORLDS))
+def world(request: pytest.FixtureRequest) -> GaussianWorld | FlowGaussianWorld:
+    return WORLDS[request.param]()
 
 
 @pytest.fixture(scope="module")
-def world() -> GaussianWorld:
-    return GaussianWorld.default(dim=3, num_inference_steps=20, seed=0)
+def ddpm_world() -> GaussianWorld:
+    return WORLDS["ddpm"]()
 
 
 def _reward_vectors(count: int, dim: int = 3) -> list[torch.Tensor]:
@@ -20,8 +37,9 @@ def _reward_vectors(count: int, dim: int = 3) -> list[torch.Tensor]:
     return [torch.randn(dim, generator=generator, dtype=torch.float64) for _ in range(count)]
 
 
-def test_epsilon_predictor_is_the_regression_of_noise_on_x_t(world: GaussianWorld) -> None:
+def test_epsilon_predictor_is_the_regression_of_noise_on_x_t(ddpm_world: GaussianWorld) -> None:
     """Monte Carlo: least squares of eps on [x_t, 1] over forward-diffused data recovers (A, b)."""
+    world = ddpm_world
     generator = torch.Generator().manual_seed(0)
     count = 400_000
     x0 = world.data_mean + torch.randn(count, world.dim, generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(world.data_cov).T
@@ -36,12 +54,12 @@ def test_epsilon_predictor_is_the_regression_of_noise_on_x_t(world: GaussianWorl
         torch.testing.assert_close(solution[-1], offset, atol=1e-2, rtol=0)
 
 
-def test_optimal_kernel_is_the_reference_tilted_by_the_step_reward(world: GaussianWorld) -> None:
+def test_optimal_kernel_is_the_reference_tilted_by_the_step_reward(world: GaussianWorld | FlowGaussianWorld) -> None:
     """log pi*(x) - log p_ref(x) - R_t(x) / beta does not depend on x (it is -log Z)."""
     generator = torch.Generator().manual_seed(1)
     rewards, weights, beta = _reward_vectors(2), [0.4, 0.6], 0.05
     x_t = torch.randn(1, world.dim, generator=generator, dtype=torch.float64)
-    for timestep in world.timesteps[:-1]:  # the last DDPM step is deterministic: no density
+    for timestep in world.timesteps[:-1]:  # the last DDPM (and stochastic_sampling) step is deterministic
         reference = world.reference_kernel(x_t, timestep)
         optimum = world.optimal_kernel(x_t, timestep, rewards, weights, beta)
         points = reference.mean + torch.randn(64, world.dim, generator=generator, dtype=torch.float64)
@@ -82,8 +100,9 @@ def test_fusing_single_reward_optima_gives_the_weighted_optimum_at_every_step(wo
 
 
 @pytest.mark.parametrize("weights, betas, beta", [([0.3, 0.7], [0.5, 0.5], 0.5), ([0.6, 0.3, 0.4], [0.5, 1.0, 0.5], 0.5)])
-def test_sampling_with_fused_kernels_matches_the_exact_optimal_chain(world, weights, betas, beta) -> None:
+def test_sampling_with_fused_kernels_matches_the_exact_optimal_chain(ddpm_world, weights, betas, beta) -> None:
     """Run the whole chain with kernels + fusion; compare x0's moments to the closed-form propagation."""
+    world = ddpm_world
     rewards = _reward_vectors(len(weights))
     powers = exponents(weights, betas, beta)
     uses_reference = reference_exponent(powers) != 0.0
@@ -111,7 +130,7 @@ def test_sampling_with_fused_kernels_matches_the_exact_optimal_chain(world, weig
     assert bool(((sample_cov - cov).abs() < 5 * cov_error).all())
 
 
-def test_quadratic_optimum_is_the_learned_variance_reference_tilted_by_the_step_reward(world) -> None:
+def test_quadratic_optimum_is_the_learned_variance_reference_tilted_by_the_step_reward(ddpm_world) -> None:
     """With learned_range variance channels at -1 the reference keeps the posterior variance; the quadratic
     reward's optimum is that reference tilted by exp(R / beta) (log pi* - log p_ref - R / beta is -log Z), and
     narrower than it."""
@@ -121,8 +140,8 @@ def test_quadratic_optimum_is_the_learned_variance_reference_tilted_by_the_step_
     x_t = torch.randn(1, learned.dim, generator=generator, dtype=torch.float64)
     for timestep in learned.timesteps[:-1]:
         reference = learned.reference_kernel(x_t, timestep)
-        torch.testing.assert_close(reference.variance, world.reference_kernel(x_t, timestep).variance.expand(1, 3),
-                                   rtol=1e-12, atol=0)
+        fixed = ddpm_world.reference_kernel(x_t, timestep).variance.expand(1, 3)
+        torch.testing.assert_close(reference.variance, fixed, rtol=1e-12, atol=0)
         optimum = learned.quadratic_optimal_kernel(x_t, timestep, centre, curvature, beta)
         assert bool((optimum.variance < reference.variance).all())
         points = reference.mean + torch.randn(64, learned.dim, generator=generator, dtype=torch.float64)
