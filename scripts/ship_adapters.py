@@ -5,8 +5,8 @@
 Each ``<runs>/world_<name>`` must be a finished run of ``configs/train/world_<name>.yaml`` with no override but
 its output folder (checked against the run's saved config), so that what ships is what the recipe trains. Its
 ``final/`` folder (LoRA weights, msdda_adapter.json, model card) goes to ``msdda/world/assets/adapters/<name>``
-with ``provenance.json``: the command, seed, training wall time (the sum of the epochs' times), the commit, torch
-version and threads, and the weights' SHA-256, which the tests check and a retraining test compares against.
+with ``provenance.json``: the command, seed, training wall time (the sum of the epochs' times) and the conditions
+it was measured in, the commit that trained it, torch version and threads, and the weights' SHA-256, which the tests check and a retraining test compares against.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _recipe_unchanged(recipe: Path, run: Path) -> None:
         raise SystemExit(f"{run} was not trained by {recipe} as shipped: {changed} differ")
 
 
-def ship(name: str, runs: Path) -> dict:
+def ship(name: str, runs: Path, conditions: str) -> dict:
     run, recipe = runs / f"world_{name}", ROOT / "configs" / "train" / f"world_{name}.yaml"
     final = run / "final"
     if not (final / WEIGHTS_FILE).is_file():
@@ -55,7 +55,9 @@ def ship(name: str, runs: Path) -> dict:
     target = SHIPPED / name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(final, target)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # the checkout that trained it: the repository holding the runs folder
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=runs.resolve().parent, capture_output=True,
+                            text=True).stdout.strip()
     provenance = {
         "name": f"world:{name}",
         "recipe": str(recipe.relative_to(ROOT)),
@@ -63,6 +65,7 @@ def ship(name: str, runs: Path) -> dict:
         "seed": config.seed,
         "epochs": config.epochs,
         "training_seconds": round(sum(entry["epoch_seconds"] for entry in state["history"]), 1),
+        "conditions": conditions,
         "commit": commit,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -76,9 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", default=["aesthetic", "consistency", "thirds"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="the folder the recipes trained into")
+    parser.add_argument("--conditions", default="2 CPU cores", help="the machine and its load while training")
     args = parser.parse_args()
     for name in args.names:
-        provenance = ship(name, args.runs)
+        provenance = ship(name, args.runs, args.conditions)
         print(f"shipped world:{name} ({provenance['training_seconds']:.0f} s of training, "
               f"sha256 {provenance['weights_sha256'][:12]}…)")
 
