@@ -55,7 +55,7 @@ def main() -> None:
         moves = iter(range(10**6))  # alternate two weight vectors, as a slider moving back and forth does
 
         def slider_change():
-            return studio.render(weights[next(moves) % 2], "msdda", beta=studio.default_beta, steps=args.steps,
+            return studio.render(weights[next(moves) % 2], "msdda", steps=args.steps,
                                  seed=0, prompt=PROMPT)
 
         def single():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # After launch/demo.sh: train the retrained oracles (one adapter on w * aesthetic + (1 - w) * consistency for
-# w = 0.25, 0.5, 0.75; the single-reward adapters' beta, the aesthetic recipe's step reward and budget), add
+# w = 0.25, 0.5, 0.75; the sweep's fused beta 0.001, the recipes' estimator, step reward and budget), add
 # them to the demo's sweep (only their cells are sampled; finished cells are kept) and rewrite the report.
-# 19-27 min on 2 CPU cores. Re-running continues where a stopped run ended.
+# About 10 min on 2 CPU cores (three runs of a recipe's budget). Re-running continues where a stopped run ended.
 # Usage: bash launch/oracles.sh [the demo's output folder, default runs]; the oracles go to <folder>/world_oracle_<w>.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -343,11 +343,14 @@ def _cell_text(value: dict[str, float] | None) -> str:
     return "" if value is None else f"{value['mean']:.4g} ± {value['sem']:.2g}"
 
 
-def _point_at(method: dict, key: str) -> dict | None:
-    """The method's cell standing for weights ``key``: its own there, or its only one when it ignores weights."""
+def _point_at(method: dict, key: str, own_cell_only: bool = False) -> dict | None:
+    """The method's cell standing for weights ``key``: its own there, or (unless ``own_cell_only``) its only one
+    when it ignores weights."""
     points = method["points"]
     found = next((p for p in points if weight_key(p["weights"]) == key), None)
-    return found if found is not None or len(points) != 1 or method.get("sweeps_weights", True) else points[0]
+    if found is not None or own_cell_only or len(points) != 1 or method.get("sweeps_weights", True):
+        return found
+    return points[0]
 
 
 def _objective_table(metrics: dict, field: str, keys: list[str]) -> list[list[str]]:
@@ -367,13 +370,13 @@ def _objective_table(metrics: dict, field: str, keys: list[str]) -> list[list[st
     return rows
 
 
-def _point_table(metrics: dict, keys: list[str], value) -> list[list[str]]:
+def _point_table(metrics: dict, keys: list[str], value, own_cell_only: bool = False) -> list[list[str]]:
     """Rows per weight vector, a column per method: ``value(point, method)`` of the cell standing for it."""
     rows = []
     for key in keys:
         row = [key]
         for method in metrics["methods"].values():
-            point = _point_at(method, key)
+            point = _point_at(method, key, own_cell_only)
             row.append("" if point is None else value(point, method))
         rows.append(row)
     return rows
@@ -434,11 +437,12 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
     tables.append(("Path KL to the base, sum over steps of KL(method || base) at the method's own states, per cell "
                    "(mean ± standard error)", [weights_header, *labels], _point_table(metrics, keys,
                                                                                      _kl_text("kl_to_base"))))
-    oracle_keys = [k for k in keys if any((_point_at(m, k) or {}).get("kl_to_oracle") for m in methods.values())]
+    # a KL to the oracle at w belongs to the cell sampled at w (the base's one cell has one to its own weights' oracle)
+    oracle_keys = [k for k in keys if any((_point_at(m, k, True) or {}).get("kl_to_oracle") for m in methods.values())]
     if oracle_keys:
         tables.append(("Path KL to the oracle retrained at w, sum over steps of KL(method || oracle) at the method's "
                        "own states (mean ± standard error)", [weights_header, *labels],
-                       _point_table(metrics, oracle_keys, _kl_text("kl_to_oracle"))))
+                       _point_table(metrics, oracle_keys, _kl_text("kl_to_oracle"), own_cell_only=True)))
     if metrics.get("step_optimum"):
         tables.append(("Each adapter against its step optimum: its own reward's gain over the base (paired), its path "
                        "KL, and the beta they imply, gain / (2 KL) (equal to the trained beta at the step optimum of a "
