@@ -68,7 +68,8 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
                         compare = gr.Checkbox(False, label="side by side with a baseline", elem_id="compare")
                         baseline = gr.Dropdown([m for m in methods if m != "msdda"], value="soup", label="baseline",
                                                elem_id="baseline")
-                    beta = gr.Number(None, label="beta, the fused objective's KL weight (empty: sum_i w_i beta_i / "
+                    # 0 stands for "not given": a Number left empty reaches the server as no number at all
+                    beta = gr.Number(0.0, label="beta, the fused objective's KL weight (0: sum_i w_i beta_i / "
                                      f"sum_i w_i; the adapters': {', '.join(f'{b:g}' for b in studio.pipeline.betas)})",
                                      elem_id="beta")
                     steps = gr.Slider(1, 50, value=int(studio.default("num_inference_steps", 10)), step=1,
@@ -110,7 +111,7 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
             return prompt_for(Attributes(*(values[part] for part in prompt_parts)))
 
         def update(values: dict):
-            settings = dict(beta=values[beta], steps=values[steps], guidance=values[guidance],
+            settings = dict(beta=values[beta] or None, steps=values[steps], guidance=values[guidance],
                             seed=int(values[seed] or 0), prompt=prompt_of(values),
                             code_candidates=int(values[candidates]), code_block=int(values[block]))
             weights = [float(values[slider]) for slider in sliders]
