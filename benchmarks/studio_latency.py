@@ -12,28 +12,16 @@ uses three random-weight adapters (the cost does not depend on what the adapters
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from fuse_speed import seconds_per_image  # the timing rule of benchmarks/fuse_speed.py (per call: batch 1)
 from msdda.studio.core import GRID_SIZE, Studio
 from msdda.testing import random_world_adapter
 
 PROMPT = "a red circle on the left"
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -63,8 +51,8 @@ def main() -> None:
                                    num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
                                    output_type="pil")
 
-        studio_seconds = median_seconds(slider_change, args.repeats)
-        single_seconds = median_seconds(single, args.repeats)
+        studio_seconds = seconds_per_image(slider_change, 1, args.repeats)
+        single_seconds = seconds_per_image(single, 1, args.repeats)
     print(f"{count} adapters, {GRID_SIZE} images, {args.steps} steps, {args.threads} threads, median of {args.repeats}")
     print(f"studio slider change (msdda + rewards + path KL): {studio_seconds:.3f} s")
     print(f"single-adapter sampling of the same images:       {single_seconds:.3f} s")

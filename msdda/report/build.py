@@ -348,7 +348,7 @@ def _point_at(method: dict, key: str, own_cell_only: bool = False) -> dict | Non
     when it ignores weights."""
     points = method["points"]
     found = next((p for p in points if weight_key(p["weights"]) == key), None)
-    if found is not None or own_cell_only or len(points) != 1 or method.get("sweeps_weights", True):
+    if found is not None or own_cell_only or len(points) != 1 or method["sweeps_weights"]:
         return found
     return points[0]
 
