@@ -5,7 +5,7 @@
 # Re-running continues where a stopped run ended (training resumes from its checkpoints; finished sweep cells
 # are kept).   Usage: bash launch/demo.sh [output folder, default runs]
 # It writes where the recipes and the example configs put things by default, so every next command finds
-# them: runs/world_aesthetic/final and runs/world_consistency/final (configs/train/world_*.yaml, the adapters
+# them: runs/world_aesthetic/final and runs/world_thirds/final (configs/train/world_*.yaml, the adapters
 # configs/fuse/world.yaml and configs/sweep/world.yaml name), and the sweep with its report in runs/sweep_world.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +23,10 @@ start=$(date +%s)
 stage() { echo "demo: $1 after $(( $(date +%s) - start )) s"; }
 train_adapter "$out/world_aesthetic" configs/train/world_aesthetic.yaml
 stage "aesthetic adapter trained"
-train_adapter "$out/world_consistency" configs/train/world_consistency.yaml
-stage "consistency adapter trained"
+train_adapter "$out/world_thirds" configs/train/world_thirds.yaml
+stage "thirds adapter trained"
 "$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep_world" \
-    "adapters=[$out/world_aesthetic/final,$out/world_consistency/final]"
+    "adapters=[$out/world_aesthetic/final,$out/world_thirds/final]"
 stage "sweep done"
 "$msdda" report "$out/sweep_world"
 echo "demo: done in $(( $(date +%s) - start )) s; the report is $out/sweep_world/report.md (and report.html)"

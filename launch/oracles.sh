@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# After launch/demo.sh: train the retrained oracles (one adapter on w * aesthetic + (1 - w) * consistency for
+# After launch/demo.sh: train the retrained oracles (one adapter on w * aesthetic + (1 - w) * thirds for
 # w = 0.25, 0.5, 0.75; the sweep's fused beta 0.001, the recipes' estimator, step reward and budget), add
 # them to the demo's sweep (only their cells are sampled; finished cells are kept) and rewrite the report.
 # About 10 min on 2 CPU cores (three runs of a recipe's budget). Re-running continues where a stopped run ended.
@@ -21,6 +21,6 @@ for w in 0.25 0.5 0.75; do
 done
 joined=$(IFS=,; echo "${oracles[*]}")
 "$msdda" sweep --config configs/sweep/world.yaml "output_dir=$out/sweep_world" \
-    "adapters=[$out/world_aesthetic/final,$out/world_consistency/final]" "oracles={$joined}"
+    "adapters=[$out/world_aesthetic/final,$out/world_thirds/final]" "oracles={$joined}"
 "$msdda" report "$out/sweep_world"
 echo "oracles: done; the report is $out/sweep_world/report.md (and report.html)"

@@ -3,8 +3,8 @@
 # recipes (three betas: 0.001, 0.0005 and 0.002), three retrained oracles on the weighted sum of the three rewards at
 # interior weights (the same estimator, step reward and budget, at the sweep's beta 0.001), then sweep every fusion
 # method inside the 2-simplex and off it (configs/sweep/world3.yaml) and write the report.
-# The adapters go where the demo's do (runs/world_aesthetic, runs/world_consistency): after bash launch/demo.sh only
-# the thirds adapter and the oracles are trained. 86 min on 2 CPU cores shared with other jobs (2026-12-02; the
+# The adapters go where the demo's do (runs/world_aesthetic, runs/world_thirds): after bash launch/demo.sh only
+# the consistency adapter and the oracles are trained. 86 min on 2 CPU cores shared with other jobs (2026-12-02; the
 # adapters about 3 min each alone): docs/notes/2026-12-02-where-exact-fusion-pays.md.
 # Re-running continues where a stopped run ended: finished adapters are kept, interrupted training resumes from
 # its checkpoints (--resume), and finished sweep cells are kept.
