@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole job on the embedded world, 8.4 minutes on 2 CPU cores of the machine it last ran on (yardstick 187 ms,
-# printed first): train the two reward adapters, sweep the main fusion methods over the weights (16 prompts x 2
-# seeds), write the report with the Pareto plot.
+# The whole job on the embedded world, 6.2 minutes on 2 CPU cores of the machine it last ran on (yardstick 197 ms,
+# printed first; a machine whose yardstick is k times that takes about k times as long): train the aesthetic and
+# rule-of-thirds adapters, sweep the main fusion methods over the weights (16 prompts x 1 seed per cell), write the
+# report with the Pareto plot.
 # Re-running continues where a stopped run ended (training resumes from its checkpoints; finished sweep cells
 # are kept).   Usage: bash launch/demo.sh [output folder, default runs]
 # It writes where the recipes and the example configs put things by default, so every next command finds

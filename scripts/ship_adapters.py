@@ -6,7 +6,9 @@ Each ``<runs>/world_<name>`` must be a finished run of ``configs/train/world_<na
 its output folder (checked against the run's saved config), so that what ships is what the recipe trains. Its
 ``final/`` folder (LoRA weights, msdda_adapter.json, model card) goes to ``msdda/world/assets/adapters/<name>``
 with ``provenance.json``: the command, seed, training wall time (the sum of the epochs' times) and the conditions
-it was measured in, the commit that trained it, torch version and threads, and the weights' SHA-256, which the tests check and a retraining test compares against.
+it was measured in, the commit that trained it, torch version, threads and CPU capability (the vector
+instructions torch dispatches to, which change the order of floating-point sums), and the weights' SHA-256, which
+the tests check and a retraining test compares against. Run it on the machine that trained the adapters.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def ship(name: str, runs: Path, conditions: str) -> dict:
         "commit": commit,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "weights_sha256": hashlib.sha256((target / WEIGHTS_FILE).read_bytes()).hexdigest(),
     }
     (target / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """The studio's logic, apart from any UI: one loaded pipeline and its rewards, and a render per control change.
 
-    studio = Studio.load("world", ["runs/world_aesthetic/final", "runs/world_consistency/final"])
+    studio = Studio.load("world", ["runs/world_aesthetic/final", "runs/world_thirds/final"])
     shown = studio.render([0.3, 0.7], method="msdda", prompt="a red circle on the left", seed=0)
     shown.samples[0].image, shown.samples[0].scores, shown.samples[0].kl_to_base
 
