@@ -59,8 +59,13 @@ class MSDDAPipelineOutput(StableDiffusionPipelineOutput):
         return None if self.path_kl is None else self.path_kl.totals[BASE]
 
 
+SAME_SAMPLER_FIELDS = ("pipeline_class", "scheduler_class", "num_inference_steps", "flow_noise_level", "flow_shift")
+"""The metadata fields adapters must share to be fused: the step kernels they were trained on (a flow adapter's
+kernel depends on its SDE's noise level and on the shifted schedule, not only on the scheduler's class)."""
+
+
 def _check_same_sampler(source: str, metadata: AdapterMetadata, first: tuple[str, AdapterMetadata]) -> None:
-    for field in ("scheduler_class", "num_inference_steps"):
+    for field in SAME_SAMPLER_FIELDS:
         ours, theirs = getattr(metadata, field), getattr(first[1], field)
         if ours != theirs:
             raise UserError(f"adapter {source}: {field} is {ours!r} but adapter {first[0]} has {theirs!r}; "
@@ -84,6 +89,10 @@ def read_adapters(sources: list[str], betas: list[float] | None = None) -> list[
                             "the command line)")
         beta = float(betas[index] if betas is not None else metadata.beta)
         adapters.append(LoadedAdapter(f"adapter_{index}", source, folder, metadata, beta))
+    if first is not None and first[1].pipeline_class != "StableDiffusionPipeline":
+        raise UserError(f"adapters were trained on a {first[1].pipeline_class} base, which msdda fuse cannot sample "
+                        "yet (Stable Diffusion 1.x/2.x and the world only); load each one alone with the stock "
+                        f"{first[1].pipeline_class}.load_lora_weights")
     if first is not None and first[1].scheduler_class not in _SCHEDULERS:
         raise UserError(f"adapters were trained with {first[1].scheduler_class}, which msdda cannot sample")
     return adapters
