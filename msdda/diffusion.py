@@ -80,8 +80,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _cannot_load(base: str, error: Exception) -> InputNotFound:
-    return InputNotFound(f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is in "
-                         f"your cache (or reachable), or '{WORLD}' for the embedded world")
+    return InputNotFound(f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is "
+                         f"in your cache (or reachable), or '{WORLD}' for the embedded world")
 
 
 def pipeline_class_name(base: str) -> str:
@@ -269,8 +269,8 @@ def mixed_adapter_batch(unet, adapter_names: list[str]):
     """Route batch row i of every LoRA layer to adapter ``adapter_names[i]`` (PEFT mixed-adapter batches).
 
     diffusers' UNet and SD3 transformer forwards have no ``adapter_names`` argument, so we hand it to each PEFT LoRA
-    layer with a forward pre-hook. Under gradient checkpointing, enable it with ``checkpoint_keeping_adapter_routing`` so that
-    backward recomputes each block with the same routing.
+    layer with a forward pre-hook. Under gradient checkpointing, enable it with ``checkpoint_keeping_adapter_routing``
+    so that backward recomputes each block with the same routing.
     """
     from peft.tuners.lora import LoraLayer
 

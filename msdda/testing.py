@@ -156,7 +156,12 @@ def tiny_stable_diffusion_3(folder: str | Path, seed: int = 0) -> Path:
     dual attention and RMS q/k norms in its first block, two CLIP text encoders with projections and a T5 encoder
     (their widths padded into the joint attention width as SD3 pads 2 x 768 + 1280 into 4096), a VAE with SD3's
     latent shift and scale, and SD 3.5's FlowMatchEulerDiscreteScheduler (shift 3)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     folder = Path(folder)

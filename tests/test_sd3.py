@@ -1,6 +1,6 @@
 """Stable Diffusion 3 code paths on a tiny randomly initialised SD 3.5-shaped pipeline built offline: msdda's one
 denoising loop against the stock StableDiffusion3Pipeline, the recipes' training with every estimator and step
-reward, resume, the export that stock ``load_lora_weights`` loads, and the fusion checks of flow adapters."""
+reward, resume, the export that stock ``load_lora_weights`` loads, and fusion and evaluation of flow adapters."""
 
 from __future__ import annotations
 
@@ -26,11 +26,14 @@ from msdda.diffusion import (
     unpack_conditioning,
 )
 from msdda.errors import UserError
-from msdda.fuse.pipeline import read_adapters
+from msdda.fuse.methods import method_names
+from msdda.fuse.pipeline import MSDDA3Pipeline, MSDDAPipeline, read_adapters
 from msdda.kernels import initial_latents
+from msdda.rewards import load_reward
 from msdda.sampling import denoise
 from msdda.testing import tiny_clip, tiny_stable_diffusion, tiny_stable_diffusion_3
 from msdda.train import TrainConfig
+from msdda.train.evaluate import evaluate_adapter
 from msdda.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +180,62 @@ def test_fusion_refuses_flow_adapters_whose_sampler_differs_naming_the_field(tra
         read_adapters([str(first), str(other)])
 
 
-def test_fusion_of_flow_adapters_is_refused_until_it_exists(trained) -> None:
-    with pytest.raises(UserError, match="StableDiffusion3Pipeline base, which msdda fuse cannot sample"):
-        read_adapters([str(trained["pathwise"][0])])
+def _fusing_pipeline(models, trained, *estimators: str):
+    pipeline = MSDDAPipeline.from_pretrained(models["sd3"], adapters=[str(trained[e][0]) for e in estimators])
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_single_at_noise_level_0_is_the_stock_sd3_pipeline_with_the_lora_loaded(models, trained) -> None:
+    pipeline = _fusing_pipeline(models, trained, "pathwise")
+    assert isinstance(pipeline, MSDDA3Pipeline) and isinstance(pipeline, StableDiffusion3Pipeline)
+    call = dict(num_inference_steps=3, guidance_scale=4.5, output_type="pt")
+    with pytest.warns(UserWarning, match="flow_noise_level=0 makes every step deterministic"):
+        ours = pipeline(PROMPTS[:2], method="single", flow_noise_level=0.0, **call,
+                        generator=torch.Generator().manual_seed(5)).images
+    stock = StableDiffusion3Pipeline.from_pretrained(models["sd3"], local_files_only=True)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(trained["pathwise"][0])
+    expected = stock(PROMPTS[:2], **call, generator=torch.Generator().manual_seed(5)).images
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="eta=1.0 is DDIM's setting"):
+        pipeline(PROMPTS[0], eta=1.0)
+
+
+def test_msdda_fuses_two_sd3_adapters_with_one_transformer_forward_per_step(models, trained) -> None:
+    pipeline = _fusing_pipeline(models, trained, "pathwise", "policy-gradient")
+    forwards = []
+    handle = pipeline.transformer.register_forward_hook(lambda module, args, output: forwards.append(1))
+
+    def sample(**kwargs) -> torch.Tensor:
+        return pipeline(PROMPTS, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    fused = sample(weights=[0.5, 0.5])
+    handle.remove()
+    assert len(forwards) == 3  # the adapters' conditional and unconditional rows in one batch, for each of 3 steps
+    assert fused.shape == (3, 3, 16, 16) and torch.isfinite(fused).all()
+    torch.testing.assert_close(sample(weights=[1.0, 0.0]), sample(weights=[1.0, 0.0], method="single"))
+    assert not torch.equal(fused, sample(weights=[1.0, 0.0]))
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_fusion_method_samples_sd3_with_its_path_kl(models, trained, method: str) -> None:
+    pipeline = _fusing_pipeline(models, trained, "pathwise", "policy-gradient")
+    rewards = [load_reward("clip-score", model=models["clip"])] * 2
+    output = pipeline(PROMPTS[:2], weights=[0.3, 0.7], method=method, output_type="pt", rewards=rewards,
+                      code_candidates=2, code_block=2, return_kl=True, generator=torch.Generator().manual_seed(1))
+    assert output.images.shape == (2, 3, 16, 16) and torch.isfinite(output.images).all()
+    kl = output.kl_to_base
+    if method == "code":  # a selection among samples, not one Gaussian kernel
+        assert torch.isnan(kl).all()
+    elif method == "base":
+        assert torch.equal(kl, torch.zeros_like(kl))
+    else:
+        assert (kl > 0).all()
+
+
+def test_evaluate_compares_an_sd3_adapter_with_its_base(trained) -> None:
+    report = evaluate_adapter(str(trained["pathwise"][0]), prompts=PROMPTS, num_prompts=None, seeds=[0],
+                              batch_size=3, device="cpu")
+    assert report["samples"] == 3 and report["kl_to_base"]["mean"] > 0
+    assert "clip-score" in report["rewards"]

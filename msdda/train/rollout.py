@@ -210,7 +210,8 @@ def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt
 
 def _rollout_reward(pipeline, unet, reference_unet, reward, prompts, latents, remaining_timesteps, prompt_embeds,
                     negative_embeds, guidance_scale) -> torch.Tensor:
-    """r of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents`` over the remaining steps."""
+    """r of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents``
+    over the remaining steps."""
     latents = reference_continuation(pipeline, unet, reference_unet, latents, remaining_timesteps, prompt_embeds,
                                      negative_embeds, guidance_scale)
     return _reward_of_latents(pipeline, reward, latents, prompts)
@@ -219,8 +220,8 @@ def _rollout_reward(pipeline, unet, reference_unet, reward, prompts, latents, re
 def reference_continuation(pipeline, unet, reference_unet, latents: torch.Tensor, remaining_timesteps,
                            prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                            guidance_scale: float) -> torch.Tensor:
-    """x_0 of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents`` over ``remaining_timesteps``:
-    the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is enabled (the pathwise update)."""
+    """x_0 of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents``
+    over ``remaining_timesteps``: the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is enabled (the pathwise update)."""
     def reference_kernel(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         return _reference_kernel(unet, reference_unet, pipeline.scheduler, x_t, timestep, prompt_embeds,
                                  negative_embeds, guidance_scale, 0.0)
