@@ -1,9 +1,10 @@
 """Reward adapters on disk: diffusers-format LoRA weights, the metadata fusion checks, and a model card.
 
 An adapter folder holds ``pytorch_lora_weights.safetensors`` (what ``pipe.load_lora_weights(folder)`` loads in
-stock diffusers), ``msdda_adapter.json`` (reward, beta, step-reward estimator, base model and a hash of its
-UNet weights, scheduler, sampling settings, LoRA settings, training summary) and ``README.md`` with the
-Hub's YAML front matter.
+stock diffusers, for the base's pipeline class: StableDiffusionPipeline or StableDiffusion3Pipeline),
+``msdda_adapter.json`` (reward, beta, step-reward estimator, base model and a hash of its denoiser's weights,
+pipeline class, scheduler, sampling settings including a flow sampler's noise level and shift, LoRA settings,
+training summary) and ``README.md`` with the Hub's YAML front matter.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class AdapterMetadata:
     scheduler_class: str
     scheduler_config: dict[str, Any]
     num_inference_steps: int
-    eta: float
+    eta: float | None
+    """DDIM's eta (None for a flow sampler, whose noise is ``flow_noise_level``)."""
     guidance_scale: float
     lora_rank: int
     lora_alpha: float
@@ -54,6 +56,20 @@ class AdapterMetadata:
     (whose ``reward_name`` is only the class's own name). Empty in adapters written before it was recorded."""
     reward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The reward's constructor arguments in training (``reward.kwargs``)."""
+    pipeline_class: str = "StableDiffusionPipeline"
+    """The base's diffusers pipeline class, whose ``load_lora_weights`` loads the weights (older adapters: SD)."""
+    flow_noise_level: float | None = None
+    """A flow sampler's SDE noise level a (Flow-GRPO's ``noise_level``); None for DDPM/DDIM."""
+    flow_shift: float | None = None
+    """A flow sampler's schedule shift (FlowMatchEulerDiscreteScheduler's ``shift``); None for DDPM/DDIM."""
+
+    @property
+    def sampler_description(self) -> str:
+        """The sampler in words, for the model card."""
+        if self.flow_noise_level is not None:
+            return (f"{self.scheduler_class} (shift {self.flow_shift}) with Flow-GRPO's SDE step at noise level "
+                    f"{self.flow_noise_level}, {self.num_inference_steps} steps")
+        return f"{self.scheduler_class}, {self.num_inference_steps} steps, eta = {self.eta}"
 
     def trained_reward(self):
         """The reward this adapter was trained on, loaded the way training loaded it."""
@@ -93,13 +109,13 @@ tags:
 A LoRA adapter (rank {metadata.lora_rank}, alpha {metadata.lora_alpha}, on {', '.join(metadata.lora_target_modules)})
 for `{metadata.base_model}`, trained with step-level KL-regularised RL to raise the reward
 `{metadata.reward_name}` (version {metadata.reward_version}) with KL weight beta = {metadata.beta} and the
-`{metadata.step_reward}` step reward, sampling with {metadata.scheduler_class}, {metadata.num_inference_steps} steps,
-eta = {metadata.eta}, guidance scale {metadata.guidance_scale}.
+`{metadata.step_reward}` step reward, sampling with {metadata.sampler_description}, guidance scale
+{metadata.guidance_scale}.
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {metadata.pipeline_class}
 
-pipe = StableDiffusionPipeline.from_pretrained("{metadata.base_model}")
+pipe = {metadata.pipeline_class}.from_pretrained("{metadata.base_model}")
 pipe.load_lora_weights("path/to/this/folder")
 ```
 
@@ -116,9 +132,11 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
                  lora_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter atomically: into ``folder.tmp``, then renamed over ``folder``.
 
-    ``lora_state`` (PEFT keys) replaces the UNet's own LoRA values, e.g. DeepSpeed's float32 master copies.
+    ``unet`` is the denoiser carrying the LoRA (a UNet, or SD3's transformer for ``metadata.pipeline_class``
+    StableDiffusion3Pipeline). ``lora_state`` (PEFT keys) replaces its own LoRA values, e.g. DeepSpeed's float32
+    master copies.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     import msdda
@@ -131,7 +149,14 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     # ResNet convs', and load_lora_weights then reads the mixed file as PEFT format and drops the attention keys
     if lora_state is None:
         lora_state = get_peft_model_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(temporary, unet_lora_layers=lora_state, safe_serialization=True)
+    if metadata.pipeline_class == "StableDiffusion3Pipeline":
+        # with the LoRA config in the file's metadata, as diffusers' SD3 LoRA script saves it: without it,
+        # load_lora_weights takes lora_alpha = rank, which scales a LoRA trained at another alpha wrongly
+        StableDiffusion3Pipeline.save_lora_weights(
+            temporary, transformer_lora_layers=lora_state, safe_serialization=True,
+            transformer_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    else:
+        StableDiffusionPipeline.save_lora_weights(temporary, unet_lora_layers=lora_state, safe_serialization=True)
     metadata = dataclasses.replace(metadata, msdda_version=msdda.__version__)
     (temporary / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))
     (temporary / "README.md").write_text(_model_card(metadata))

@@ -1,30 +1,59 @@
-"""Diffusers glue shared by the trainer and the sampler: load a base pipeline, encode prompts, guided model
-outputs, decode latents.
+"""Diffusers glue shared by the trainer and the sampler: load a base pipeline, encode prompts, the denoiser's guided
+outputs and step kernels, decode latents.
 
-We wrap rather than call ``StableDiffusionPipeline.__call__`` because RL and fusion need each step's Gaussian
-kernel (msdda.kernels), which the stock loop does not expose; everything else is the stock components.
+Two pipeline classes are supported, told apart by the ``_class_name`` in the base's ``model_index.json``:
+``StableDiffusionPipeline`` (a UNet with DDPM or DDIM steps; SD 1.x, 2.x and the embedded world) and
+``StableDiffusion3Pipeline`` (an MMDiT transformer predicting a flow velocity, with FlowMatchEulerDiscreteScheduler;
+SD 3 and 3.5), whose steps are made Gaussian with Flow-GRPO's SDE (msdda.kernels).
+
+We wrap rather than call the pipelines' ``__call__`` because RL and fusion need each step's Gaussian kernel
+(msdda.kernels), which the stock loops do not expose; everything else is the stock components and their own
+``encode_prompt``.
+
+The conditioning of a batch is ONE tensor ``[B, L, D]`` everywhere downstream: rollouts store it, updates index
+its rows, guidance concatenates its negative and positive halves. Stable Diffusion's is the text encoder's
+sequence. SD3's transformer takes two tensors, the joint text sequence ``[B, L, D]`` and the pooled CLIP
+projection ``[B, P]``; we carry the pooled projection as ``ceil(P / D)`` zero-padded rows after the sequence
+(``pack_conditioning``), and ``denoiser_forward`` splits them off again, so that every caller has one code path
+for both classes.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
 
 from msdda.errors import InputNotFound, UserError
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, check_learned_variances, standard_normal, step_kernel
 
-__all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output",
-           "apply_guidance", "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
-           "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE"]
+__all__ = ["WORLD", "resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
+           "is_flow_pipeline", "encode_prompts", "pack_conditioning", "unpack_conditioning", "denoiser_forward",
+           "guided_output", "apply_guidance", "sampler_kernel", "decode_latents", "images_to_pil", "standard_normal",
+           "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE", "PIPELINES",
+           "SAMPLERS"]
 
 WORLD = "world"
 """The base name of the embedded default world."""
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
+"""The base pipeline classes msdda trains on, by the ``_class_name`` of their ``model_index.json``."""
+SAMPLERS = {"StableDiffusionPipeline": ("ddim", "ddpm"), "StableDiffusion3Pipeline": ("flow",)}
+"""The ``sampling.scheduler`` choices of each pipeline class: DDIM (eta > 0) or DDPM steps for a UNet, Flow-GRPO's
+SDE step (``flow``) for a flow-matching transformer."""
 
 
 def resolve_base(base: str) -> str:
@@ -50,44 +79,138 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _cannot_load(base: str, error: Exception) -> InputNotFound:
+    return InputNotFound(f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is "
+                         f"in your cache (or reachable), or '{WORLD}' for the embedded world")
+
+
+def pipeline_class_name(base: str) -> str:
+    """The pipeline class a base folder or Hub id declares (``model_index.json``'s ``_class_name``), read without
+    loading any weights; refused unless msdda supports it."""
+    location = resolve_base(base)
+    try:
+        declared = DiffusionPipeline.load_config(location, local_files_only=Path(location).is_dir())["_class_name"]
+    except (OSError, KeyError) as error:
+        raise _cannot_load(base, error) from error
+    if declared not in PIPELINES:
+        raise UserError(f"base model {base!r} is a {declared}; msdda trains and fuses {sorted(PIPELINES)} (FLUX and "
+                        "other flow pipelines are not supported yet)")
+    return declared
+
+
+def _check_flow_scheduler(base: str, scheduler) -> None:
+    """Refuse an SD3 scheduler whose schedule msdda cannot reproduce step by step."""
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise UserError(f"base model {base!r} has a {type(scheduler).__name__}; msdda's flow kernels need its "
+                        "FlowMatchEulerDiscreteScheduler (SD3's own)")
+    config = scheduler.config
+    if config.use_dynamic_shifting:
+        raise UserError(f"base model {base!r}'s scheduler shifts its schedule by the image size (use_dynamic_shifting, "
+                        "as FLUX's does), which msdda does not support yet: use a base with a fixed shift (SD 3 and "
+                        "3.5 have shift 3.0)")
+    if config.stochastic_sampling:
+        raise UserError(f"base model {base!r}'s scheduler has stochastic_sampling=True; msdda trains with Flow-GRPO's "
+                        "SDE step (sampling.flow_noise_level): save the base with stochastic_sampling=False")
+
+
 def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = torch.float32,
                        channels_last: bool = True):
-    """The base StableDiffusionPipeline with a stochastic-capable scheduler, weights frozen, progress bars off.
+    """The base pipeline with a stochastic-capable scheduler, weights frozen, progress bars off.
 
-    ``scheduler`` is ``"ddim"`` (use eta > 0 for Gaussian kernels) or ``"ddpm"``; both are built from the
-    pipeline's own scheduler config so the noise schedule is unchanged. ``channels_last`` puts the UNet in the
-    NHWC memory layout, where convolutions run faster.
+    For a ``StableDiffusionPipeline``, ``scheduler`` is ``"ddim"`` (use eta > 0 for Gaussian kernels) or ``"ddpm"``,
+    both built from the pipeline's own scheduler config so the noise schedule is unchanged; ``channels_last`` puts
+    the UNet in the NHWC memory layout, where convolutions run faster. For a ``StableDiffusion3Pipeline`` it is
+    ``"flow"``: the pipeline's own FlowMatchEulerDiscreteScheduler (its shift kept), stepped with Flow-GRPO's SDE.
+    The pipeline class and the scheduler choice are checked before any weights load.
     """
-    choices = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-    if scheduler not in choices:
-        raise UserError(f"scheduler must be one of {list(choices)} (stochastic Gaussian steps), got {scheduler!r}")
+    declared = pipeline_class_name(base)
+    if scheduler not in SAMPLERS[declared]:
+        raise UserError(f"base model {base!r} is a {declared}, which samples with sampling.scheduler in "
+                        f"{list(SAMPLERS[declared])}; got {scheduler!r}")
     location = resolve_base(base)
-    local = Path(location).is_dir()
+    extra = {} if declared == "StableDiffusion3Pipeline" else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=local)
+        pipeline = PIPELINES[declared].from_pretrained(location, local_files_only=Path(location).is_dir(), **extra)
     except OSError as error:
-        raise InputNotFound(
-            f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is in your "
-            f"cache (or reachable), or '{WORLD}' for the embedded world"
-        ) from error
+        raise _cannot_load(base, error) from error
     if dtype != torch.float32:  # diffusers warns on every dtype cast, even a no-op one
         pipeline.to(dtype=dtype)
-    pipeline.scheduler = choices[scheduler].from_config(pipeline.scheduler.config)
+    if scheduler == "flow":
+        _check_flow_scheduler(base, pipeline.scheduler)
+    else:
+        pipeline.scheduler = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[scheduler].from_config(
+            pipeline.scheduler.config)
     assert isinstance(pipeline.scheduler, SUPPORTED_SCHEDULERS)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+    for module in (denoiser_of(pipeline), pipeline.vae, *_text_encoders(pipeline)):
         module.requires_grad_(False)
-    if channels_last:  # NHWC convolutions (benchmarks/ measures the gain; the VAE's convolutions do not gain)
-        pipeline.unet.to(memory_format=torch.channels_last)
+    if channels_last and not is_flow_pipeline(pipeline):  # NHWC convolutions (benchmarks/ measures the gain; the
+        pipeline.unet.to(memory_format=torch.channels_last)  # VAE's convolutions and the transformer do not gain)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
+def is_flow_pipeline(pipeline) -> bool:
+    """Whether ``pipeline`` is a flow-matching (SD3) pipeline, whose denoiser is ``pipeline.transformer``."""
+    return isinstance(pipeline, StableDiffusion3Pipeline)
+
+
+def denoiser_of(pipeline) -> torch.nn.Module:
+    """The network that predicts each step (and carries the LoRA): the UNet, or SD3's transformer."""
+    return pipeline.transformer if is_flow_pipeline(pipeline) else pipeline.unet
+
+
+def _text_encoders(pipeline) -> list[torch.nn.Module]:
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [encoder for encoder in (getattr(pipeline, name, None) for name in names) if encoder is not None]
+
+
+def pack_conditioning(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """SD3's two conditioning tensors as one: the joint sequence ``[B, L, D]`` followed by the pooled projection
+    ``[B, P]`` zero-padded to ``ceil(P / D)`` rows of width D (see the module docstring)."""
+    batch, _, width = sequence.shape
+    rows = math.ceil(pooled.shape[1] / width)
+    padded = torch.nn.functional.pad(pooled, (0, rows * width - pooled.shape[1]))
+    return torch.cat([sequence, padded.reshape(batch, rows, width).to(sequence.dtype)], dim=1)
+
+
+def unpack_conditioning(conditioning: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(joint sequence ``[B, L, D]``, pooled projection ``[B, pooled_dim]``) of a ``pack_conditioning`` tensor."""
+    rows = math.ceil(pooled_dim / conditioning.shape[2])
+    sequence, pooled = conditioning[:, :-rows], conditioning[:, -rows:]
+    return sequence, pooled.reshape(len(conditioning), -1)[:, :pooled_dim]
+
+
 @torch.no_grad()
-def encode_prompts(pipeline, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt embeddings, negative (empty-prompt) embeddings), each ``[B, L, D]``."""
-    positive, negative = pipeline.encode_prompt(prompts, device, 1, True)
-    return positive, negative
+def encode_prompts(pipeline, prompts: list[str], device: torch.device,
+                   negative_prompt: str | list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt conditioning, negative conditioning (the empty prompt unless ``negative_prompt``)), each ``[B, L, D]``:
+    the pipeline's own ``encode_prompt``, SD3's pooled projections packed in (``pack_conditioning``)."""
+    if not is_flow_pipeline(pipeline):
+        return pipeline.encode_prompt(prompts, device, 1, True, negative_prompt)
+    positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+    return pack_conditioning(positive, pooled), pack_conditioning(negative, negative_pooled)
+
+
+def denoiser_forward(model, sample: torch.Tensor, timestep: torch.Tensor | float, conditioning: torch.Tensor
+                     ) -> torch.Tensor:
+    """The denoiser's prediction (epsilon, v or x0 for a UNet; the flow velocity for SD3's transformer) for ``sample``.
+
+    ``model`` may be wrapped (DDP, DeepSpeed, torch.compile). A UNet is called as diffusers' SD pipeline calls it;
+    SD3's transformer as StableDiffusion3Pipeline calls it: keywords, the pooled projection split off the packed
+    conditioning, and one timestep per row (its timestep embedding needs a ``[B]`` tensor).
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    if not isinstance(inner, SD3Transformer2DModel):
+        return model(sample, timestep, conditioning).sample
+    sequence, pooled = unpack_conditioning(conditioning, inner.config.pooled_projection_dim)
+    timesteps = torch.as_tensor(timestep, device=sample.device)
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(len(sample))
+    return model(hidden_states=sample, timestep=timesteps, encoder_hidden_states=sequence,
+                 pooled_projections=pooled).sample
 
 
 def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, channels: int,
@@ -102,21 +225,32 @@ def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, chann
 
 def guided_output(unet, latents: torch.Tensor, timestep: torch.Tensor | int, prompt_embeds: torch.Tensor,
                   negative_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """The UNet output with classifier-free guidance (one batched forward of 2B rows when guidance > 1)."""
-    latents = latents.to(prompt_embeds.dtype)  # the chain runs in float32, the UNet in the pipeline's dtype
+    """The denoiser's output with classifier-free guidance (one batched forward of 2B rows when guidance > 1)."""
+    latents = latents.to(prompt_embeds.dtype)  # the chain runs in float32, the denoiser in the pipeline's dtype
     if negative_embeds is None or guidance_scale <= 1.0:
-        return unet(latents, timestep, prompt_embeds).sample
+        return denoiser_forward(unet, latents, timestep, prompt_embeds)
     doubled = torch.cat([latents, latents])
     timesteps = torch.cat([timestep, timestep]) if torch.is_tensor(timestep) and timestep.ndim else timestep
-    unconditional, conditional = unet(doubled, timesteps, torch.cat([negative_embeds, prompt_embeds])).sample.chunk(2)
+    unconditional, conditional = denoiser_forward(unet, doubled, timesteps,
+                                                  torch.cat([negative_embeds, prompt_embeds])).chunk(2)
     return apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
+
+
+def sampler_kernel(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor,
+                   noise_scale: float | None) -> StepKernel:
+    """``step_kernel`` with the sampler's one noise setting ``noise_scale``: DDIM's eta, or the flow SDE's noise level
+    a for FlowMatchEulerDiscreteScheduler (for both, 0 is the deterministic ODE step); DDPM takes None or 1."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return step_kernel(scheduler, model_output, timestep, sample, flow_noise_level=noise_scale)
+    return step_kernel(scheduler, model_output, timestep, sample, eta=noise_scale)
 
 
 def decode_latents(pipeline, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """Images ``[B, 3, H, W]`` in [0, 1], float32; differentiable in the latents when ``grad`` is asked."""
     vae = pipeline.vae
+    shift = vae.config.shift_factor or 0.0  # SD3's VAE latents are shifted as well as scaled
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -134,9 +268,9 @@ _active_routings: list[list[str]] = []
 def mixed_adapter_batch(unet, adapter_names: list[str]):
     """Route batch row i of every LoRA layer to adapter ``adapter_names[i]`` (PEFT mixed-adapter batches).
 
-    diffusers' UNet forward has no ``adapter_names`` argument, so we hand it to each PEFT LoRA layer with a
-    forward pre-hook. Under gradient checkpointing, enable it with ``checkpoint_keeping_adapter_routing`` so that
-    backward recomputes each block with the same routing.
+    diffusers' UNet and SD3 transformer forwards have no ``adapter_names`` argument, so we hand it to each PEFT LoRA
+    layer with a forward pre-hook. Under gradient checkpointing, enable it with ``checkpoint_keeping_adapter_routing``
+    so that backward recomputes each block with the same routing.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -168,29 +302,30 @@ def checkpoint_keeping_adapter_routing(block, *args):
 
 
 def adapter_kernels(unet, scheduler, latents, timestep, positive, negative, names: list[str] | None,
-                    guidance_scale: float, eta: float | None) -> list[StepKernel]:
-    """The step kernel of each named adapter ("__base__": the reference), from one batched forward.
+                    guidance_scale: float, noise_scale: float | None) -> list[StepKernel]:
+    """The step kernel of each named adapter ("__base__": the reference), from one batched forward of the denoiser
+    (``unet``: a UNet or SD3's transformer). ``noise_scale`` is the sampler's (``sampler_kernel``).
 
-    ``names=None`` runs the UNet as it is configured (the soup: its weighted adapters all active). A learned
+    ``names=None`` runs the denoiser as it is configured (the soup: its weighted adapters all active). A learned
     variance that is not a positive finite number is refused, naming the adapter and the timestep.
     """
     batch, groups = len(latents), len(names or [None])
     guided = negative is not None and guidance_scale > 1.0
     halves = 2 if guided else 1
-    rows = torch.cat([latents] * groups * halves).to(positive.dtype)  # the UNet runs in the pipeline's dtype
+    rows = torch.cat([latents] * groups * halves).to(positive.dtype)  # the denoiser runs in the pipeline's dtype
     embeds = torch.cat(([negative, positive] if guided else [positive]) * groups)
     if names is None:
-        output = unet(rows, timestep, embeds).sample
+        output = denoiser_forward(unet, rows, timestep, embeds)
     else:
         with mixed_adapter_batch(unet, [name for name in names for _ in range(batch * halves)]):
-            output = unet(rows, timestep, embeds).sample
+            output = denoiser_forward(unet, rows, timestep, embeds)
     kernels = []
     for chunk in output.chunk(groups):
         if guided:
             unconditional, conditional = chunk.chunk(2)
             chunk = apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
-        kernels.append(step_kernel(scheduler, chunk, timestep, latents, eta=eta))
-    described = ["the UNet with its active adapters"] if names is None else [
+        kernels.append(sampler_kernel(scheduler, chunk, timestep, latents, noise_scale))
+    described = ["the denoiser with its active adapters"] if names is None else [
         "the base model" if name == BASE else f"adapter {name!r}" for name in names]
     check_learned_variances(scheduler, kernels, described, timestep)
     return kernels

@@ -445,10 +445,13 @@ def standard_normal(shape: tuple[int, ...], generator: torch.Generator, like: to
     return torch.randn(shape, generator=generator, dtype=like.dtype).to(chain).to(like.device, non_blocking=True)
 
 
-def initial_latents(scheduler: DDPMScheduler | DDIMScheduler, shape: tuple[int, ...], generator: torch.Generator,
-                    like: torch.Tensor) -> torch.Tensor:
-    """x_T as diffusers' StableDiffusionPipeline draws it: a standard normal scaled by ``init_noise_sigma``.
+def initial_latents(scheduler: DDPMScheduler | DDIMScheduler | FlowMatchEulerDiscreteScheduler, shape: tuple[int, ...],
+                    generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """x_T as diffusers' pipelines draw it: for DDPM/DDIM (StableDiffusionPipeline) a standard normal scaled by
+    ``init_noise_sigma``; for a flow scheduler, which has none, x_1 ~ N(0, I) unscaled, as
+    StableDiffusion3Pipeline.prepare_latents draws it (sigma = 1 is pure noise).
 
     ``like`` (e.g. the prompt embeddings) gives the device and the dtype the noise is drawn in.
     """
-    return standard_normal(shape, generator, like) * scheduler.init_noise_sigma
+    noise = standard_normal(shape, generator, like)
+    return noise if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else noise * scheduler.init_noise_sigma

@@ -1,5 +1,5 @@
 """Helpers for tests and benchmarks: random reward adapters on the embedded world, and tiny randomly
-initialised models of the real classes (Stable Diffusion, CLIP, BLIP), built offline from configs."""
+initialised models of the real classes (Stable Diffusion 1.5 and 3.5, CLIP, BLIP), built offline from configs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 
-__all__ = ["random_world_adapter", "tiny_clip", "tiny_blip", "tiny_stable_diffusion", "byte_vocabulary"]
+__all__ = ["random_world_adapter", "tiny_clip", "tiny_blip", "tiny_stable_diffusion", "tiny_stable_diffusion_3",
+           "byte_vocabulary", "character_t5_tokenizer"]
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -135,5 +136,58 @@ def tiny_stable_diffusion(folder: str | Path, prediction_type: str = "epsilon", 
                                        tokenizer=CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77), unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def character_t5_tokenizer():
+    """A T5 tokenizer (T5's Unigram model and special tokens) whose pieces are the printable ASCII characters, each
+    alone and word-initial, so that every English text tokenizes without a SentencePiece file or the Hub."""
+    from transformers import T5Tokenizer
+
+    characters = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + c, -1.0) for c in characters] + [(c, -1.5) for c in characters]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def tiny_stable_diffusion_3(folder: str | Path, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline of SD 3.5's classes at toy size (8x8 latents, 16 px images): an MMDiT with SD 3.5's
+    dual attention and RMS q/k norms in its first block, two CLIP text encoders with projections and a T5 encoder
+    (their widths padded into the joint attention width as SD3 pads 2 x 768 + 1280 into 4096), a VAE with SD3's
+    latent shift and scale, and SD 3.5's FlowMatchEulerDiscreteScheduler (shift 3)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    vocabulary = byte_vocabulary()
+    tokenizer_3 = character_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    clip_config = CLIPTextConfig(**_tiny_clip_text_config(len(vocabulary)), projection_dim=32)
+    text_encoder, text_encoder_2 = CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config)
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=37, d_kv=16, num_layers=1,
+                                             num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                        norm_num_groups=16, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    def clip_tokenizer():
+        return CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77)
+
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(), text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3)
     pipeline.save_pretrained(folder)
     return folder

@@ -7,12 +7,13 @@ from msdda.fuse.closed_form import (
     reference_exponent,
 )
 
-__all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE", "MSDDAPipeline"]
+__all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE", "MSDDAPipeline",
+           "MSDDA3Pipeline"]
 
 
 def __getattr__(name: str):
-    if name == "MSDDAPipeline":  # imported lazily: the closed form needs no diffusers
-        from msdda.fuse.pipeline import MSDDAPipeline
+    if name in ("MSDDAPipeline", "MSDDA3Pipeline"):  # imported lazily: the closed form needs no diffusers
+        from msdda.fuse import pipeline
 
-        return MSDDAPipeline
+        return getattr(pipeline, name)
     raise AttributeError(name)

@@ -1,11 +1,18 @@
-"""``MSDDAPipeline``: a StableDiffusionPipeline that samples K reward adapters fused at sampling time.
+"""``MSDDAPipeline``: a diffusers pipeline that samples K reward adapters fused at sampling time.
 
     pipe = MSDDAPipeline.from_pretrained("world", adapters=["runs/aesthetic/final", "runs/consistency/final"])
     images = pipe("a red circle on the left", weights=[0.3, 0.7], generator=torch.Generator().manual_seed(0)).images
 
+``MSDDAPipeline.from_pretrained`` dispatches on the base's pipeline class: a StableDiffusionPipeline base gives an
+``MSDDAPipeline`` (a StableDiffusionPipeline), a StableDiffusion3Pipeline base an ``MSDDA3Pipeline`` (a
+StableDiffusion3Pipeline). Both are the stock class plus the same fusing code (``_Fusing``), so each keeps its own
+components, ``encode_prompt``, LoRA loader and ``save_pretrained``; one entry point means `msdda fuse`, sweeps and
+evaluation need not know which it is.
+
 Speaks the stock pipelines' argument names (prompt, num_inference_steps, guidance_scale, eta, generator,
-output_type) and adds ``weights`` and ``method``. Before sampling it checks the adapters' metadata: same base
-weights (content hash), same scheduler and step count, known betas.
+output_type) and adds ``weights``, ``method`` and, for flow adapters, ``flow_noise_level``. Before sampling it
+checks the adapters' metadata: same base weights (content hash), same sampler (pipeline class, scheduler, step
+count, a flow sampler's noise level and shift), known betas.
 
 With ``return_kl=True`` it also measures each sample's path KL to the base along the method's own trajectory
 (``output.path_kl``), and to comparison adapters (e.g. retrained oracles) loaded with
@@ -22,18 +29,34 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from msdda.adapters import METADATA_FILE, AdapterMetadata, load_adapter_metadata, resolve_adapter, weights_hash
-from msdda.diffusion import BASE, decode_latents, resolve_base
+from msdda.diffusion import (
+    BASE,
+    decode_latents,
+    denoiser_of,
+    encode_prompts,
+    is_flow_pipeline,
+    pipeline_class_name,
+    resolve_base,
+)
 from msdda.errors import InputNotFound, UserError
+from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
 from msdda.fuse.methods import FusionContext, PathKL, get_method
 from msdda.fuse.sampler import sample_latents
 
-__all__ = ["MSDDAPipeline", "MSDDAPipelineOutput", "LoadedAdapter", "read_adapters"]
+__all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAPipelineOutput", "LoadedAdapter", "read_adapters"]
 
-_SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler}
+_SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler,
+               "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler}
 
 
 @dataclass(frozen=True)
@@ -59,8 +82,13 @@ class MSDDAPipelineOutput(StableDiffusionPipelineOutput):
         return None if self.path_kl is None else self.path_kl.totals[BASE]
 
 
+SAME_SAMPLER_FIELDS = ("pipeline_class", "scheduler_class", "num_inference_steps", "flow_noise_level", "flow_shift")
+"""The metadata fields adapters must share to be fused: the step kernels they were trained on (a flow adapter's
+kernel depends on its SDE's noise level and on the shifted schedule, not only on the scheduler's class)."""
+
+
 def _check_same_sampler(source: str, metadata: AdapterMetadata, first: tuple[str, AdapterMetadata]) -> None:
-    for field in ("scheduler_class", "num_inference_steps"):
+    for field in SAME_SAMPLER_FIELDS:
         ours, theirs = getattr(metadata, field), getattr(first[1], field)
         if ours != theirs:
             raise UserError(f"adapter {source}: {field} is {ours!r} but adapter {first[0]} has {theirs!r}; "
@@ -92,8 +120,8 @@ def read_adapters(sources: list[str], betas: list[float] | None = None) -> list[
 @contextmanager
 def _expected_lora_notices_silenced():
     """Loading K reward adapters makes diffusers and PEFT say two things that are true of every msdda fusion: the
-    adapters hold no text-encoder LoRA (msdda trains the UNet), and the UNet holds several adapters (the point
-    of fusing). Printed for every adapter of every command, they would bury real warnings; other messages pass."""
+    adapters hold no text-encoder LoRA (msdda trains the denoiser), and the denoiser holds several adapters (the
+    point of fusing). Printed for every adapter of every command, they would bury real warnings; other messages pass."""
     lora_logger = logging.getLogger("diffusers.loaders.lora_base")
     level = lora_logger.level
     lora_logger.setLevel(logging.ERROR)
@@ -105,11 +133,11 @@ def _expected_lora_notices_silenced():
         lora_logger.setLevel(level)
 
 
-class MSDDAPipeline(StableDiffusionPipeline):
-    """Stable Diffusion (or the embedded world) with K reward LoRAs, fused per step with MSDDA.
+class _Fusing:
+    """The fusing half of ``MSDDAPipeline`` and ``MSDDA3Pipeline``, mixed into a stock diffusers pipeline class.
 
     Beside the stock components it holds ``base_model`` (the name it was loaded from), ``base_hash`` (of the
-    stored UNet weights, which adapters record) and ``adapters`` (the loaded :class:`LoadedAdapter`s).
+    stored denoiser weights, which adapters record) and ``adapters`` (the loaded :class:`LoadedAdapter`s).
     """
 
     base_model: str = ""
@@ -120,18 +148,22 @@ class MSDDAPipeline(StableDiffusionPipeline):
     @classmethod
     def from_pretrained(cls, base: str, adapters: list[str] | tuple[str, ...] = (), betas: list[float] | None = None,
                         **kwargs) -> MSDDAPipeline:
+        """The base with ``adapters`` loaded, as the class its ``model_index.json`` names: an ``MSDDAPipeline`` for
+        Stable Diffusion, an ``MSDDA3Pipeline`` for Stable Diffusion 3."""
         checked = read_adapters(list(adapters), betas)  # bad adapter input fails before the base loads
+        target = _FUSING_PIPELINES[pipeline_class_name(base)]
         location = resolve_base(base)
         kwargs.setdefault("local_files_only", Path(location).is_dir())
         # adapters record the hash of the stored weights: hash them as stored, then cast (torch_dtype=float16 works)
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
-        pipeline = super().from_pretrained(location, safety_checker=None, requires_safety_checker=False, **kwargs)
+        pipeline = super(_Fusing, target).from_pretrained(location, **target._loading_kwargs, **kwargs)
+        denoiser = denoiser_of(pipeline)
         pipeline.base_model = base
-        pipeline.base_hash = weights_hash(pipeline.unet)
-        if dtype is not None and dtype != pipeline.unet.dtype:
+        pipeline.base_hash = weights_hash(denoiser)
+        if dtype is not None and dtype != denoiser.dtype:
             pipeline.to(dtype=dtype)
         pipeline.adapters, pipeline.comparison_adapters = [], {}
-        pipeline.unet.requires_grad_(False)
+        denoiser.requires_grad_(False)
         pipeline._load_checked(checked)
         return pipeline
 
@@ -143,7 +175,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
     def load_comparison_adapters(self, sources: dict[str, str]) -> None:
         """Load adapters to measure KLs against (``{name: folder or Hub id}``, e.g. the oracles retrained on a
         weighted reward), checked like the reward adapters (same base, same sampler). They share the base, so
-        their kernels come from the same UNet; no method fuses them (methods see the reward adapters only)."""
+        their kernels come from the same denoiser; no method fuses them (methods see the reward adapters only)."""
         taken = {adapter.name for adapter in self.adapters} | set(self.comparison_adapters) | {BASE}
         clashing = sorted(taken & set(sources))
         if clashing:
@@ -180,6 +212,10 @@ class MSDDAPipeline(StableDiffusionPipeline):
         if unchecked:
             warnings.warn(f"adapters {unchecked} carry no msdda metadata: their base model, scheduler and step "
                           "count cannot be checked", stacklevel=4)
+        trained_on = {adapter.metadata.pipeline_class for adapter in adapters if adapter.metadata is not None}
+        if trained_on - {self._stock_class.__name__}:
+            raise UserError(f"adapters trained on a {sorted(trained_on - {self._stock_class.__name__})[0]} base "
+                            f"cannot be fused on this {self._stock_class.__name__} base ({self.base_model})")
 
     def _load_lora(self, adapters: list[LoadedAdapter]) -> None:
         with _expected_lora_notices_silenced():
@@ -201,7 +237,8 @@ class MSDDAPipeline(StableDiffusionPipeline):
     def __call__(self, prompt: str | list[str], weights: list[float] | None = None, method: str = "msdda",
                  beta: float | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, eta: float | None = None,
-                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 flow_noise_level: float | None = None, negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
                  code_block: int = 5, return_dict: bool = True, return_kl: bool = False,
@@ -209,8 +246,8 @@ class MSDDAPipeline(StableDiffusionPipeline):
         """Sample with the adapters fused by ``method`` at ``weights`` (one per adapter).
 
         ``beta`` is the fused objective's KL weight (default: sum_i w_i beta_i / sum_i w_i, the adapters' common
-        beta when they share one). ``rewards`` (one per
-        adapter) are needed only by ``method="code"``. Defaults for steps, guidance and eta come from the
+        beta when they share one). ``rewards`` (one per adapter) are needed only by ``method="code"``. Defaults for
+        steps, guidance and eta (for SD3 adapters: ``flow_noise_level``, the flow SDE's noise level) come from the
         adapters' metadata. ``return_kl`` measures each sample's path KL to the base, and to each comparison
         adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the
         images are the same with and without it. ``return_reference_x0`` (with ``return_kl``) also keeps the
@@ -227,12 +264,11 @@ class MSDDAPipeline(StableDiffusionPipeline):
         powers = fusion.exponents(weights, self.betas, beta) if count else []
         num_inference_steps = num_inference_steps or self._default("num_inference_steps", 50)
         guidance_scale = self._default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
-        eta = self._default("eta", 1.0) if eta is None else eta
-        if isinstance(self.scheduler, DDPMScheduler):
-            eta = None
-        elif eta == 0:
-            warnings.warn("eta=0 makes every step deterministic: there is no precision to weight, so MSDDA takes "
-                          "the equal-variance limit (the exponent-weighted mean of the kernels' means)", stacklevel=2)
+        noise, noise_name = self._noise_scale(eta, flow_noise_level)
+        if noise == 0:
+            warnings.warn(f"{noise_name}=0 makes every step deterministic: there is no precision to weight, so MSDDA "
+                          "takes the equal-variance limit (the exponent-weighted mean of the kernels' means)",
+                          stacklevel=2)
         reward = None
         if fusion.needs_rewards:
             if rewards is None or len(rewards) != count:
@@ -241,13 +277,13 @@ class MSDDAPipeline(StableDiffusionPipeline):
             reward = lambda images, texts: sum(w / total * r(images, texts) for w, r in zip(weights, rewards))  # noqa: E731
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        positive, negative = self.encode_prompt(prompts, self._execution_device, 1, guidance_scale > 1.0,
-                                                negative_prompt)
+        positive, negative = encode_prompts(self, prompts, self._execution_device, negative_prompt)
+        negative = negative if guidance_scale > 1.0 else None
         names = [a.name for a in self.adapters]
         path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to, return_reference_x0)
         context = FusionContext(
-            unet=self.unet, scheduler=self.scheduler, positive=positive, negative=negative, adapter_names=names,
-            weights=weights, exponents=powers, guidance_scale=guidance_scale, eta=eta,
+            unet=denoiser_of(self), scheduler=self.scheduler, positive=positive, negative=negative,
+            adapter_names=names, weights=weights, exponents=powers, guidance_scale=guidance_scale, eta=noise,
             generator=generator or torch.Generator().manual_seed(0), prompts=prompts, reward=reward,
             decode=lambda x: decode_latents(self, x), code_candidates=code_candidates, code_block=code_block,
             path_kl=path_kl if fusion.gaussian else None)
@@ -258,6 +294,21 @@ class MSDDAPipeline(StableDiffusionPipeline):
         if not return_dict:
             return (images, None)
         return MSDDAPipelineOutput(images=images, nsfw_content_detected=None, path_kl=path_kl)
+
+    def _noise_scale(self, eta: float | None, flow_noise_level: float | None) -> tuple[float | None, str]:
+        """The sampler's noise setting (msdda.diffusion.sampler_kernel) and its name: a flow sampler's noise level,
+        DDIM's eta, or None for DDPM; defaults from the adapters' metadata."""
+        if is_flow_pipeline(self):
+            if eta is not None:
+                raise UserError(f"eta={eta} is DDIM's setting; an SD3 (flow) sampler's noise is flow_noise_level")
+            default = self._default("flow_noise_level", DEFAULT_FLOW_NOISE_LEVEL)
+            return (default if flow_noise_level is None else flow_noise_level), "flow_noise_level"
+        if flow_noise_level is not None:
+            raise UserError(f"flow_noise_level={flow_noise_level} is a setting of SD3 (flow) samplers; this "
+                            f"{type(self.scheduler).__name__} takes eta")
+        if isinstance(self.scheduler, DDPMScheduler):
+            return None, "eta"
+        return (self._default("eta", 1.0) if eta is None else eta), "eta"
 
     def _path_kl(self, fusion, batch: int, return_kl: bool, kl_to: Sequence[str],
                  return_reference_x0: bool) -> PathKL | None:
@@ -275,3 +326,22 @@ class MSDDAPipeline(StableDiffusionPipeline):
         if not fusion.gaussian:
             return PathKL.undefined(targets, batch)
         return PathKL.zeros(targets, batch, keeps_reference_x0=return_reference_x0)
+
+
+class MSDDAPipeline(_Fusing, StableDiffusionPipeline):
+    """Stable Diffusion (or the embedded world) with K reward LoRAs, fused per step with MSDDA. Its
+    ``from_pretrained`` gives an :class:`MSDDA3Pipeline` for a Stable Diffusion 3 base."""
+
+    _stock_class = StableDiffusionPipeline
+    _loading_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+
+
+class MSDDA3Pipeline(_Fusing, StableDiffusion3Pipeline):
+    """Stable Diffusion 3 with K reward LoRAs on its transformer, fused per step with MSDDA on Flow-GRPO's SDE
+    kernels (the adapters' own noise level and shift), SD3's classifier-free guidance per adapter."""
+
+    _stock_class = StableDiffusion3Pipeline
+    _loading_kwargs: dict = {}
+
+
+_FUSING_PIPELINES = {"StableDiffusionPipeline": MSDDAPipeline, "StableDiffusion3Pipeline": MSDDA3Pipeline}

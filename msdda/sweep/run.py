@@ -31,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from msdda.config import config_to_dict
-from msdda.diffusion import images_to_pil, resolve_device
+from msdda.diffusion import denoiser_of, images_to_pil, resolve_device
 from msdda.errors import InputNotFound, UserError
 from msdda.fuse.methods import get_method
 from msdda.sweep.config import SweepConfig
@@ -196,7 +196,7 @@ class Sweep:
             for start in range(0, len(self.prompts), config.batch_size):
                 prompts = self.prompts[start:start + config.batch_size]
                 started = time.perf_counter()
-                with _counting([pipeline.unet], counts, "unet_rows_per_image"), \
+                with _counting([denoiser_of(pipeline)], counts, "unet_rows_per_image"), \
                         _counting(self.rewards, counts, "reward_images_per_image"):
                     output = pipeline(prompts, generator=torch.Generator().manual_seed(seed), **call)
                 if self.device.type == "cuda":  # the GPU may still be computing the images

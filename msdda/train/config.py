@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from msdda.errors import UserError
+from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
 from msdda.prompts import check_prompts_spec, load_prompts
 
 __all__ = ["TrainConfig", "LoraSettings", "SamplingSettings", "RewardSettings", "OptimSettings",
@@ -23,13 +24,23 @@ class RewardSettings:
 
 @dataclass
 class SamplingSettings:
-    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    scheduler: Literal["ddim", "ddpm", "flow"] = "ddim"
+    """``ddim`` or ``ddpm`` for a Stable Diffusion (UNet) base; ``flow`` for a StableDiffusion3Pipeline base: its own
+    FlowMatchEulerDiscreteScheduler (and shift), stepped with Flow-GRPO's SDE."""
     num_inference_steps: int = 20
     eta: float = 1.0
+    """DDIM's stochasticity (ddim only; DDPM steps are always eta 1)."""
+    flow_noise_level: float = DEFAULT_FLOW_NOISE_LEVEL
+    """The flow SDE's noise level a, sigma_t = a sqrt(t / (1 - t)) (flow only; Flow-GRPO's default 0.7)."""
     guidance_scale: float = 3.0
     batch_size: int = 16
     """Trajectories per process per sampling batch."""
     batches_per_epoch: int = 2
+
+    @property
+    def noise_scale(self) -> float:
+        """The scheduler's one noise setting (msdda.diffusion.sampler_kernel): the flow noise level a, or eta."""
+        return self.flow_noise_level if self.scheduler == "flow" else self.eta
 
 
 @dataclass
@@ -121,6 +132,11 @@ class TrainConfig:
         if self.sampling.scheduler == "ddim" and not self.sampling.eta > 0:
             raise UserError(f"sampling.eta={self.sampling.eta} makes DDIM deterministic: step-level RL needs "
                              "Gaussian steps; set sampling.eta > 0 (1.0 is DDPM-like)")
+        if self.sampling.scheduler == "flow" and not (self.sampling.flow_noise_level > 0
+                                                      and math.isfinite(self.sampling.flow_noise_level)):
+            raise UserError(f"sampling.flow_noise_level={self.sampling.flow_noise_level} must be a finite number > 0: "
+                             "at 0 the flow step is the deterministic Euler (ODE) step and step-level RL needs Gaussian "
+                             "steps; Flow-GRPO uses 0.7")
         if self.reward.name not in available_rewards() and ":" not in self.reward.name:
             raise UserError(f"unknown reward {self.reward.name!r}; built-in rewards are {available_rewards()}, "
                              "or give 'package.module:name'")

@@ -14,7 +14,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents, images_to_pil, resolve_device
+from msdda.diffusion import (
+    BASE,
+    adapter_kernels,
+    decode_latents,
+    denoiser_of,
+    encode_prompts,
+    images_to_pil,
+    resolve_device,
+)
 from msdda.kernels import StepKernel, initial_latents, kernel_kl
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
@@ -23,10 +31,13 @@ __all__ = ["evaluate_adapter"]
 
 
 @torch.no_grad()
-def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guidance: float, eta: float):
-    """Images of ``name`` ("__base__": the reference) and, for an adapter, each trajectory's summed KL."""
-    positive, negative = pipeline.encode_prompt(prompts, pipeline._execution_device, 1, guidance > 1.0)
-    scheduler, unet = pipeline.scheduler, pipeline.unet
+def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guidance: float,
+            noise_scale: float | None):
+    """Images of ``name`` ("__base__": the reference) and, for an adapter, each trajectory's summed KL.
+    ``noise_scale`` is the sampler's (msdda.diffusion.sampler_kernel): DDIM's eta, or a flow noise level."""
+    positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device)
+    negative = negative if guidance > 1.0 else None
+    scheduler, unet = pipeline.scheduler, denoiser_of(pipeline)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -36,7 +47,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
 
     def kernel_at(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         nonlocal kl
-        kernels = adapter_kernels(unet, scheduler, x_t, timestep, positive, negative, names, guidance, eta)
+        kernels = adapter_kernels(unet, scheduler, x_t, timestep, positive, negative, names, guidance, noise_scale)
         if name != BASE and not kernels[0].is_deterministic:
             kl += kernel_kl(kernels[0], kernels[1]).double().cpu()
         return kernels[0]
@@ -64,14 +75,15 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     scorers = [load_reward(name) for name in rewards] if rewards else [metadata.trained_reward()]
     scorers = [scorer.to(where) for scorer in scorers]
     prompt_list = load_prompts(prompts, num_prompts)
-    steps, guidance, eta = metadata.num_inference_steps, metadata.guidance_scale, metadata.eta
+    steps, guidance = metadata.num_inference_steps, metadata.guidance_scale
+    noise_scale = metadata.eta if metadata.flow_noise_level is None else metadata.flow_noise_level
     scores = {side: {n: [] for n in names} for side in ("base", "adapter")}
     kls, pictures = [], {"base": [], "adapter": []}
     chunks = [(seed, start) for seed in seeds for start in range(0, len(prompt_list), batch_size)]
     for seed, start in tqdm(chunks, desc="evaluate", mininterval=2):
         batch = prompt_list[start:start + batch_size]
         for side, name in (("base", BASE), ("adapter", pipeline.adapters[0].name)):
-            images, kl = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, eta)
+            images, kl = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, noise_scale)
             for reward_name, scorer in zip(names, scorers):
                 scores[side][reward_name].extend(scorer(images, batch).tolist())
             if side == "adapter":

@@ -47,7 +47,7 @@ def reference_step_reward(pipeline, unet, reward: Callable, config: TrainConfig)
         elif len(following):
             clean = adapter_kernels(unet, pipeline.scheduler, action, following[0], batch.prompt_embeds,
                                     batch.negative_embeds, [BASE], sampling.guidance_scale,
-                                    sampling.eta)[0].pred_original_sample
+                                    sampling.noise_scale)[0].pred_original_sample
         return reward(decode_latents(pipeline, clean, grad=True), batch.prompts, grad=True)
 
     return step_reward

@@ -1,6 +1,7 @@
-"""The policy being trained: the base pipeline with a fresh LoRA adapter on its UNet, and the frozen reference.
+"""The policy being trained: the base pipeline with a fresh LoRA adapter on its denoiser (the UNet, or SD3's
+transformer), and the frozen reference.
 
-The reference p_ref is the same UNet with the adapter routed off (or, with ``train.compile``, a compiled copy
+The reference p_ref is the same denoiser with the adapter routed off (or, with ``train.compile``, a compiled copy
 of the module tree taken before the adapter went in, sharing every weight). Only the LoRA trains, in float32
 whatever the base's dtype; the hashes let the trainer prove the base stayed frozen and let fusion check that
 an adapter was trained on the weights it loads.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from msdda.adapters import weights_hash
-from msdda.diffusion import checkpoint_keeping_adapter_routing, load_base_pipeline
+from msdda.diffusion import checkpoint_keeping_adapter_routing, denoiser_of, load_base_pipeline
 from msdda.errors import UserError
 from msdda.train.config import TrainConfig
 
@@ -26,15 +27,15 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 @dataclass
 class Policy:
-    """What ``load_policy`` builds (``pipeline.unet`` carries the adapter)."""
+    """What ``load_policy`` builds (``denoiser_of(pipeline)``, the UNet or the transformer, carries the adapter)."""
 
     pipeline: object
     lora_parameters: list[torch.nn.Parameter]
     sampling_unet: torch.nn.Module
-    """The UNet the sampling pass runs: ``pipeline.unet`` itself, or compiled (sharing the module, not a copy)."""
+    """The denoiser the sampling pass runs: ``denoiser_of(pipeline)`` itself, or compiled (sharing the module)."""
     reference_unet: torch.nn.Module | None
-    """The compiled base UNet without the adapter (``train.compile``), or None: the reference is then
-    ``pipeline.unet`` with its adapter routed off."""
+    """The compiled base denoiser without the adapter (``train.compile``), or None: the reference is then
+    ``denoiser_of(pipeline)`` with its adapter routed off."""
     base_hash: str
     """Of the stored float32 base weights, which fusion loads."""
     frozen_hash: str
@@ -46,8 +47,8 @@ def _check_lora_targets(unet, targets: list[str]) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         examples = sorted({n.rsplit(".", 1)[-1] for n in names if "attn" in n})[:8]
-        raise UserError(f"lora.target_modules {missing} match no module of the UNet; attention projections are "
-                         f"named like {examples}")
+        raise UserError(f"lora.target_modules {missing} match no module of the {type(unet).__name__}; attention "
+                         f"projections are named like {examples}")
 
 
 def _compiled_reference(unet):
@@ -64,7 +65,7 @@ def load_policy(config: TrainConfig, device: torch.device, channels_last: bool) 
     from peft import LoraConfig
 
     pipeline = load_base_pipeline(config.base, config.sampling.scheduler, channels_last=channels_last)
-    unet = pipeline.unet
+    unet = denoiser_of(pipeline)
     _check_lora_targets(unet, config.lora.target_modules)
     base_hash = weights_hash(unet)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]

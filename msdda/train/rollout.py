@@ -81,7 +81,7 @@ def sample_trajectories(
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor,
     num_inference_steps: int,
-    eta: float,
+    noise_scale: float,
     guidance_scale: float,
     step_reward: StepRewardName,
     need_reference: bool,
@@ -91,6 +91,9 @@ def sample_trajectories(
     reference_unet=None,
 ) -> Trajectories:
     """Sample with the adapter on; score each step with ``step_reward``; see the module docstring.
+
+    ``noise_scale`` is the sampler's noise setting (msdda.diffusion.sampler_kernel): DDIM's eta, or the flow SDE's
+    noise level. ``unet`` is the denoiser (a UNet, or SD3's transformer).
 
     ``keep_noises`` stores each step's noise draw (as large as the latents), which only the pathwise update reads.
     ``graph_steps`` (``[T]`` bool) marks the steps whose log-prob and KL keep their graph.
@@ -113,10 +116,10 @@ def sample_trajectories(
     def kernel_at(index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         if need_reference:
             recording.reference = _reference_kernel(unet, reference_unet, scheduler, x_t, timestep, prompt_embeds,
-                                                    negative_embeds, guidance_scale, eta)
+                                                    negative_embeds, guidance_scale, noise_scale)
         with torch.set_grad_enabled(keeps_graph[index]):  # names=None: the UNet as configured, the adapter on
             kernel = adapter_kernels(unet, scheduler, x_t, timestep, prompt_embeds, negative_embeds, None,
-                                     guidance_scale, eta)[0]
+                                     guidance_scale, noise_scale)[0]
         if not keeps_graph[index]:
             return kernel
         recording.graph_kernel = kernel  # the loop samples from a detached copy: no graph runs across steps
@@ -196,18 +199,19 @@ class _Recording:
 
 
 def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds,
-                      guidance_scale, eta):
+                      guidance_scale, noise_scale):
     """The reference's step kernel: ``reference_unet`` as it is, or else ``unet`` with its adapter routed off."""
     if reference_unet is not None:
         return adapter_kernels(reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, None,
-                               guidance_scale, eta)[0]
+                               guidance_scale, noise_scale)[0]
     return adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, [BASE],
-                           guidance_scale, eta)[0]
+                           guidance_scale, noise_scale)[0]
 
 
 def _rollout_reward(pipeline, unet, reference_unet, reward, prompts, latents, remaining_timesteps, prompt_embeds,
                     negative_embeds, guidance_scale) -> torch.Tensor:
-    """r of the deterministic (eta = 0) reference continuation from ``latents`` over the remaining steps."""
+    """r of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents``
+    over the remaining steps."""
     latents = reference_continuation(pipeline, unet, reference_unet, latents, remaining_timesteps, prompt_embeds,
                                      negative_embeds, guidance_scale)
     return _reward_of_latents(pipeline, reward, latents, prompts)
@@ -216,8 +220,8 @@ def _rollout_reward(pipeline, unet, reference_unet, reward, prompts, latents, re
 def reference_continuation(pipeline, unet, reference_unet, latents: torch.Tensor, remaining_timesteps,
                            prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                            guidance_scale: float) -> torch.Tensor:
-    """x_0 of the deterministic (eta = 0) reference continuation from ``latents`` over ``remaining_timesteps``:
-    the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is enabled (the pathwise update)."""
+    """x_0 of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents``
+    over ``remaining_timesteps``: the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is enabled (the pathwise update)."""
     def reference_kernel(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         return _reference_kernel(unet, reference_unet, pipeline.scheduler, x_t, timestep, prompt_embeds,
                                  negative_embeds, guidance_scale, 0.0)

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 from msdda.config import config_to_dict
-from msdda.diffusion import encode_prompts, guided_output, images_to_pil
+from msdda.diffusion import denoiser_of, encode_prompts, guided_output, images_to_pil, is_flow_pipeline, sampler_kernel
 from msdda.errors import UserError
-from msdda.kernels import StepKernel, step_kernel
+from msdda.kernels import StepKernel
 from msdda.rewards import Reward, load_reward
 from msdda.train.advantages import PerPromptStatTracker, per_prompt_advantages
 from msdda.train.checkpoint import (
@@ -94,7 +94,7 @@ class Trainer:
                                       weight_decay=config.train.adam_weight_decay)
         if deepspeed:
             configure_deepspeed(self.accelerator, config)
-        unet, optimizer = self.accelerator.prepare(self.policy.pipeline.unet, optimizer)
+        unet, optimizer = self.accelerator.prepare(denoiser_of(self.policy.pipeline), optimizer)
         self.learner = Learner(self.accelerator, unet, optimizer, self.policy.lora_parameters,
                                config.train.max_grad_norm)
         self.tracker = PerPromptStatTracker(config.train.stat_buffer, config.train.stat_min_count,
@@ -103,7 +103,7 @@ class Trainer:
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        """The trained UNet (with its adapter) outside any distributed wrapper."""
+        """The trained denoiser (with its adapter) outside any distributed wrapper."""
         return self.accelerator.unwrap_model(self.learner.model)
 
     # ------------------------------------------------------------------------------------------------ run
@@ -155,7 +155,7 @@ class Trainer:
             generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
             batches.append(sample_trajectories(
                 pipeline, self.policy.sampling_unet, self.reward, prompts, positive, negative,
-                config.sampling.num_inference_steps, config.sampling.eta, config.sampling.guidance_scale,
+                config.sampling.num_inference_steps, config.sampling.noise_scale, config.sampling.guidance_scale,
                 "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
                 generator=generator, keep_noises=pathwise,
                 graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None,
@@ -200,13 +200,13 @@ class Trainer:
         return policy_gradient_loss(self.policy_kernel, batch, self.config)
 
     def policy_kernel(self, batch: Transitions) -> StepKernel:
-        """pi_theta(. | x_t) at the batch's x_t (with grad): the adapter's guided UNet output through the
+        """pi_theta(. | x_t) at the batch's x_t (with grad): the adapter's guided denoiser output through the
         scheduler's step kernel."""
         sampling = self.config.sampling
         output = guided_output(self.learner.model, batch.latents, batch.timestep, batch.prompt_embeds,
                                batch.negative_embeds, sampling.guidance_scale)
-        return step_kernel(self.policy.pipeline.scheduler, output.float(), batch.timestep, batch.latents.float(),
-                           eta=sampling.eta)
+        return sampler_kernel(self.policy.pipeline.scheduler, output.float(), batch.timestep, batch.latents.float(),
+                              sampling.noise_scale)
 
     # ------------------------------------------------------------------------------------------ the epoch's parts
     def _graph_steps(self, epoch: int, batch_index: int) -> torch.Tensor:
@@ -276,7 +276,7 @@ class Trainer:
     def _export(self) -> Path:
         """Check that only the LoRA trained, write the final adapter, and close the trackers."""
         if weights_hash(self.unwrapped) != self.policy.frozen_hash:
-            raise RuntimeError("the base UNet weights changed during training; only the LoRA may train")
+            raise RuntimeError("the base denoiser's weights changed during training; only the LoRA may train")
         final = self.output_dir / "final"
         lora = lora_state(self.accelerator, self.learner.model)
         if self.accelerator.is_main_process:
@@ -286,14 +286,18 @@ class Trainer:
         return final
 
     def _metadata(self) -> AdapterMetadata:
-        config, scheduler = self.config, self.policy.pipeline.scheduler
+        config, pipeline = self.config, self.policy.pipeline
+        scheduler, flow = pipeline.scheduler, is_flow_pipeline(pipeline)
         last = self.history[-1] if self.history else {}
         return AdapterMetadata(
+            pipeline_class=type(pipeline).__name__,
+            flow_noise_level=config.sampling.flow_noise_level if flow else None,
+            flow_shift=float(scheduler.config.shift) if flow else None,
             reward_name=self.reward.name, reward_version=self.reward.version, reward_spec=config.reward.name,
             reward_kwargs=dict(config.reward.kwargs), beta=config.beta,
             step_reward=config.reward.step_reward, base_model=config.base, base_model_hash=self.policy.base_hash,
             scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
-            num_inference_steps=config.sampling.num_inference_steps, eta=config.sampling.eta,
+            num_inference_steps=config.sampling.num_inference_steps, eta=None if flow else config.sampling.eta,
             guidance_scale=config.sampling.guidance_scale, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
             lora_target_modules=list(config.lora.target_modules),
             training={"epochs": len(self.history), "seed": config.seed, "processes": self.accelerator.num_processes,
@@ -312,7 +316,8 @@ class Trainer:
         self.unwrapped.eval()
         images = sample_trajectories(
             pipeline, self.unwrapped, self.reward, prompts, positive, negative,
-            self.config.sampling.num_inference_steps, self.config.sampling.eta, self.config.sampling.guidance_scale,
+            self.config.sampling.num_inference_steps, self.config.sampling.noise_scale,
+            self.config.sampling.guidance_scale,
             "terminal", need_reference=False, generator=torch.Generator().manual_seed(self.config.seed)).images
         pil = images_to_pil(pipeline, images)
         folder = self.output_dir / "samples"
