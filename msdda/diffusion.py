@@ -17,22 +17,29 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from msdda.errors import InputNotFound, UserError
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, check_learned_variances, standard_normal, step_kernel
 
-__all__ = ["WORLD", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output",
+__all__ = ["WORLD", "WORLD_LEARNED_VARIANCE", "resolve_base", "resolve_device", "load_base_pipeline", "encode_prompts", "guided_output",
            "apply_guidance", "decode_latents", "images_to_pil", "standard_normal", "mixed_adapter_batch",
            "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE"]
 
 WORLD = "world"
 """The base name of the embedded default world."""
+WORLD_LEARNED_VARIANCE = "world-lv"
+"""The base name of the embedded world whose UNet predicts its step variance (sample it with ``ddpm``)."""
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
 
 
 def resolve_base(base: str) -> str:
-    """A local folder or Hub id for ``base``; ``"world"`` is the shipped embedded world."""
+    """A local folder or Hub id for ``base``; ``"world"`` is the shipped embedded world, ``"world-lv"`` its
+    learned-variance twin."""
     if base == WORLD:
         from msdda.world import world_path
 
         return str(world_path())
+    if base == WORLD_LEARNED_VARIANCE:
+        from msdda.world import learned_variance_world_path
+
+        return str(learned_variance_world_path())
     return base
 
 
@@ -64,12 +71,14 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
     location = resolve_base(base)
     local = Path(location).is_dir()
     try:
+        _check_scheduler_reads_the_variance(base, location, scheduler, local)
         pipeline = StableDiffusionPipeline.from_pretrained(location, safety_checker=None,
                                                            requires_safety_checker=False, local_files_only=local)
     except OSError as error:
         raise InputNotFound(
             f"cannot load base model {base!r}: {error}. Give a local diffusers folder, a Hub id that is in your "
-            f"cache (or reachable), or '{WORLD}' for the embedded world"
+            f"cache (or reachable), or '{WORLD}' ('{WORLD_LEARNED_VARIANCE}') for the embedded world (with learned "
+            "variances)"
         ) from error
     if dtype != torch.float32:  # diffusers warns on every dtype cast, even a no-op one
         pipeline.to(dtype=dtype)
@@ -81,6 +90,16 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
         pipeline.unet.to(memory_format=torch.channels_last)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _check_scheduler_reads_the_variance(base: str, location: str, scheduler: str, local: bool) -> None:
+    """Refuse DDIM on a base whose UNet predicts its variance, from the scheduler config alone (before the weights
+    load): DDIM's step has no variance channels to read, and its kernels would be those of another model."""
+    variance_type = DDPMScheduler.load_config(location, subfolder="scheduler", local_files_only=local).get(
+        "variance_type")
+    if scheduler == "ddim" and variance_type in ("learned", "learned_range"):
+        raise UserError(f"base {base!r} predicts its step variance (variance_type {variance_type!r}), which DDIM "
+                        "cannot use: set sampling.scheduler: ddpm")
 
 
 @torch.no_grad()
