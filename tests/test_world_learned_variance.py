@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,18 @@ from msdda.world import ASSETS, LEARNED_VARIANCE, learned_variance_world_path, w
 from msdda.world.learned_variance import continue_learned_variance, learned_variance_scheduler, step_vlb
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory):
+    """One cache for this module's tests, where world-lv is assembled once, away from the user's."""
+    saved = os.environ.get("MSDDA_CACHE")
+    os.environ["MSDDA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        del os.environ["MSDDA_CACHE"]
+    else:
+        os.environ["MSDDA_CACHE"] = saved
 
 
 def _closed_form_bound(scheduler, epsilon, v, noise, t: int, stride: int, x_t) -> torch.Tensor:
@@ -79,10 +92,21 @@ def test_the_shipped_learned_variance_world_is_the_shipped_world_with_a_variance
                                                      load_file(learned_variance_world_path() / part).values()))
     record = json.loads((LEARNED_VARIANCE / "pretraining.json").read_text())
     assert record["continued_from"] == json.loads((ASSETS / "pretraining.json").read_text())
+    assert sum(f.stat().st_size for f in LEARNED_VARIANCE.iterdir()) < 64 * 2**10  # the head, not a second world
     bound = record["learned_variance_bound_bits_per_dim"]["10_steps"]
     assert len(bound) == 9
     total = {name: sum(step[name] for step in bound.values()) for name in ("learned", "fixed_small", "fixed_large")}
     assert total["learned"] < min(total["fixed_small"], total["fixed_large"])  # it learned something
+
+
+def test_the_learned_variance_world_is_assembled_once_and_leaves_the_random_stream_alone() -> None:
+    first_state = torch.random.get_rng_state()
+    folder = learned_variance_world_path()
+    assert torch.equal(torch.random.get_rng_state(), first_state)
+    built = (folder / "unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert learned_variance_world_path() == folder
+    assert (folder / "unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns == built
+    assert [p.name for p in folder.parent.parent.iterdir()] == [folder.parent.name]  # no temporary left
 
 
 def test_the_learned_variance_world_loads_with_ddpm_and_refuses_ddim_before_loading() -> None:
@@ -136,6 +160,8 @@ def test_the_continuation_trains_only_the_variance_and_records_its_bound(tmp_pat
     assert after["conv_out.weight"].shape[0] == 8 and torch.equal(after["conv_out.weight"][:4], before["conv_out.weight"])
     assert (after["conv_out.bias"][4:] != -1).all(), "three steps of Adam move every variance bias off its start"
     assert all(torch.equal(after[key], before[key]) for key in before if not key.startswith("conv_out."))
+    head = load_file(out / "variance_head.safetensors")  # what msdda ships of it
+    assert torch.equal(head["weight"], after["conv_out.weight"][4:]) and torch.equal(head["bias"], after["conv_out.bias"][4:])
     config = json.loads((out / "pipeline/scheduler/scheduler_config.json").read_text())
     assert config["_class_name"] == "DDPMScheduler" and config["variance_type"] == "learned_range"
     written = json.loads((out / "pretraining.json").read_text())
@@ -146,3 +172,23 @@ def test_the_continuation_trains_only_the_variance_and_records_its_bound(tmp_pat
         continue_learned_variance(out, tmp_path / "again", steps=3)
     with pytest.raises(UserError, match="must be 1 or more"):
         continue_learned_variance(world, tmp_path / "none", steps=0)
+
+
+def test_the_learned_variance_job_trains_by_the_world_recipes_rule_and_sweeps_what_it_trained(tmp_path) -> None:
+    from msdda.sweep.config import SweepConfig
+    from msdda.train import TrainConfig
+    from tests.test_tooling import _commands_of
+    from tests.test_world3 import _budget, _train_config
+
+    commands = _commands_of("launch/world_lv.sh", tmp_path)
+    assert [c[0] for c in commands] == ["train", "evaluate", "train", "evaluate", "sweep", "report"]
+    trained = [_train_config(commands[0]), _train_config(commands[2])]
+    fixed_world = load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml")
+    assert {_budget(c) for c in trained} == {_budget(fixed_world)}  # the world recipes' shared rule
+    assert [(c.base, c.sampling.scheduler, c.beta) for c in trained] == [("world-lv", "ddpm", 0.001)] * 2
+    start = commands[4].index("--config") + 1
+    sweep = load_config(SweepConfig, ROOT / commands[4][start], commands[4][start + 1:])
+    sweep.validate()
+    assert sweep.base == "world-lv" and sweep.adapters == [f"{c.output_dir}/final" for c in trained]
+    assert sweep.rewards == [c.reward.name for c in trained] and sweep.beta == 0.001
+    assert [1.0, 1.0] in sweep.weights and {"msdda", "output-average", "soup"} <= set(sweep.methods)

@@ -23,12 +23,19 @@ shipped one only where the variance is concerned:
 The variance channels start at v = -1, the posterior variance: at the start the world's DDPM kernel is the
 shipped world's DDPM ``fixed_small`` kernel (which is DDIM's at eta = 1), so training moves it only where the
 bound says so. ``pretraining.json`` records the bound per sampler step, learned against both fixed choices.
+
+Since the head is all it adds, msdda ships the learned-variance world as that head (7 kB) and assembles the
+pipeline folder from it and the shipped world on first use (``assembled_world``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +58,11 @@ from msdda.world.pretrain import (
     _write_record,
 )
 
-__all__ = ["LearnedVarianceConfig", "learned_variance_scheduler", "step_vlb", "continue_learned_variance"]
+__all__ = ["LearnedVarianceConfig", "learned_variance_scheduler", "step_vlb", "continue_learned_variance",
+           "assembled_world", "HEAD_FILE"]
+
+HEAD_FILE = "variance_head.safetensors"
+"""The variance channels of ``conv_out`` (``weight``, ``bias``): all a learned-variance world adds to its world."""
 
 
 @dataclass
@@ -60,7 +71,7 @@ class LearnedVarianceConfig:
 
     seed: int = 0
     num_images: int = 24_000
-    steps: int = 1_500
+    steps: int = 600
     batch: int = 32
     lr: float = 3e-3
     sampler_steps: int = 10
@@ -123,14 +134,43 @@ def _epsilon_and_features(unet, noisy: torch.Tensor, timesteps: torch.Tensor,
     return epsilon, captured[0]
 
 
-def _widened_unet(unet, head: _VarianceHead):
+def _widened_unet(unet, head: dict[str, torch.Tensor]):
     """A UNet with 2x the output channels: ``unet``'s weights, its ``conv_out`` followed by the head's."""
     wide = build_unet(out_channels=2 * unet.config.out_channels)
     state = dict(unet.state_dict())
-    state["conv_out.weight"] = torch.cat([state["conv_out.weight"], head.weight.detach()])
-    state["conv_out.bias"] = torch.cat([state["conv_out.bias"], head.bias.detach()])
+    state["conv_out.weight"] = torch.cat([state["conv_out.weight"], head["weight"]])
+    state["conv_out.bias"] = torch.cat([state["conv_out.bias"], head["bias"]])
     wide.load_state_dict(state)
     return wide.eval()
+
+
+def _learned_variance_pipeline(pipeline, head: dict[str, torch.Tensor]):
+    """``pipeline``'s parts around its UNet widened by ``head``, with the ``learned_range`` DDPM scheduler."""
+    return _assemble_pipeline(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                              _widened_unet(pipeline.unet, head), scheduler=learned_variance_scheduler())
+
+
+def assembled_world(world_pipeline: Path, head_file: Path, cache: Path) -> Path:
+    """The pipeline folder of ``world_pipeline`` widened by the head in ``head_file``, built once under ``cache``
+    (named by the head's and the UNet's content, so a changed head or world builds anew) and reused after.
+
+    Built in a temporary folder and renamed into place, so a process that finds the folder finds it whole."""
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256(head_file.read_bytes()
+                            + (world_pipeline / "unet/diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    target = cache / f"world-lv-{digest[:16]}"
+    if not (target / "pipeline" / "model_index.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".world-lv-", dir=cache))
+        with torch.random.fork_rng():  # building the parts draws random numbers: leave the caller's stream alone
+            pipeline = _learned_variance_pipeline(_load_pipeline(world_pipeline), load_file(head_file))
+        pipeline.save_pretrained(building / "pipeline", safe_serialization=True)
+        try:
+            os.rename(building, target)
+        except OSError:  # another process built it first: theirs is the same
+            shutil.rmtree(building)
+    return target / "pipeline"
 
 
 @torch.no_grad()
@@ -186,10 +226,12 @@ def _train_head(unet, text_encoder, data: tuple, config: LearnedVarianceConfig) 
 
 def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, steps: int,
                               sampler_steps: int = 10, bound_samples: int = 256) -> Path:
-    """Write ``output_dir/{pipeline,pretraining.json}``: ``world_dir``'s pipeline with a ``learned_range`` UNet
+    """Write ``output_dir/{pipeline,variance_head.safetensors,pretraining.json}``: ``world_dir``'s pipeline with a ``learned_range`` UNet
     whose variance channels were trained for ``steps`` steps on the bound of a ``sampler_steps``-step schedule,
     and a ``DDPMScheduler`` that reads them. VAE, text encoder, tokenizer and epsilon are ``world_dir``'s; the
     record gives the bound on ``bound_samples`` latents per step."""
+    from safetensors.torch import save_file
+
     world_dir, output_dir = Path(world_dir), Path(output_dir)
     if not (world_dir / "pretraining.json").is_file():
         raise UserError(f"{world_dir} holds no pretraining.json; give a folder written by msdda world pretrain "
@@ -211,9 +253,9 @@ def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, ste
         head = _train_head(pipeline.unet, pipeline.text_encoder, data, config)
         bounds = {f"{count}_steps": _bound_by_step(pipeline.unet, head, pipeline.text_encoder, data, count, config)
                   for count in (sampler_steps, 2 * sampler_steps)}
-    wide = _assemble_pipeline(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                              _widened_unet(pipeline.unet, head), scheduler=learned_variance_scheduler())
-    wide.save_pretrained(output_dir / "pipeline", safe_serialization=True)
+    weights = {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}
+    _learned_variance_pipeline(pipeline, weights).save_pretrained(output_dir / "pipeline", safe_serialization=True)
+    save_file(weights, output_dir / HEAD_FILE)
     unchanged = {k: earlier[k] for k in ("classifier_test_accuracy", "vae_scaling_factor", "vae_mean_abs_error")
                  if k in earlier}
     _write_record(output_dir, "continue_learned_variance()", config, started, **unchanged,
