@@ -39,7 +39,7 @@ from diffusers import (
 from msdda.errors import InputNotFound, UserError
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, check_learned_variances, standard_normal, step_kernel
 
-__all__ = ["WORLD", "resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
+__all__ = ["WORLD", "WORLD_LEARNED_VARIANCE", "resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
            "is_flow_pipeline", "encode_prompts", "pack_conditioning", "unpack_conditioning", "denoiser_forward",
            "guided_output", "apply_guidance", "sampler_kernel", "decode_latents", "images_to_pil", "standard_normal",
            "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE", "PIPELINES",
@@ -47,6 +47,8 @@ __all__ = ["WORLD", "resolve_base", "resolve_device", "pipeline_class_name", "lo
 
 WORLD = "world"
 """The base name of the embedded default world."""
+WORLD_LEARNED_VARIANCE = "world-lv"
+"""The base name of the embedded world whose UNet predicts its step variance (sample it with ``ddpm``)."""
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
@@ -57,11 +59,16 @@ SDE step (``flow``) for a flow-matching transformer."""
 
 
 def resolve_base(base: str) -> str:
-    """A local folder or Hub id for ``base``; ``"world"`` is the shipped embedded world."""
+    """A local folder or Hub id for ``base``; ``"world"`` is the shipped embedded world, ``"world-lv"`` its
+    learned-variance twin."""
     if base == WORLD:
         from msdda.world import world_path
 
         return str(world_path())
+    if base == WORLD_LEARNED_VARIANCE:
+        from msdda.world import learned_variance_world_path
+
+        return str(learned_variance_world_path())
     return base
 
 
@@ -130,6 +137,7 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
     location = resolve_base(base)
     extra = {} if declared == "StableDiffusion3Pipeline" else {"safety_checker": None, "requires_safety_checker": False}
     try:
+        _check_scheduler_reads_the_variance(base, location, scheduler, Path(location).is_dir())
         pipeline = PIPELINES[declared].from_pretrained(location, local_files_only=Path(location).is_dir(), **extra)
     except OSError as error:
         raise _cannot_load(base, error) from error
@@ -178,6 +186,16 @@ def unpack_conditioning(conditioning: torch.Tensor, pooled_dim: int) -> tuple[to
     rows = math.ceil(pooled_dim / conditioning.shape[2])
     sequence, pooled = conditioning[:, :-rows], conditioning[:, -rows:]
     return sequence, pooled.reshape(len(conditioning), -1)[:, :pooled_dim]
+
+
+def _check_scheduler_reads_the_variance(base: str, location: str, scheduler: str, local: bool) -> None:
+    """Refuse DDIM on a base whose UNet predicts its variance, from the scheduler config alone (before the weights
+    load): DDIM's step has no variance channels to read, and its kernels would be those of another model."""
+    variance_type = DDPMScheduler.load_config(location, subfolder="scheduler", local_files_only=local).get(
+        "variance_type")
+    if scheduler == "ddim" and variance_type in ("learned", "learned_range"):
+        raise UserError(f"base {base!r} predicts its step variance (variance_type {variance_type!r}), which DDIM "
+                        "cannot use: set sampling.scheduler: ddpm")
 
 
 @torch.no_grad()

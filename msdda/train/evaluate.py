@@ -2,7 +2,9 @@
 
 For each (prompt, seed) the base and the adapter start from the same noise and draw the same per-step noise,
 so the reward differences are paired. The KL is the trajectory's sum over steps of KL(pi_theta(.|x_t) ||
-p_ref(.|x_t)) along the adapter's own samples: the quantity the step-level objective charges beta for.
+p_ref(.|x_t)) along the adapter's own samples: the quantity the step-level objective charges beta for. On a
+base whose UNet predicts its variance (``learned_range``), the report adds how far the adapter moved it: per
+timestep, the ratio of the adapter's step variance to the base's at the same x_t, along the adapter's samples.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from msdda.diffusion import (
     images_to_pil,
     resolve_device,
 )
-from msdda.kernels import StepKernel, initial_latents, kernel_kl
+from msdda.kernels import StepKernel, initial_latents, kernel_kl, learns_variance
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
 
@@ -33,7 +35,8 @@ __all__ = ["evaluate_adapter"]
 @torch.no_grad()
 def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guidance: float,
             noise_scale: float | None):
-    """Images of ``name`` ("__base__": the reference) and, for an adapter, each trajectory's summed KL.
+    """Images of ``name`` ("__base__": the reference) and, for an adapter, each trajectory's summed KL and, per
+    stochastic timestep, each sample's mean over elements of (adapter's variance / base's variance).
     ``noise_scale`` is the sampler's (msdda.diffusion.sampler_kernel): DDIM's eta, or a flow noise level."""
     positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device)
     negative = negative if guidance > 1.0 else None
@@ -43,6 +46,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
     shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     latents = initial_latents(scheduler, shape, generator, positive)
     kl = torch.zeros(len(prompts), dtype=torch.float64)
+    variance_ratios: dict[int, list[float]] = {}
     names = [name] if name == BASE else [name, BASE]
 
     def kernel_at(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
@@ -50,10 +54,25 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guid
         kernels = adapter_kernels(unet, scheduler, x_t, timestep, positive, negative, names, guidance, noise_scale)
         if name != BASE and not kernels[0].is_deterministic:
             kl += kernel_kl(kernels[0], kernels[1]).double().cpu()
+            if learns_variance(scheduler):
+                ratio = (kernels[0].variance / kernels[1].variance).flatten(1).mean(1)
+                variance_ratios[int(timestep)] = ratio.double().cpu().tolist()
         return kernels[0]
 
     latents = denoise(scheduler.timesteps, latents, kernel_at, generator, positive)
-    return decode_latents(pipeline, latents), kl
+    return decode_latents(pipeline, latents), kl, variance_ratios
+
+
+def _variance_report(ratios: dict[int, list[float]]) -> dict[str, dict[str, float]]:
+    """Per timestep (highest noise first): the mean over samples of the adapter-to-base variance ratio, its
+    standard error, and its smallest and largest sample."""
+    report = {}
+    for timestep in sorted(ratios, reverse=True):
+        values = np.asarray(ratios[timestep])
+        report[str(timestep)] = {"mean": float(values.mean()),
+                                 "sem": float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0,
+                                 "min": float(values.min()), "max": float(values.max())}
+    return report
 
 
 def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: list[str] | str = "world",
@@ -78,12 +97,14 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     steps, guidance = metadata.num_inference_steps, metadata.guidance_scale
     noise_scale = metadata.eta if metadata.flow_noise_level is None else metadata.flow_noise_level
     scores = {side: {n: [] for n in names} for side in ("base", "adapter")}
-    kls, pictures = [], {"base": [], "adapter": []}
+    kls, pictures, variance_ratios = [], {"base": [], "adapter": []}, {}
     chunks = [(seed, start) for seed in seeds for start in range(0, len(prompt_list), batch_size)]
     for seed, start in tqdm(chunks, desc="evaluate", mininterval=2):
         batch = prompt_list[start:start + batch_size]
         for side, name in (("base", BASE), ("adapter", pipeline.adapters[0].name)):
-            images, kl = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, noise_scale)
+            images, kl, ratios = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, noise_scale)
+            for timestep, values in ratios.items():
+                variance_ratios.setdefault(timestep, []).extend(values)
             for reward_name, scorer in zip(names, scorers):
                 scores[side][reward_name].extend(scorer(images, batch).tolist())
             if side == "adapter":
@@ -102,6 +123,8 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
             "paired_difference": float(difference.mean()),
             "paired_difference_sem": float(difference.std(ddof=1) / np.sqrt(len(difference))),
         }
+    if variance_ratios:
+        report["variance_ratio_to_base"] = _variance_report(variance_ratios)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -14,12 +14,24 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     if args.layout_steps < 0:
         raise UserError(f"--layout-steps must be 0 or more, got {args.layout_steps}")
+    if args.learned_variance_steps < 0:
+        raise UserError(f"--learned-variance-steps must be 0 or more, got {args.learned_variance_steps}")
+    if args.learned_variance_steps and (args.layout_steps or not args.from_world):
+        raise UserError("--learned-variance-steps continues a finished world: give --from WORLD (the shipped one is "
+                        "msdda/world/assets) and leave out --layout-steps")
     output = Path(args.out)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise UserError(f"{output} is not empty; choose another --out or pass --overwrite")
+    if args.from_world and args.seed is not None:
+        raise UserError("--from continues with the seed of the world it names; leave out --seed")
+    if args.learned_variance_steps:
+        from msdda.world.learned_variance import continue_learned_variance
+
+        continue_learned_variance(args.from_world, output, args.learned_variance_steps)
+        print(f"learned-variance world written to {output} (pipeline/, pretraining.json); sample it with a DDPM "
+              "scheduler")
+        return 0
     if args.from_world:
-        if args.seed is not None:
-            raise UserError("--from continues with the seed of the world it names; leave out --seed")
         continue_layout(args.from_world, output, args.layout_steps)
     else:
         pretrain_world(output, PretrainConfig(seed=args.seed or 0, layout_steps=args.layout_steps))
@@ -39,7 +51,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from msdda.world.evaluate import evaluate_world
 
-    report = evaluate_world(base=args.base, seed=args.seed, grid=args.grid)
+    report = evaluate_world(base=args.base, seed=args.seed, grid=args.grid, num_inference_steps=args.steps)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +81,10 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--layout-steps", type=int, default=0,
                           help="steps of the layout phase (x0 error at high noise), after which samples follow the "
                                "position words; 0 (default) makes the shipped world")
+    pretrain.add_argument("--learned-variance-steps", type=int, default=0,
+                          help="with --from: continue that world into one whose UNet also predicts its step "
+                               "variance (learned_range; base 'world-lv' is the shipped one), training only the "
+                               "variance channels this many steps on the 10-step schedule's variational bound")
     pretrain.set_defaults(handler=_pretrain)
 
     sample = commands.add_parser("sample", help="write a grid of samples for one prompt")
@@ -76,17 +92,18 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--n", type=int, default=16, help="number of images")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="PNG file for the grid")
-    sample.add_argument("--base", default=None, help="pipeline folder (default: the shipped world)")
+    sample.add_argument("--base", default=None, help="pipeline folder or 'world-lv' (default: the shipped world)")
     sample.add_argument("--steps", type=int, default=20, help="num_inference_steps")
     sample.add_argument("--guidance-scale", type=float, default=3.0)
     sample.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = fully stochastic)")
     sample.set_defaults(handler=_sample)
 
     evaluate = commands.add_parser("evaluate", help="measure sample accuracy and the conflict of the two rewards")
-    evaluate.add_argument("--base", default=None, help="pipeline folder (default: the shipped world)")
+    evaluate.add_argument("--base", default=None, help="pipeline folder or 'world-lv' (default: the shipped world)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default=None, help="JSON file for the report")
     evaluate.add_argument("--grid", default=None, help="PNG file for a grid of samples (rows: prompts)")
+    evaluate.add_argument("--steps", type=int, default=20, help="num_inference_steps (the world recipes sample 10)")
     evaluate.set_defaults(handler=_evaluate)
 
     path = commands.add_parser("path", help="print the folder of the shipped pipeline (use as --base)")

@@ -96,10 +96,11 @@ def build_vae():
                          layers_per_block=1, norm_num_groups=16, sample_size=32)
 
 
-def build_unet():
+def build_unet(out_channels: int = 4):
+    """The world's UNet; ``out_channels=8`` adds the variance channels a ``learned_range`` scheduler reads."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(48, 96),
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=out_channels, block_out_channels=(48, 96),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_DIM,
                                 attention_head_dim=8, norm_num_groups=16)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -134,16 +135,20 @@ def _descend(loss: torch.Tensor, optimiser: torch.optim.Optimizer, parameters: l
 
 
 def _noised_batch(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, noise_scheduler,
-                  generator: torch.Generator, config: PretrainConfig, min_timestep: int = 0):
-    """One training batch: (clean latents, prompt ids with CFG dropout, noise, timesteps >= min_timestep, noisy
-    latents), every draw from ``generator`` in a fixed order."""
+                  generator: torch.Generator, config: PretrainConfig, min_timestep: int = 0,
+                  timestep_choices: torch.Tensor | None = None):
+    """One training batch: (clean latents, prompt ids with CFG dropout, noise, timesteps >= min_timestep (or drawn
+    uniformly from ``timestep_choices``), noisy latents), every draw from ``generator`` in a fixed order."""
     index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
     ids = token_ids[index].clone()
     ids[torch.rand(len(ids), generator=generator) < config.prompt_dropout] = empty_ids
     clean = latents[index]
     noise = torch.randn(clean.shape, generator=generator)
-    timesteps = torch.randint(min_timestep, noise_scheduler.config.num_train_timesteps, (len(ids),),
-                              generator=generator)
+    if timestep_choices is None:
+        timesteps = torch.randint(min_timestep, noise_scheduler.config.num_train_timesteps, (len(ids),),
+                                  generator=generator)
+    else:
+        timesteps = timestep_choices[torch.randint(0, len(timestep_choices), (len(ids),), generator=generator)]
     return clean, ids, noise, timesteps, noise_scheduler.add_noise(clean, noise, timesteps)
 
 
@@ -168,8 +173,15 @@ def _layout_loss(unet, embeds: torch.Tensor, clean: torch.Tensor, timesteps: tor
     return F.mse_loss((noisy - (1 - alpha_prod).sqrt() * epsilon) / alpha_prod.sqrt(), clean)
 
 
+class Seeded(Protocol):
+    """Settings a reproducible phase needs: ``PretrainConfig`` and the continuations' configs."""
+
+    seed: int
+    threads: int
+
+
 @contextmanager
-def _reproducible(config: PretrainConfig) -> Iterator[None]:
+def _reproducible(config: Seeded) -> Iterator[None]:
     """Seed, thread count and deterministic algorithms for bit-identical weights from one seed; the process's
     deterministic-algorithms setting is restored afterwards, also when training fails."""
     torch.manual_seed(config.seed)
@@ -318,12 +330,14 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     return output_dir
 
 
-def _assemble_pipeline(vae, text_encoder, tokenizer, unet):
-    """The world's stock StableDiffusionPipeline around its trained parts (DDIM schedule, no safety checker)."""
+def _assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
+    """The world's stock StableDiffusionPipeline around its trained parts (no safety checker); ``scheduler``
+    defaults to the world's DDIM schedule."""
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=scheduler or build_scheduler(), safety_checker=None,
+                                   feature_extractor=None,
                                    requires_safety_checker=False)
 
 
@@ -343,8 +357,9 @@ def _load_pipeline(pipeline_dir: Path):
     return _assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
 
 
-def _write_record(output_dir: Path, call: str, config: PretrainConfig, started: float, **measured) -> None:
-    """``pretraining.json``: the command (or library call), config, torch version, wall time and ``measured``."""
+def _write_record(output_dir: Path, call: str, config: Seeded, started: float, **measured) -> None:
+    """``pretraining.json``: the command (or library call), config (a dataclass), torch version, wall time and
+    ``measured``."""
     record = {
         "command": " ".join(["msdda", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("msdda") else call,
         "config": asdict(config),
