@@ -113,7 +113,7 @@ def test_the_learned_variance_world_loads_with_ddpm_and_refuses_ddim_before_load
     pipeline = load_base_pipeline("world-lv", "ddpm")
     assert pipeline.scheduler.config.variance_type == "learned_range"
     assert pipeline.unet.config.out_channels == 2 * pipeline.unet.config.in_channels
-    with pytest.raises(UserError, match="DDIM cannot use it: set sampling.scheduler: ddpm"):
+    with pytest.raises(UserError, match="DDIM cannot use: set sampling.scheduler: ddpm"):
         load_base_pipeline("world-lv", "ddim")
 
 
@@ -121,13 +121,13 @@ def test_a_recipe_trains_and_msdda_fuses_with_learned_variances(tmp_path) -> Non
     from msdda.adapters import load_adapter_metadata
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.testing import random_world_adapter
-    from msdda.train import TrainConfig, Trainer
+    from msdda.train import TrainConfig, train
 
     tiny = ["epochs=1", "sampling.num_inference_steps=4", "sampling.batch_size=4", "sampling.batches_per_epoch=1",
             "train.batch_size=4", "sample_every=0", "log_with=null", "checkpoint.every=1",
             f"output_dir={tmp_path / 'run'}"]
     config = load_config(TrainConfig, ROOT / "configs/train/world_lv_aesthetic.yaml", tiny)
-    final = Trainer(config).run()
+    final = train(config)
     metadata = load_adapter_metadata(final)
     assert metadata.scheduler_class == "DDPMScheduler"
     assert metadata.scheduler_config["variance_type"] == "learned_range"
