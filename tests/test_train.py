@@ -570,3 +570,11 @@ def test_attention_and_conv_lora_both_reach_stock_diffusers(tmp_path) -> None:
     trained = {n.replace(".default", ""): p for n, p in trainer.unwrapped.named_parameters() if "lora_" in n}
     for name, parameter in loaded.items():
         torch.testing.assert_close(parameter, trained[name.replace(".default_0", "")].detach().cpu())
+
+
+def test_ddpm_fixed_small_is_refused_at_its_step_into_x0(tmp_path, fresh_accelerator_state) -> None:
+    """diffusers' DDPM clamps the zero posterior variance of its step into x_0 to 1e-20 and samples from it: a point
+    mass whose KL to any moved kernel is astronomically large, so training on it is refused, naming the step."""
+    trainer = Trainer(_config(tmp_path, "sampling.scheduler=ddpm"))
+    with pytest.raises(UserError, match=r"timestep 1 is deterministic \(variance 0, or DDPM's 1e-20 clamp"):
+        trainer.run()

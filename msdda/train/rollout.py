@@ -183,7 +183,9 @@ class _Recording:
                 self.graph_log_probs.append(log_prob)
                 if reference is not None:
                     self.graph_kls.append(kernel_kl(graph_kernel, reference))
-        self.deterministic.append((step.kernel.variance == 0).all())  # checked after the loop: not to wait for the GPU
+        # checked after the loop, not to wait for the GPU; 1e-20 is DDPM's clamp of a zero posterior variance (its
+        # fixed_small step into x_0), a point mass in all but name whose KL to any other kernel is unbounded
+        self.deterministic.append((step.kernel.variance <= 1e-20).all())
         if self.keep_noises:
             self.noises.append(step.noise)
         self.log_probs.append(log_prob.detach())
@@ -193,9 +195,9 @@ class _Recording:
         deterministic = torch.stack(self.deterministic).cpu()
         if deterministic.any():
             raise UserError(
-                f"the step at timestep {int(timesteps[deterministic.nonzero()[0, 0]])} is deterministic (variance 0); "
-                "RL needs stochastic steps: use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable Diffusion's "
-                "config has)")
+                f"the step at timestep {int(timesteps[deterministic.nonzero()[0, 0]])} is deterministic (variance 0, or "
+                "DDPM's 1e-20 clamp of it at the step into x_0); RL needs stochastic steps: use eta > 0 with DDIM (and "
+                "set_alpha_to_one=False, as Stable Diffusion's config has), or a learned-variance DDPM")
 
 
 def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds,
