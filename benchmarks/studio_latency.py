@@ -6,53 +6,48 @@ A slider change runs ``Studio.render`` (what the page's event calls): MSDDA over
 4 images, their rewards and path KLs, and the images' conversion. The baseline is ``method="single"`` through
 the same pipeline: the same 4 images with one adapter, no rewards, no KL. Both on the embedded world, after a
 warm-up, median of the repeats, in this run; prints both times and their ratio last. Without ``--adapter`` it
-uses three random-weight adapters (the cost does not depend on what the adapters learned).
+uses the adapters the studio opens with, the shipped reference adapters (rank 8, on attention and convolutions).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 
 from fuse_speed import seconds_per_image  # the timing rule of benchmarks/fuse_speed.py (per call: batch 1)
+from msdda.studio.cli import DEFAULT_ADAPTERS
 from msdda.studio.core import GRID_SIZE, Studio
-from msdda.testing import random_world_adapter
 
 PROMPT = "a red circle on the left"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat; default: three "
-                        "random-weight world adapters)")
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder or world:<name> (repeat; "
+                        f"default: {', '.join(DEFAULT_ADAPTERS)})")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as folder:
-        adapters = args.adapter or [str(random_world_adapter(Path(folder) / f"a{i}", seed=i,
-                                                             num_inference_steps=args.steps)) for i in range(3)]
-        rewards = None if args.adapter else ["world-aesthetic", "world-consistency", "world-thirds"]
-        studio = Studio.load("world", adapters, rewards=rewards, device="cpu")
-        count = len(adapters)
-        weights = [[1.0 / count] * count, [0.6] + [0.4 / (count - 1)] * (count - 1) if count > 1 else [1.0]]
-        moves = iter(range(10**6))  # alternate two weight vectors, as a slider moving back and forth does
+    adapters = args.adapter or DEFAULT_ADAPTERS
+    studio = Studio.load("world", adapters, device="cpu")
+    count = len(adapters)
+    weights = [[1.0 / count] * count, [0.6] + [0.4 / (count - 1)] * (count - 1) if count > 1 else [1.0]]
+    moves = iter(range(10**6))  # alternate two weight vectors, as a slider moving back and forth does
 
-        def slider_change():
-            return studio.render(weights[next(moves) % 2], "msdda", steps=args.steps,
-                                 seed=0, prompt=PROMPT)
+    def slider_change():
+        return studio.render(weights[next(moves) % 2], "msdda", steps=args.steps,
+                             seed=0, prompt=PROMPT)
 
-        def single():
-            return studio.pipeline([PROMPT] * GRID_SIZE, weights=[1.0] + [0.0] * (count - 1), method="single",
-                                   num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
-                                   output_type="pil")
+    def single():
+        return studio.pipeline([PROMPT] * GRID_SIZE, weights=[1.0] + [0.0] * (count - 1), method="single",
+                               num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
+                               output_type="pil")
 
-        studio_seconds = seconds_per_image(slider_change, 1, args.repeats)
-        single_seconds = seconds_per_image(single, 1, args.repeats)
+    studio_seconds = seconds_per_image(slider_change, 1, args.repeats)
+    single_seconds = seconds_per_image(single, 1, args.repeats)
     print(f"{count} adapters, {GRID_SIZE} images, {args.steps} steps, {args.threads} threads, median of {args.repeats}")
     print(f"studio slider change (msdda + rewards + path KL): {studio_seconds:.3f} s")
     print(f"single-adapter sampling of the same images:       {single_seconds:.3f} s")
