@@ -348,9 +348,25 @@ def step_kernel(
         else:  # learned_range: interpolate the log-variance between the two fixed choices
             fraction = (predicted_variance + 1) / 2
             variance = torch.exp(fraction * current_beta_t.log() + (1 - fraction) * small.log())
-        # diffusers adds no noise at timestep 0: the last DDPM step is deterministic
-        variance = torch.where(_per_row(timesteps, sample) > 0, variance, torch.zeros_like(variance))
+        stochastic = _per_row(_ddpm_step_is_stochastic(scheduler, timesteps, prev_timesteps), sample)
+        variance = torch.where(stochastic, variance, torch.zeros_like(variance))
     return StepKernel(mean=mean, variance=variance, pred_original_sample=pred_original_sample)
+
+
+def _ddpm_step_is_stochastic(scheduler: DDPMScheduler, timesteps: torch.Tensor,
+                             prev_timesteps: torch.Tensor) -> torch.Tensor:
+    """Whether DDPM's step from each timestep has a variance, elementwise.
+
+    diffusers adds no noise at timestep 0. The step into x_0 (the previous timestep before the schedule: cumulative
+    alpha 1) has a posterior variance of exactly 0, which diffusers clamps to 1e-20 to take its log and then samples
+    from: a point mass in all but name, as is ``learned_range``'s interpolation from it, whose KL to any moved kernel
+    is unbounded. msdda takes the exact 0 for the variances built on the posterior's: that step is deterministic, as
+    improved DDPM's last step is. ``fixed_large`` and ``learned`` do not use it and keep their variance there.
+    """
+    stochastic = timesteps > 0
+    if scheduler.config.variance_type in ("fixed_small", "fixed_small_log", "learned_range"):
+        stochastic = stochastic & (prev_timesteps >= 0)
+    return stochastic
 
 
 def check_learned_variances(scheduler: DDPMScheduler | DDIMScheduler, kernels: Sequence[StepKernel],
@@ -367,7 +383,8 @@ def check_learned_variances(scheduler: DDPMScheduler | DDIMScheduler, kernels: S
     if not learns_variance(scheduler) or not kernels:
         return
     timesteps = _as_timesteps(timestep, kernels[0].variance.device)
-    stochastic = _per_row(timesteps > 0, kernels[0].mean)  # the last DDPM step has variance 0 by design
+    stochastic = _per_row(_ddpm_step_is_stochastic(scheduler, timesteps, previous_timestep(scheduler, timesteps)),
+                          kernels[0].mean)
     broken = [~torch.isfinite(kernel.variance) | ((kernel.variance <= 0) & stochastic) for kernel in kernels]
     for name, kernel, bad, failed in zip(names, kernels, broken, torch.stack([b.any() for b in broken]).tolist()):
         if failed:

@@ -572,9 +572,14 @@ def test_attention_and_conv_lora_both_reach_stock_diffusers(tmp_path) -> None:
         torch.testing.assert_close(parameter, trained[name.replace(".default_0", "")].detach().cpu())
 
 
-def test_ddpm_fixed_small_is_refused_at_its_step_into_x0(tmp_path, fresh_accelerator_state) -> None:
-    """diffusers' DDPM clamps the zero posterior variance of its step into x_0 to 1e-20 and samples from it: a point
-    mass whose KL to any moved kernel is astronomically large, so training on it is refused, naming the step."""
-    trainer = Trainer(_config(tmp_path, "sampling.scheduler=ddpm"))
-    with pytest.raises(UserError, match=r"timestep 1 is deterministic \(variance 0, or DDPM's 1e-20 clamp"):
-        trainer.run()
+
+def test_ddpm_trains_with_its_step_into_x0_deterministic(tmp_path, fresh_accelerator_state) -> None:
+    """diffusers' DDPM clamps the zero posterior variance of its step into x_0 to 1e-20 and samples from it; msdda
+    takes that step as deterministic, so it is no action: a finite KL, a zero log-prob there, never trained."""
+    trainer = Trainer(_config(tmp_path, "sampling.scheduler=ddpm", "epochs=2"))
+    trajectories = trainer.sample(0)
+    assert trajectories.stochastic.tolist() == [True] * 3 + [False]
+    assert trajectories.timesteps[-1] == 1 and (trajectories.log_probs[:, -1] == 0).all()
+    assert torch.isfinite(trajectories.log_probs).all() and (trajectories.log_probs[:, :-1] != 0).all()
+    trainer.run()
+    assert 0 < trainer.history[-1]["kl"] < 1e3

@@ -116,6 +116,7 @@ def _sample(world: GaussianWorld, policy: nn.Module, step_reward: StepReward, ba
     nothing = torch.empty(batch, 0)
     return Trajectories(
         prompts=[""] * batch, prompt_embeds=nothing, negative_embeds=nothing, timesteps=torch.tensor(stochastic_steps),
+        stochastic=torch.ones(len(stochastic_steps), dtype=torch.bool),
         latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), noises=torch.stack(noises, dim=1),
         reference_means=torch.stack(reference_means, dim=1),
         reference_variances=torch.stack(reference_variances, dim=1),

@@ -34,12 +34,14 @@ STEP_REWARDS = ("terminal", "tweedie", "rollout")
 
 @dataclass
 class Trajectories:
-    """B sampled trajectories of T stochastic steps (tensors on the sampling device, detached)."""
+    """B sampled trajectories of T steps (tensors on the sampling device, detached), all stochastic but perhaps the
+    last (DDPM's step into x_0), which is no action: it has no log-prob or KL and is not trained."""
 
     prompts: list[str]
     prompt_embeds: torch.Tensor  # [B, L, D]
     negative_embeds: torch.Tensor  # [B, L, D]
     timesteps: torch.Tensor  # [T]
+    stochastic: torch.Tensor  # [T] bool, on the CPU: the steps that are actions (all but a deterministic last one)
     latents: torch.Tensor  # [B, T + 1, C, H, W]: x_T ... x_0
     log_probs: torch.Tensor  # [B, T]
     noises: torch.Tensor | None  # [B, T, C, H, W]: each step's standard normal draw (kept for the pathwise update)
@@ -126,7 +128,7 @@ def sample_trajectories(
         return StepKernel(kernel.mean.detach(), kernel.variance.detach(), kernel.pred_original_sample)
 
     latents = denoise(timesteps, latents, kernel_at, generator, prompt_embeds, recording.record)
-    recording.check_stochastic(timesteps)
+    stochastic = recording.check_stochastic(timesteps)
     images = decode_latents(pipeline, latents)
     final_reward = reward(images, prompts).to(torch.float32)
     with torch.enable_grad():  # stacking under no_grad would cut the graphs
@@ -147,6 +149,7 @@ def sample_trajectories(
         step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
     return Trajectories(
         prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
+        stochastic=stochastic,
         latents=torch.stack(recording.states, dim=1),
         noises=torch.stack(recording.noises, dim=1) if keep_noises else None,
         log_probs=torch.stack(recording.log_probs, dim=1),
@@ -177,27 +180,37 @@ class _Recording:
             self.reference_means.append(reference.mean)
             self.reference_variances.append(_per_sample(reference.variance, reference.mean))
             self.reference_x0.append(reference.pred_original_sample)
-        with torch.set_grad_enabled(graph_kernel is not None):
-            log_prob = (step.kernel if graph_kernel is None else graph_kernel).log_prob(step.next_latents)
+        deterministic = step.kernel.is_deterministic
+        self.deterministic.append(deterministic)
+        if deterministic:  # no density: the step is no action (check_stochastic allows it only last)
             if graph_kernel is not None:
-                self.graph_log_probs.append(log_prob)
-                if reference is not None:
-                    self.graph_kls.append(kernel_kl(graph_kernel, reference))
-        # checked after the loop, not to wait for the GPU; 1e-20 is DDPM's clamp of a zero posterior variance (its
-        # fixed_small step into x_0), a point mass in all but name whose KL to any other kernel is unbounded
-        self.deterministic.append((step.kernel.variance <= 1e-20).all())
+                raise UserError("train.single_pass cannot train this schedule: its last step is deterministic "
+                                "(DDPM's step into x_0) and has no log-prob to keep a graph of; set "
+                                "train.single_pass=false")
+            log_prob = torch.zeros(len(step.next_latents), device=step.next_latents.device)
+        else:
+            with torch.set_grad_enabled(graph_kernel is not None):
+                log_prob = (step.kernel if graph_kernel is None else graph_kernel).log_prob(step.next_latents)
+                if graph_kernel is not None:
+                    self.graph_log_probs.append(log_prob)
+                    if reference is not None:
+                        self.graph_kls.append(kernel_kl(graph_kernel, reference))
         if self.keep_noises:
             self.noises.append(step.noise)
         self.log_probs.append(log_prob.detach())
         self.states.append(step.next_latents)
 
-    def check_stochastic(self, timesteps: torch.Tensor) -> None:
-        deterministic = torch.stack(self.deterministic).cpu()
-        if deterministic.any():
+    def check_stochastic(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The steps that are actions, ``[T]`` bool: all must be stochastic but the last (DDPM's step into x_0)."""
+        deterministic = torch.tensor(self.deterministic)
+        if deterministic[:-1].any():
             raise UserError(
-                f"the step at timestep {int(timesteps[deterministic.nonzero()[0, 0]])} is deterministic (variance 0, or "
-                "DDPM's 1e-20 clamp of it at the step into x_0); RL needs stochastic steps: use eta > 0 with DDIM (and "
-                "set_alpha_to_one=False, as Stable Diffusion's config has), or a learned-variance DDPM")
+                f"the step at timestep {int(timesteps[deterministic[:-1].nonzero()[0, 0]])} is deterministic "
+                "(variance 0); RL needs stochastic steps: use eta > 0 with DDIM (and set_alpha_to_one=False, as Stable "
+                "Diffusion's config has)")
+        if deterministic.all():
+            raise UserError("every step of the schedule is deterministic; RL needs stochastic steps")
+        return ~deterministic
 
 
 def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds,

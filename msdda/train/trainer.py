@@ -342,7 +342,7 @@ def _concatenate(batches: list[Trajectories]) -> Trajectories:
 
     def joined(name: str):
         parts = [getattr(batch, name) for batch in batches]
-        if name == "timesteps" or parts[0] is None:
+        if name in ("timesteps", "stochastic") or parts[0] is None:
             return parts[0]
         return [item for part in parts for item in part] if isinstance(parts[0], list) else torch.cat(parts)
 

@@ -103,14 +103,14 @@ def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajector
                 config: TrainConfig, learner: Learner, seeds: Sequence[int],
                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Train on an epoch's trajectories: for each inner epoch (one seed each), minibatches of
-    ``train.batch_size`` trajectories in random order, and within each ``trained_steps`` random steps, one
-    backward each (the Accelerator steps the optimizer every ``gradient_accumulation_steps`` of them).
+    ``train.batch_size`` trajectories in random order, and within each ``trained_steps`` random steps of
+    those that are actions (``Trajectories.stochastic``), one backward each (the Accelerator steps the optimizer every ``gradient_accumulation_steps`` of them).
 
     Trajectories whose ``advantages`` row ``[B, T]`` is not finite (dropped samples) are left out. Returns the
     mean of each of ``LOGGED_TERMS`` over the updates. ``dtype`` is the losses' (see ``transitions``).
     """
     keep = torch.isfinite(advantages).all(dim=1)
-    count, steps = len(trajectories.prompts), len(trajectories.timesteps)
+    count, actions = len(trajectories.prompts), trajectories.stochastic.nonzero()[:, 0]
     # summed on the device and read once per epoch: reading a value every step would make the CPU wait for the GPU
     sums = dict.fromkeys(LOGGED_TERMS, 0.0)
     updates = 0
@@ -122,7 +122,7 @@ def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajector
         for start in range(0, count, config.train.batch_size):
             rows = order[start:start + config.train.batch_size]
             rows = rows[keep[rows]]
-            step_order = torch.randperm(steps, generator=generator)[:config.trained_steps]
+            step_order = actions[torch.randperm(len(actions), generator=generator)[:config.trained_steps]]
             for step in step_order.tolist():
                 with learner.accelerator.accumulate(learner.model):
                     terms = loss(transitions(trajectories, advantages, rows, step, dtype))
