@@ -44,6 +44,24 @@ PRECISION_NOTE = (
     "MSDDA's fused precision, P = (1 - sum_i l_i) / s_ref^2 + sum_i l_i / s_i^2, is 1 / s^2 > 0 at every weight "
     "here, off the simplex too: every kernel has the scheduler's variance s^2. (With learned variances it can turn "
     "non-positive, and sampling refuses such weights.)")
+LEARNED_PRECISION_NOTE = (
+    "MSDDA's fused precision, P = (1 - sum_i l_i) / s_ref^2 + sum_i l_i / s_i^2, weights each kernel by its own "
+    "learned variance here, so MSDDA parts from output averaging (the weighted mean of the means and of the "
+    "log-variances) as far as the variances differ. Sampling refuses weights where P is not positive; every cell of "
+    "this sweep sampled.")
+
+
+def _learns_variances(adapters: list[str]) -> bool:
+    """Whether the adapters were trained on a learned-variance scheduler (their metadata's scheduler config)."""
+    from msdda.adapters import METADATA_FILE, load_adapter_metadata, resolve_adapter
+
+    for source in adapters:
+        folder = resolve_adapter(source)
+        if (folder / METADATA_FILE).is_file():
+            variance_type = (load_adapter_metadata(folder).scheduler_config or {}).get("variance_type")
+            if variance_type in ("learned", "learned_range"):
+                return True
+    return False
 
 
 @dataclass
@@ -537,7 +555,7 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
              f"({metrics['reference_point_rule']})." + "".join(notes), TRAJECTORY_NOTE,
              STEP_NOTE if any(m["step_objective"] for m in metrics["methods"].values()) else NO_STEP_NOTE]
     if "msdda" in metrics["methods"]:
-        intro.append(PRECISION_NOTE)
+        intro.append(LEARNED_PRECISION_NOTE if _learns_variances(config.get("adapters") or []) else PRECISION_NOTE)
     tables = _tables(metrics, names)
     shown = _grid_prompts(folder, config)
     grid_caption = (f"Rows: weights w = ({', '.join(names)}). Columns: the first seed of {shown}.")
