@@ -23,9 +23,10 @@ from msdda.diffusion import (
     denoiser_of,
     encode_prompts,
     images_to_pil,
+    prepare_sampling,
     resolve_device,
 )
-from msdda.kernels import StepKernel, initial_latents, kernel_kl, learns_variance
+from msdda.kernels import StepKernel, kernel_kl, learns_variance
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
 
@@ -34,17 +35,16 @@ __all__ = ["evaluate_adapter"]
 
 @torch.no_grad()
 def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guidance: float,
-            noise_scale: float | None):
+            noise_scale: float | None, resolution: int | None):
     """Images of ``name`` ("__base__": the reference) and, for an adapter, each trajectory's summed KL and, per
     stochastic timestep, each sample's mean over elements of (adapter's variance / base's variance).
-    ``noise_scale`` is the sampler's (msdda.diffusion.sampler_kernel): DDIM's eta, or a flow noise level."""
-    positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device)
+    ``noise_scale`` is the sampler's (msdda.diffusion.sampler_kernel): DDIM's eta, or a flow noise level;
+    ``resolution`` the images' side in pixels (None: the pipeline's default)."""
+    positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device, guidance_scale=guidance)
     negative = negative if guidance > 1.0 else None
     scheduler, unet = pipeline.scheduler, denoiser_of(pipeline)
-    scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = initial_latents(scheduler, shape, generator, positive)
+    latents = prepare_sampling(pipeline, steps, len(prompts), generator, positive, resolution, resolution)
     kl = torch.zeros(len(prompts), dtype=torch.float64)
     variance_ratios: dict[int, list[float]] = {}
     names = [name] if name == BASE else [name, BASE]
@@ -102,7 +102,8 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     for seed, start in tqdm(chunks, desc="evaluate", mininterval=2):
         batch = prompt_list[start:start + batch_size]
         for side, name in (("base", BASE), ("adapter", pipeline.adapters[0].name)):
-            images, kl, ratios = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, noise_scale)
+            images, kl, ratios = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, noise_scale,
+                                           metadata.resolution)
             for timestep, values in ratios.items():
                 variance_ratios.setdefault(timestep, []).extend(values)
             for reward_name, scorer in zip(names, scorers):
