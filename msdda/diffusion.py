@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.utils.checkpoint
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -49,6 +48,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from msdda.errors import InputNotFound, UserError
 from msdda.kernels import (
@@ -247,6 +247,9 @@ def prepare_sampling(pipeline, num_inference_steps: int, batch: int, generator: 
     pipelines let the scheduler space its steps. The flow kernels read the scheduler's sigmas, so the SDE steps
     between exactly the noise levels the stock pipeline's Euler steps use.
     """
+    if latents is not None and latents.ndim != 4:
+        raise UserError(f"latents of shape {tuple(latents.shape)}: msdda's latents are [B, C, H, W], as the VAE makes "
+                        "them (FluxPipeline's packed [B, patches, 4C] unpack with FluxPipeline._unpack_latents)")
     shape = latent_shape(pipeline, batch, height, width) if latents is None else tuple(latents.shape)
     scheduler = pipeline.scheduler
     if isinstance(pipeline, FluxPipeline):

@@ -193,6 +193,12 @@ def test_single_at_noise_level_0_is_the_stock_flux_pipeline_with_the_lora_loaded
         guidance_scale=3.5)
 
 
+def test_sampling_at_another_size_than_the_adapters_warns_that_the_shift_moves(models, trained) -> None:
+    pipeline = _fusing_pipeline(models, trained, "pathwise")
+    with pytest.warns(UserWarning, match=r"mu = .* but the adapters were trained at mu = .*resolution 16"):
+        pipeline(PROMPTS[0], height=32, width=32, num_inference_steps=1, output_type="pt")
+
+
 def test_msdda_fuses_two_flux_adapters_with_one_transformer_forward_per_step(models, trained) -> None:
     # both adapters' rows in one batch (no negative rows: FLUX's guidance is an input), for each of 3 steps
     pipeline = _fusing_pipeline(models, trained, "pathwise", "policy-gradient")

@@ -23,6 +23,7 @@ With ``return_kl=True`` it also measures each sample's path KL to the base along
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -45,8 +46,10 @@ from msdda.diffusion import (
     BASE,
     decode_latents,
     denoiser_of,
+    dynamic_shift_mu,
     encode_prompts,
     is_flow_pipeline,
+    latent_shape,
     pipeline_class_name,
     resolve_base,
 )
@@ -276,6 +279,7 @@ class _Fusing:
                           else guidance_scale)
         height = height or self._default("resolution", None)
         width = width or self._default("resolution", None)
+        self._warn_if_the_shift_moves(latents, height, width)
         noise, noise_name = self._noise_scale(eta, flow_noise_level)
         if noise == 0:
             warnings.warn(f"{noise_name}=0 makes every step deterministic: there is no precision to weight, so MSDDA "
@@ -306,6 +310,17 @@ class _Fusing:
         if not return_dict:
             return (images, None)
         return MSDDAPipelineOutput(images=images, nsfw_content_detected=None, path_kl=path_kl)
+
+    def _warn_if_the_shift_moves(self, latents: torch.Tensor | None, height: int | None, width: int | None) -> None:
+        """FLUX's dynamic shift depends on the image size: sampled at another size than the adapters were trained
+        at, every step's kernel is one they were not trained for, so the fusion is no longer exact for them."""
+        trained = self._default("flow_mu", None)
+        shape = tuple(latents.shape) if latents is not None else latent_shape(self, 1, height, width)
+        mu = dynamic_shift_mu(self, shape)
+        if trained is not None and mu is not None and not math.isclose(mu, trained, rel_tol=1e-6):
+            warnings.warn(f"sampling {shape[-2]}x{shape[-1]} latents shifts FLUX's schedule by mu = {mu:.4f}, but the "
+                          f"adapters were trained at mu = {trained:.4f} (resolution {self._default('resolution', None)}"
+                          "): their step kernels are fused on steps they were not trained for", stacklevel=3)
 
     def _noise_scale(self, eta: float | None, flow_noise_level: float | None) -> tuple[float | None, str]:
         """The sampler's noise setting (msdda.diffusion.sampler_kernel) and its name: a flow sampler's noise level,
