@@ -69,6 +69,8 @@ class AdapterMetadata:
     None for a fixed shift."""
     resolution: int | None = None
     """The side in pixels of the images trained on; None: the pipeline's default (and in older adapters)."""
+    max_sequence_length: int | None = None
+    """T5's token count of the prompts trained on (SD3, FLUX); None: the pipeline's default."""
 
     @property
     def sampler_description(self) -> str:

@@ -289,32 +289,38 @@ def _check_scheduler_reads_the_variance(base: str, location: str, scheduler: str
 
 @torch.no_grad()
 def encode_prompts(pipeline, prompts: list[str], device: torch.device, negative_prompt: str | list[str] | None = None,
-                   guidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   guidance_scale: float | None = None, max_sequence_length: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt conditioning, negative conditioning), each ``[B, L, D]``: the pipeline's own ``encode_prompt``, SD3's
     and FLUX's pooled outputs packed in (``pack_conditioning``).
 
     The negative conditioning is the empty prompt unless ``negative_prompt``; FLUX has none (None): FLUX.1-dev takes
     ``guidance_scale`` as an input of its transformer instead (packed after the pooled output, see the module
     docstring), and a transformer without guidance embeddings (FLUX.1-schnell) takes no guidance at all.
+    ``max_sequence_length`` is T5's token count for SD3 and FLUX (None: the pipeline's default, 256 and 512).
     """
+    tokens = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
     if isinstance(pipeline, FluxPipeline):
-        return _encode_flux_prompts(pipeline, prompts, device, negative_prompt, guidance_scale), None
+        return _encode_flux_prompts(pipeline, prompts, device, negative_prompt, guidance_scale, tokens), None
     if not is_flow_pipeline(pipeline):
+        if tokens:
+            raise UserError(f"max_sequence_length={max_sequence_length} sets the T5 token count of SD3 and FLUX; a "
+                            f"{type(pipeline).__name__} encodes its CLIP tokenizer's 77 tokens: leave it unset")
         return pipeline.encode_prompt(prompts, device, 1, True, negative_prompt)
     positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
-        prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+        prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt, **tokens)
     return pack_conditioning(positive, pooled), pack_conditioning(negative, negative_pooled)
 
 
 def _encode_flux_prompts(pipeline, prompts: list[str], device: torch.device, negative_prompt,
-                         guidance_scale: float | None) -> torch.Tensor:
+                         guidance_scale: float | None, tokens: dict) -> torch.Tensor:
     """FLUX's T5 sequence with the pooled CLIP output and, for FLUX.1-dev, the guidance scale packed after it. The
     text position ids FluxPipeline also returns are zeros of the sequence's length, rebuilt where they are used."""
     if negative_prompt is not None:
         raise UserError(f"negative_prompt={negative_prompt!r}: FLUX.1 is sampled without a negative branch (its "
                         "guidance is distilled into the transformer), and msdda does not run FluxPipeline's optional "
                         "true CFG; leave negative_prompt unset")
-    sequence, pooled, _ = pipeline.encode_prompt(prompts, None, device=device)
+    sequence, pooled, _ = pipeline.encode_prompt(prompts, None, device=device, **tokens)
     if pipeline.transformer.config.guidance_embeds:
         if guidance_scale is None:
             raise UserError("this FLUX transformer embeds its guidance scale (guidance_embeds, as FLUX.1-dev): pass "

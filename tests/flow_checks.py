@@ -81,17 +81,17 @@ def fusing_pipeline(base: str, adapters: list[Path]):
     return pipeline
 
 
-def assert_single_at_noise_level_0_is_the_stock_pipeline(pipeline, stock, adapter: Path, stock_size: dict,
+def assert_single_at_noise_level_0_is_the_stock_pipeline(pipeline, stock, adapter: Path, stock_kwargs: dict,
                                                          **call) -> None:
     """``single`` on the fusing ``pipeline``'s one adapter at noise level 0 (the Euler steps) gives the ``stock``
-    pipeline's images with ``adapter`` loaded by its own ``load_lora_weights`` (``stock_size``: the height and width
-    the stock pipeline is told, where the fusing one reads them from the adapter); ``eta`` is refused."""
+    pipeline's images with ``adapter`` loaded by its own ``load_lora_weights`` (``stock_kwargs``: what the stock
+    pipeline is told and the fusing one reads from the adapter, e.g. the size); ``eta`` is refused."""
     with pytest.warns(UserWarning, match="flow_noise_level=0 makes every step deterministic"):
         ours = pipeline(PROMPTS[:2], method="single", flow_noise_level=0.0, output_type="pt", **call,
                         generator=torch.Generator().manual_seed(5)).images
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(adapter)
-    expected = stock(PROMPTS[:2], output_type="pt", **call, **stock_size,
+    expected = stock(PROMPTS[:2], output_type="pt", **call, **stock_kwargs,
                      generator=torch.Generator().manual_seed(5)).images
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="eta=1.0 is DDIM's setting"):

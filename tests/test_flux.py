@@ -127,6 +127,8 @@ def test_the_guidance_scale_reaches_the_transformer(models) -> None:
         encode_prompts(dev, PROMPTS[:1], cpu, negative_prompt="blurry", guidance_scale=3.5)
     with pytest.raises(UserError, match="pass guidance_scale"):
         encode_prompts(dev, PROMPTS[:1], cpu)
+    short, _ = encode_prompts(dev, PROMPTS[:1], cpu, guidance_scale=3.5, max_sequence_length=128)
+    assert short.shape[1] == 128 + 1
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +152,10 @@ def test_the_exported_adapter_loads_with_stock_load_lora_weights(models, trained
     assert (metadata.pipeline_class, metadata.scheduler_class) == ("FluxPipeline", "FlowMatchEulerDiscreteScheduler")
     assert (metadata.flow_noise_level, metadata.num_inference_steps, metadata.resolution) == (0.9, 3, SIZE)
     assert metadata.flow_shift is None and metadata.flow_mu == pytest.approx(0.5 + (16 - 256) * 0.65 / 3840)
-    assert metadata.eta is None and metadata.guidance_scale == 3.5
+    assert metadata.eta is None and metadata.guidance_scale == 3.5 and metadata.max_sequence_length == 128
     stock = FluxPipeline.from_pretrained(models["dev"], local_files_only=True)
     flow_checks.assert_stock_loader_reproduces_the_trained_transformer(stock, final, transformer, (4, 8, 8),
-                                                                       guidance_scale=3.5)
+                                                                       guidance_scale=3.5, max_sequence_length=128)
 
 
 @pytest.mark.parametrize("estimator,step_reward", [("pathwise", "rollout"), ("policy-gradient", "tweedie"),
@@ -173,7 +175,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, tmp
                                            tmp_path)
 
 
-@pytest.mark.parametrize("field,value", [("flow_noise_level", 0.5), ("flow_mu", 1.15), ("resolution", 32)])
+@pytest.mark.parametrize("field,value", [("flow_noise_level", 0.5), ("flow_mu", 1.15), ("resolution", 32),
+                                         ("max_sequence_length", 512)])
 def test_fusion_refuses_flux_adapters_whose_sampler_differs_naming_the_field(trained, tmp_path, field: str,
                                                                              value: float) -> None:
     flow_checks.assert_fusion_refuses_a_changed_field(trained["pathwise"][0], tmp_path, field, value)
@@ -187,10 +190,10 @@ def test_single_at_noise_level_0_is_the_stock_flux_pipeline_with_the_lora_loaded
     pipeline = _fusing_pipeline(models, trained, "pathwise")
     assert isinstance(pipeline, MSDDAFluxPipeline) and isinstance(pipeline, FluxPipeline)
     stock = FluxPipeline.from_pretrained(models["dev"], local_files_only=True)
-    # the fusing pipeline samples at the adapter's resolution; the stock one is told it
+    # the fusing pipeline samples at the adapter's resolution and T5 length; the stock one is told them
     flow_checks.assert_single_at_noise_level_0_is_the_stock_pipeline(
-        pipeline, stock, trained["pathwise"][0], dict(height=SIZE, width=SIZE), num_inference_steps=3,
-        guidance_scale=3.5)
+        pipeline, stock, trained["pathwise"][0], dict(height=SIZE, width=SIZE, max_sequence_length=128),
+        num_inference_steps=3, guidance_scale=3.5)
 
 
 def test_sampling_at_another_size_than_the_adapters_warns_that_the_shift_moves(models, trained) -> None:

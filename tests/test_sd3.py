@@ -104,6 +104,16 @@ def test_a_sampler_that_does_not_fit_the_base_is_refused_before_loading(models, 
         _config(models, tmp_path / "run", "sampling.flow_noise_level=0").validate()
 
 
+def test_a_t5_length_is_a_setting_of_t5_pipelines_only(models, tmp_path) -> None:
+    sd3 = load_base_pipeline(models["sd3"], "flow")
+    short, _ = encode_prompts(sd3, PROMPTS[:1], torch.device("cpu"), max_sequence_length=16)
+    default, _ = encode_prompts(sd3, PROMPTS[:1], torch.device("cpu"))
+    assert default.shape[1] - short.shape[1] == 256 - 16  # SD3's default T5 length is 256
+    sd = load_base_pipeline(str(tiny_stable_diffusion(tmp_path / "sd")), "ddim")
+    with pytest.raises(UserError, match="max_sequence_length=64 sets the T5 token count of SD3 and FLUX"):
+        encode_prompts(sd, PROMPTS[:1], torch.device("cpu"), max_sequence_length=64)
+
+
 @pytest.fixture(scope="module")
 def trained(models, tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
     """One epoch of the recipe with each estimator: (the exported adapter, the trained transformer)."""

@@ -88,10 +88,10 @@ class MSDDAPipelineOutput(StableDiffusionPipelineOutput):
 
 
 SAME_SAMPLER_FIELDS = ("pipeline_class", "scheduler_class", "num_inference_steps", "flow_noise_level", "flow_shift",
-                       "flow_mu", "resolution")
+                       "flow_mu", "resolution", "max_sequence_length")
 """The metadata fields adapters must share to be fused: the step kernels they were trained on (a flow adapter's
 kernel depends on its SDE's noise level and on the shifted schedule, FLUX's dynamic shift on the resolution, not
-only on the scheduler's class)."""
+only on the scheduler's class; every adapter is fed one conditioning, encoded with one T5 length)."""
 
 
 def _check_same_sampler(source: str, metadata: AdapterMetadata, first: tuple[str, AdapterMetadata]) -> None:
@@ -249,6 +249,7 @@ class _Fusing:
                  guidance_scale: float | None = None, eta: float | None = None,
                  flow_noise_level: float | None = None, negative_prompt: str | list[str] | None = None,
                  num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 max_sequence_length: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
                  code_block: int = 5, return_dict: bool = True, return_kl: bool = False,
@@ -257,10 +258,10 @@ class _Fusing:
 
         ``beta`` is the fused objective's KL weight (default: sum_i w_i beta_i / sum_i w_i, the adapters' common
         beta when they share one). ``rewards`` (one per adapter) are needed only by ``method="code"``. Defaults for
-        steps, guidance, eta (for flow adapters: ``flow_noise_level``, the flow SDE's noise level) and the image size
-        (``height``, ``width``: the adapters' resolution, else the pipeline's default) come from the adapters'
-        metadata; for FLUX.1-dev ``guidance_scale`` is its distilled guidance. ``return_kl`` measures each sample's
-        path KL to the base, and to each comparison adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a
+        steps, guidance, eta (for flow adapters: ``flow_noise_level``, the flow SDE's noise level), the image size
+        (``height``, ``width``: the adapters' resolution, else the pipeline's default) and T5's
+        ``max_sequence_length`` come from the adapters' metadata; for FLUX.1-dev ``guidance_scale`` is its distilled
+        guidance. ``return_kl`` measures each sample's path KL to the base, and to each comparison adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a
         method without a Gaussian kernel); the images are the same with and without it. ``return_reference_x0``
         (with ``return_kl``) also keeps the base's x0 estimate at every state of the trajectory in
         ``output.path_kl.reference_x0`` (empty for a method without a Gaussian kernel): the images the ``tweedie``
@@ -293,7 +294,8 @@ class _Fusing:
             reward = lambda images, texts: sum(w / total * r(images, texts) for w, r in zip(weights, rewards))  # noqa: E731
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        positive, negative = encode_prompts(self, prompts, self._execution_device, negative_prompt, guidance_scale)
+        positive, negative = encode_prompts(self, prompts, self._execution_device, negative_prompt, guidance_scale,
+                                            max_sequence_length or self._default("max_sequence_length", None))
         negative = negative if guidance_scale > 1.0 else None
         names = [a.name for a in self.adapters]
         path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to, return_reference_x0)

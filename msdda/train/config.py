@@ -37,6 +37,9 @@ class SamplingSettings:
     branch, FluxPipeline's default 3.5); ignored by a transformer without guidance embeddings (FLUX.1-schnell)."""
     resolution: int | None = None
     """The images' side in pixels (square); None: the pipeline's default (the denoiser's sample size, FLUX's 1024)."""
+    max_sequence_length: int | None = None
+    """T5's token count for SD3 and FLUX prompts; None: the pipeline's default (SD3 256, FLUX 512; Flow-GRPO
+    encodes 128). Not a setting of Stable Diffusion's CLIP-only pipelines."""
     batch_size: int = 16
     """Trajectories per process per sampling batch."""
     batches_per_epoch: int = 2
@@ -150,6 +153,7 @@ class TrainConfig:
                             ("sampling.num_inference_steps", self.sampling.num_inference_steps),
                             ("train.batch_size", self.train.batch_size), ("lora.rank", self.lora.rank),
                             ("sampling.resolution", 1 if self.sampling.resolution is None else self.sampling.resolution),
+                            ("sampling.max_sequence_length", self.sampling.max_sequence_length or 1),
                             ("checkpoint.every", self.checkpoint.every), ("checkpoint.keep", self.checkpoint.keep)):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")

@@ -161,7 +161,8 @@ class Trainer:
             rng = np.random.default_rng(_seed(config.seed, epoch, process, batch_index, 1))
             prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), config.sampling.batch_size)]
             positive, negative = encode_prompts(pipeline, prompts, device,
-                                                guidance_scale=config.sampling.guidance_scale)
+                                                guidance_scale=config.sampling.guidance_scale,
+                                                max_sequence_length=config.sampling.max_sequence_length)
             generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
             batches.append(sample_trajectories(
                 pipeline, self.policy.sampling_unet, self.reward, prompts, positive, negative,
@@ -303,6 +304,7 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         return AdapterMetadata(
             pipeline_class=type(pipeline).__name__, resolution=resolution,
+            max_sequence_length=config.sampling.max_sequence_length,
             flow_noise_level=config.sampling.flow_noise_level if flow else None,
             flow_shift=float(scheduler.config.shift) if flow and mu is None else None, flow_mu=mu,
             reward_name=self.reward.name, reward_version=self.reward.version, reward_spec=config.reward.name,
@@ -326,7 +328,8 @@ class Trainer:
         pipeline = self.policy.pipeline
         sampling = self.config.sampling
         positive, negative = encode_prompts(pipeline, prompts, self.accelerator.device,
-                                            guidance_scale=sampling.guidance_scale)
+                                            guidance_scale=sampling.guidance_scale,
+                                            max_sequence_length=sampling.max_sequence_length)
         self.unwrapped.eval()
         images = sample_trajectories(
             pipeline, self.unwrapped, self.reward, prompts, positive, negative, sampling.num_inference_steps,
