@@ -12,7 +12,8 @@ __all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLER
 
 
 def __getattr__(name: str):
-    if name in ("MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline"):  # imported lazily: the closed form needs no diffusers
+    # imported lazily: the closed form needs no diffusers
+    if name in ("MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline"):
         from msdda.fuse import pipeline
 
         return getattr(pipeline, name)

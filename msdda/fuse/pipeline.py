@@ -58,7 +58,8 @@ from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
 from msdda.fuse.methods import FusionContext, PathKL, get_method
 from msdda.fuse.sampler import sample_latents
 
-__all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline", "MSDDAPipelineOutput", "LoadedAdapter", "read_adapters"]
+__all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline", "MSDDAPipelineOutput", "LoadedAdapter",
+           "read_adapters"]
 
 _SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler,
                "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler}
@@ -261,11 +262,11 @@ class _Fusing:
         steps, guidance, eta (for flow adapters: ``flow_noise_level``, the flow SDE's noise level), the image size
         (``height``, ``width``: the adapters' resolution, else the pipeline's default) and T5's
         ``max_sequence_length`` come from the adapters' metadata; for FLUX.1-dev ``guidance_scale`` is its distilled
-        guidance. ``return_kl`` measures each sample's path KL to the base, and to each comparison adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a
-        method without a Gaussian kernel); the images are the same with and without it. ``return_reference_x0``
-        (with ``return_kl``) also keeps the base's x0 estimate at every state of the trajectory in
-        ``output.path_kl.reference_x0`` (empty for a method without a Gaussian kernel): the images the ``tweedie``
-        step reward scores.
+        guidance. ``return_kl`` measures each sample's path KL to the base, and to each comparison adapter named in
+        ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the images are the same with
+        and without it. ``return_reference_x0`` (with ``return_kl``) also keeps the base's x0 estimate at every
+        state of the trajectory in ``output.path_kl.reference_x0`` (empty for a method without a Gaussian kernel):
+        the images the ``tweedie`` step reward scores.
         """
         fusion = get_method(method)
         count = len(self.adapters)
