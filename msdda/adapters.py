@@ -1,9 +1,10 @@
 """Reward adapters on disk: diffusers-format LoRA weights, the metadata fusion checks, and a model card.
 
 An adapter folder holds ``pytorch_lora_weights.safetensors`` (what ``pipe.load_lora_weights(folder)`` loads in
-stock diffusers, for the base's pipeline class: StableDiffusionPipeline or StableDiffusion3Pipeline),
+stock diffusers, for the base's pipeline class: StableDiffusionPipeline, StableDiffusion3Pipeline or FluxPipeline),
 ``msdda_adapter.json`` (reward, beta, step-reward estimator, base model and a hash of its denoiser's weights,
-pipeline class, scheduler, sampling settings including a flow sampler's noise level and shift, LoRA settings,
+pipeline class, scheduler, sampling settings including a flow sampler's noise level and shift (or FLUX's dynamic
+shift mu) and the image resolution, LoRA settings,
 training summary) and ``README.md`` with the Hub's YAML front matter.
 """
 
@@ -61,13 +62,22 @@ class AdapterMetadata:
     flow_noise_level: float | None = None
     """A flow sampler's SDE noise level a (Flow-GRPO's ``noise_level``); None for DDPM/DDIM."""
     flow_shift: float | None = None
-    """A flow sampler's schedule shift (FlowMatchEulerDiscreteScheduler's ``shift``); None for DDPM/DDIM."""
+    """A flow sampler's fixed schedule shift (FlowMatchEulerDiscreteScheduler's ``shift``); None for DDPM/DDIM and for
+    a dynamic shift (``flow_mu``)."""
+    flow_mu: float | None = None
+    """FLUX's dynamic shift mu, which FluxPipeline computes from the image's sequence length (so from the resolution);
+    None for a fixed shift."""
+    resolution: int | None = None
+    """The side in pixels of the images trained on; None: the pipeline's default (and in older adapters)."""
+    max_sequence_length: int | None = None
+    """T5's token count of the prompts trained on (SD3, FLUX); None: the pipeline's default."""
 
     @property
     def sampler_description(self) -> str:
         """The sampler in words, for the model card."""
         if self.flow_noise_level is not None:
-            return (f"{self.scheduler_class} (shift {self.flow_shift}) with Flow-GRPO's SDE step at noise level "
+            shift = f"shift {self.flow_shift}" if self.flow_mu is None else f"dynamic shift mu {self.flow_mu:.4f}"
+            return (f"{self.scheduler_class} ({shift}) with Flow-GRPO's SDE step at noise level "
                     f"{self.flow_noise_level}, {self.num_inference_steps} steps")
         return f"{self.scheduler_class}, {self.num_inference_steps} steps, eta = {self.eta}"
 
@@ -132,11 +142,11 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
                  lora_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter atomically: into ``folder.tmp``, then renamed over ``folder``.
 
-    ``unet`` is the denoiser carrying the LoRA (a UNet, or SD3's transformer for ``metadata.pipeline_class``
-    StableDiffusion3Pipeline). ``lora_state`` (PEFT keys) replaces its own LoRA values, e.g. DeepSpeed's float32
-    master copies.
+    ``unet`` is the denoiser carrying the LoRA (a UNet, or the transformer for ``metadata.pipeline_class``
+    StableDiffusion3Pipeline or FluxPipeline). ``lora_state`` (PEFT keys) replaces its own LoRA values, e.g.
+    DeepSpeed's float32 master copies.
     """
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     import msdda
@@ -149,10 +159,11 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     # ResNet convs', and load_lora_weights then reads the mixed file as PEFT format and drops the attention keys
     if lora_state is None:
         lora_state = get_peft_model_state_dict(unet)
-    if metadata.pipeline_class == "StableDiffusion3Pipeline":
-        # with the LoRA config in the file's metadata, as diffusers' SD3 LoRA script saves it: without it,
+    transformer_pipelines = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
+    if metadata.pipeline_class in transformer_pipelines:
+        # with the LoRA config in the file's metadata, as diffusers' SD3 and FLUX LoRA scripts save it: without it,
         # load_lora_weights takes lora_alpha = rank, which scales a LoRA trained at another alpha wrongly
-        StableDiffusion3Pipeline.save_lora_weights(
+        transformer_pipelines[metadata.pipeline_class].save_lora_weights(
             temporary, transformer_lora_layers=lora_state, safe_serialization=True,
             transformer_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     else:

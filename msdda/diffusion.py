@@ -1,10 +1,11 @@
 """Diffusers glue shared by the trainer and the sampler: load a base pipeline, encode prompts, the denoiser's guided
 outputs and step kernels, decode latents.
 
-Two pipeline classes are supported, told apart by the ``_class_name`` in the base's ``model_index.json``:
-``StableDiffusionPipeline`` (a UNet with DDPM or DDIM steps; SD 1.x, 2.x and the embedded world) and
-``StableDiffusion3Pipeline`` (an MMDiT transformer predicting a flow velocity, with FlowMatchEulerDiscreteScheduler;
-SD 3 and 3.5), whose steps are made Gaussian with Flow-GRPO's SDE (msdda.kernels).
+Three pipeline classes are supported, told apart by the ``_class_name`` in the base's ``model_index.json``:
+``StableDiffusionPipeline`` (a UNet with DDPM or DDIM steps; SD 1.x, 2.x and the embedded world), and two whose
+MMDiT transformer predicts a flow velocity with FlowMatchEulerDiscreteScheduler: ``StableDiffusion3Pipeline`` (SD 3
+and 3.5) and ``FluxPipeline`` (FLUX.1-dev and schnell); their steps are made Gaussian with Flow-GRPO's SDE
+(msdda.kernels).
 
 We wrap rather than call the pipelines' ``__call__`` because RL and fusion need each step's Gaussian kernel
 (msdda.kernels), which the stock loops do not expose; everything else is the stock components and their own
@@ -15,7 +16,16 @@ its rows, guidance concatenates its negative and positive halves. Stable Diffusi
 sequence. SD3's transformer takes two tensors, the joint text sequence ``[B, L, D]`` and the pooled CLIP
 projection ``[B, P]``; we carry the pooled projection as ``ceil(P / D)`` zero-padded rows after the sequence
 (``pack_conditioning``), and ``denoiser_forward`` splits them off again, so that every caller has one code path
-for both classes.
+for both classes. FLUX's transformer takes the T5 sequence and the pooled CLIP output the same way, and FLUX.1-dev's
+distilled guidance scale (an input the transformer embeds beside the pooled text, with no negative branch) travels
+as one more value after the pooled output: FLUX's negative conditioning is None, so no caller runs classifier-free
+guidance on it, and a rollout's stored conditioning replays the guidance it was sampled with.
+
+Latents are ``[B, C, H, W]`` everywhere, as the VAE makes them; FLUX's transformer sees them packed into a sequence of
+2x2 patches with their position ids, and ``denoiser_forward`` packs and unpacks them as FluxPipeline does, so the
+kernels, the loop and the stored trajectories do not know about the packing. Each class's schedule, latent shape and
+initial noise come from ``prepare_sampling``, which sets the scheduler as the pipeline's own ``__call__`` does (FLUX:
+its sigmas and the dynamic shift mu from the image's sequence length).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.utils.checkpoint
 from diffusers import (
@@ -32,17 +43,28 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from msdda.errors import InputNotFound, UserError
-from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, check_learned_variances, standard_normal, step_kernel
+from msdda.kernels import (
+    SUPPORTED_SCHEDULERS,
+    StepKernel,
+    check_learned_variances,
+    initial_latents,
+    standard_normal,
+    step_kernel,
+)
 
 __all__ = ["WORLD", "WORLD_LEARNED_VARIANCE", "resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
-           "is_flow_pipeline", "encode_prompts", "pack_conditioning", "unpack_conditioning", "denoiser_forward",
+           "is_flow_pipeline", "latent_shape", "dynamic_shift_mu", "prepare_sampling", "encode_prompts",
+           "pack_conditioning", "unpack_conditioning", "denoiser_forward",
            "guided_output", "apply_guidance", "sampler_kernel", "decode_latents", "images_to_pil", "standard_normal",
            "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE", "PIPELINES",
            "SAMPLERS"]
@@ -53,9 +75,11 @@ WORLD_LEARNED_VARIANCE = "world-lv"
 """The base name of the embedded world whose UNet predicts its step variance (sample it with ``ddpm``)."""
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
-PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
+             "FluxPipeline": FluxPipeline}
 """The base pipeline classes msdda trains on, by the ``_class_name`` of their ``model_index.json``."""
-SAMPLERS = {"StableDiffusionPipeline": ("ddim", "ddpm"), "StableDiffusion3Pipeline": ("flow",)}
+SAMPLERS = {"StableDiffusionPipeline": ("ddim", "ddpm"), "StableDiffusion3Pipeline": ("flow",),
+            "FluxPipeline": ("flow",)}
 """The ``sampling.scheduler`` choices of each pipeline class: DDIM (eta > 0) or DDPM steps for a UNet, Flow-GRPO's
 SDE step (``flow``) for a flow-matching transformer."""
 
@@ -102,21 +126,22 @@ def pipeline_class_name(base: str) -> str:
     except (OSError, KeyError) as error:
         raise _cannot_load(base, error) from error
     if declared not in PIPELINES:
-        raise UserError(f"base model {base!r} is a {declared}; msdda trains and fuses {sorted(PIPELINES)} (FLUX and "
-                        "other flow pipelines are not supported yet)")
+        raise UserError(f"base model {base!r} is a {declared}; msdda trains and fuses {sorted(PIPELINES)} (other "
+                        "pipelines, e.g. Flux2Pipeline, are not supported yet)")
     return declared
 
 
-def _check_flow_scheduler(base: str, scheduler) -> None:
-    """Refuse an SD3 scheduler whose schedule msdda cannot reproduce step by step."""
+def _check_flow_scheduler(base: str, pipeline) -> None:
+    """Refuse a flow scheduler whose schedule msdda cannot reproduce step by step."""
+    scheduler = pipeline.scheduler
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         raise UserError(f"base model {base!r} has a {type(scheduler).__name__}; msdda's flow kernels need its "
-                        "FlowMatchEulerDiscreteScheduler (SD3's own)")
+                        "FlowMatchEulerDiscreteScheduler (the one SD3 and FLUX ship)")
     config = scheduler.config
-    if config.use_dynamic_shifting:
-        raise UserError(f"base model {base!r}'s scheduler shifts its schedule by the image size (use_dynamic_shifting, "
-                        "as FLUX's does), which msdda does not support yet: use a base with a fixed shift (SD 3 and "
-                        "3.5 have shift 3.0)")
+    if config.use_dynamic_shifting and not isinstance(pipeline, FluxPipeline):
+        raise UserError(f"base model {base!r}'s scheduler shifts its schedule by the image size (use_dynamic_shifting), "
+                        "which msdda reproduces for FluxPipeline bases only: use an SD3 base with a fixed shift (SD 3 "
+                        "and 3.5 have shift 3.0)")
     if config.stochastic_sampling:
         raise UserError(f"base model {base!r}'s scheduler has stochastic_sampling=True; msdda trains with Flow-GRPO's "
                         "SDE step (sampling.flow_noise_level): save the base with stochastic_sampling=False")
@@ -129,7 +154,8 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
     For a ``StableDiffusionPipeline``, ``scheduler`` is ``"ddim"`` (use eta > 0 for Gaussian kernels) or ``"ddpm"``,
     both built from the pipeline's own scheduler config so the noise schedule is unchanged; ``channels_last`` puts
     the UNet in the NHWC memory layout, where convolutions run faster. For a ``StableDiffusion3Pipeline`` it is
-    ``"flow"``: the pipeline's own FlowMatchEulerDiscreteScheduler (its shift kept), stepped with Flow-GRPO's SDE.
+    ``"flow"``: the pipeline's own FlowMatchEulerDiscreteScheduler (its shift kept), stepped with Flow-GRPO's SDE; the
+    same for a ``FluxPipeline``, whose dynamic shift ``prepare_sampling`` sets as FluxPipeline does.
     The pipeline class and the scheduler choice are checked before any weights load.
     """
     declared = pipeline_class_name(base)
@@ -137,7 +163,7 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
         raise UserError(f"base model {base!r} is a {declared}, which samples with sampling.scheduler in "
                         f"{list(SAMPLERS[declared])}; got {scheduler!r}")
     location = resolve_base(base)
-    extra = {} if declared == "StableDiffusion3Pipeline" else {"safety_checker": None, "requires_safety_checker": False}
+    extra = {"safety_checker": None, "requires_safety_checker": False} if declared == "StableDiffusionPipeline" else {}
     try:
         _check_scheduler_reads_the_variance(base, location, scheduler, Path(location).is_dir())
         pipeline = PIPELINES[declared].from_pretrained(location, local_files_only=Path(location).is_dir(), **extra)
@@ -146,7 +172,7 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
     if dtype != torch.float32:  # diffusers warns on every dtype cast, even a no-op one
         pipeline.to(dtype=dtype)
     if scheduler == "flow":
-        _check_flow_scheduler(base, pipeline.scheduler)
+        _check_flow_scheduler(base, pipeline)
     else:
         pipeline.scheduler = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[scheduler].from_config(
             pipeline.scheduler.config)
@@ -160,18 +186,81 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
 
 
 def is_flow_pipeline(pipeline) -> bool:
-    """Whether ``pipeline`` is a flow-matching (SD3) pipeline, whose denoiser is ``pipeline.transformer``."""
-    return isinstance(pipeline, StableDiffusion3Pipeline)
+    """Whether ``pipeline`` is a flow-matching (SD3 or FLUX) pipeline, whose denoiser is ``pipeline.transformer``."""
+    return isinstance(pipeline, (StableDiffusion3Pipeline, FluxPipeline))
 
 
 def denoiser_of(pipeline) -> torch.nn.Module:
-    """The network that predicts each step (and carries the LoRA): the UNet, or SD3's transformer."""
+    """The network that predicts each step (and carries the LoRA): the UNet, or the SD3 or FLUX transformer."""
     return pipeline.transformer if is_flow_pipeline(pipeline) else pipeline.unet
 
 
 def _text_encoders(pipeline) -> list[torch.nn.Module]:
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     return [encoder for encoder in (getattr(pipeline, name, None) for name in names) if encoder is not None]
+
+
+def latent_shape(pipeline, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+    """The ``[B, C, H, W]`` shape of x_T for images of ``height`` x ``width`` pixels (None: the pipeline's default, as
+    its ``__call__`` takes it: the denoiser's sample size, or FLUX's 1024 px).
+
+    FLUX's latents must split into 2x2 patches, so its sides are multiples of twice the VAE's scale factor; a size that
+    does not fit is refused rather than rounded down as FluxPipeline does (it warns), so that training, fusion and the
+    recorded resolution agree.
+    """
+    scale = pipeline.vae_scale_factor
+    flux = isinstance(pipeline, FluxPipeline)
+    multiple = 2 * scale if flux else scale
+    if flux:
+        default, channels = pipeline.default_sample_size * scale, pipeline.transformer.config.in_channels // 4
+    else:
+        denoiser = denoiser_of(pipeline)
+        default, channels = denoiser.config.sample_size * scale, denoiser.config.in_channels
+    sides = []
+    for name, pixels in (("height", height), ("width", width)):
+        pixels = default if pixels is None else int(pixels)
+        if pixels < multiple or pixels % multiple:
+            fitting = max(multiple, pixels // multiple * multiple)
+            raise UserError(f"{name} {pixels} px does not fit a {type(pipeline).__name__}, whose image sides are "
+                            f"multiples of {multiple} px (e.g. sampling.resolution: {fitting})")
+        sides.append(pixels // scale)
+    return (batch, channels, *sides)
+
+
+def dynamic_shift_mu(pipeline, shape: tuple[int, ...]) -> float | None:
+    """FLUX's dynamic shift mu for latents of ``shape``, as FluxPipeline computes it from the image's sequence length
+    (the number of 2x2 patches) and the scheduler's config; None where the schedule's shift is fixed."""
+    config = pipeline.scheduler.config
+    if not (isinstance(pipeline, FluxPipeline) and config.use_dynamic_shifting):
+        return None
+    sequence_length = (shape[-2] // 2) * (shape[-1] // 2)
+    return float(calculate_shift(sequence_length, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15)))
+
+
+def prepare_sampling(pipeline, num_inference_steps: int, batch: int, generator: torch.Generator,
+                     like: torch.Tensor, height: int | None = None, width: int | None = None,
+                     latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Set ``pipeline.scheduler`` to ``num_inference_steps`` as the pipeline's own ``__call__`` does and return x_T
+    (``latents`` when given, else drawn from ``generator`` in ``like``'s dtype and device, as the pipeline draws it).
+
+    FluxPipeline passes its own sigmas (1 to 1/N, evenly) and the dynamic shift mu of the image's size; the SD and SD3
+    pipelines let the scheduler space its steps. The flow kernels read the scheduler's sigmas, so the SDE steps
+    between exactly the noise levels the stock pipeline's Euler steps use.
+    """
+    if latents is not None and latents.ndim != 4:
+        raise UserError(f"latents of shape {tuple(latents.shape)}: msdda's latents are [B, C, H, W], as the VAE makes "
+                        "them (FluxPipeline's packed [B, patches, 4C] unpack with FluxPipeline._unpack_latents)")
+    shape = latent_shape(pipeline, batch, height, width) if latents is None else tuple(latents.shape)
+    scheduler = pipeline.scheduler
+    if isinstance(pipeline, FluxPipeline):
+        steps = num_inference_steps
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        retrieve_timesteps(scheduler, steps, like.device, sigmas=sigmas, mu=dynamic_shift_mu(pipeline, shape))
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=like.device)
+    return initial_latents(scheduler, shape, generator, like) if latents is None else latents
 
 
 def pack_conditioning(sequence: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -201,14 +290,27 @@ def _check_scheduler_reads_the_variance(base: str, location: str, scheduler: str
 
 
 @torch.no_grad()
-def encode_prompts(pipeline, prompts: list[str], device: torch.device,
-                   negative_prompt: str | list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt conditioning, negative conditioning (the empty prompt unless ``negative_prompt``)), each ``[B, L, D]``:
-    the pipeline's own ``encode_prompt``, SD3's pooled projections packed in (``pack_conditioning``)."""
+def encode_prompts(pipeline, prompts: list[str], device: torch.device, negative_prompt: str | list[str] | None = None,
+                   guidance_scale: float | None = None, max_sequence_length: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt conditioning, negative conditioning), each ``[B, L, D]``: the pipeline's own ``encode_prompt``, SD3's
+    and FLUX's pooled outputs packed in (``pack_conditioning``).
+
+    The negative conditioning is the empty prompt unless ``negative_prompt``; FLUX has none (None): FLUX.1-dev takes
+    ``guidance_scale`` as an input of its transformer instead (packed after the pooled output, see the module
+    docstring), and a transformer without guidance embeddings (FLUX.1-schnell) takes no guidance at all.
+    ``max_sequence_length`` is T5's token count for SD3 and FLUX (None: the pipeline's default, 256 and 512).
+    """
+    tokens = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
+    if isinstance(pipeline, FluxPipeline):
+        return _encode_flux_prompts(pipeline, prompts, device, negative_prompt, guidance_scale, tokens), None
     if not is_flow_pipeline(pipeline):
+        if tokens:
+            raise UserError(f"max_sequence_length={max_sequence_length} sets the T5 token count of SD3 and FLUX; a "
+                            f"{type(pipeline).__name__} encodes its CLIP tokenizer's 77 tokens: leave it unset")
         return pipeline.encode_prompt(prompts, device, 1, True, negative_prompt)
     positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
-        prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+        prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt, **tokens)
     return pack_conditioning(positive, pooled), pack_conditioning(negative, negative_pooled)
 
 
@@ -226,25 +328,63 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
             break
         inner = wrapped
     return inner
+def _encode_flux_prompts(pipeline, prompts: list[str], device: torch.device, negative_prompt,
+                         guidance_scale: float | None, tokens: dict) -> torch.Tensor:
+    """FLUX's T5 sequence with the pooled CLIP output and, for FLUX.1-dev, the guidance scale packed after it. The
+    text position ids FluxPipeline also returns are zeros of the sequence's length, rebuilt where they are used."""
+    if negative_prompt is not None:
+        raise UserError(f"negative_prompt={negative_prompt!r}: FLUX.1 is sampled without a negative branch (its "
+                        "guidance is distilled into the transformer), and msdda does not run FluxPipeline's optional "
+                        "true CFG; leave negative_prompt unset")
+    sequence, pooled, _ = pipeline.encode_prompt(prompts, None, device=device, **tokens)
+    if pipeline.transformer.config.guidance_embeds:
+        if guidance_scale is None:
+            raise UserError("this FLUX transformer embeds its guidance scale (guidance_embeds, as FLUX.1-dev): pass "
+                            "guidance_scale (FluxPipeline's default is 3.5)")
+        pooled = torch.cat([pooled, pooled.new_full((len(pooled), 1), float(guidance_scale))], dim=1)
+    return pack_conditioning(sequence, pooled)
 
 
 def denoiser_forward(model, sample: torch.Tensor, timestep: torch.Tensor | float, conditioning: torch.Tensor
                      ) -> torch.Tensor:
-    """The denoiser's prediction (epsilon, v or x0 for a UNet; the flow velocity for SD3's transformer) for ``sample``.
+    """The denoiser's prediction (epsilon, v or x0 for a UNet; the flow velocity for SD3's or FLUX's transformer) for
+    ``sample`` (``[B, C, H, W]``).
 
     ``model`` may be wrapped (DDP, DeepSpeed, torch.compile). A UNet is called as diffusers' SD pipeline calls it;
     SD3's transformer as StableDiffusion3Pipeline calls it: keywords, the pooled projection split off the packed
-    conditioning, and one timestep per row (its timestep embedding needs a ``[B]`` tensor).
+    conditioning, and one timestep per row (its timestep embedding needs a ``[B]`` tensor); FLUX's as FluxPipeline
+    does (``_flux_forward``).
     """
     inner = unwrapped(model)
-    if not isinstance(inner, SD3Transformer2DModel):
+    if not isinstance(inner, (SD3Transformer2DModel, FluxTransformer2DModel)):
         return model(sample, timestep, conditioning).sample
-    sequence, pooled = unpack_conditioning(conditioning, inner.config.pooled_projection_dim)
     timesteps = torch.as_tensor(timestep, device=sample.device)
     if timesteps.ndim == 0:
         timesteps = timesteps.expand(len(sample))
+    if isinstance(inner, FluxTransformer2DModel):
+        return _flux_forward(model, inner.config, sample, timesteps, conditioning)
+    sequence, pooled = unpack_conditioning(conditioning, inner.config.pooled_projection_dim)
     return model(hidden_states=sample, timestep=timesteps, encoder_hidden_states=sequence,
                  pooled_projections=pooled).sample
+
+
+def _flux_forward(model, config, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor
+                  ) -> torch.Tensor:
+    """FLUX's velocity for ``[B, C, H, W]`` latents, called as FluxPipeline.__call__ calls its transformer: the latents
+    packed into 2x2 patches with their position ids, zero text ids, the timestep divided by 1000 in the latents'
+    dtype, the guidance scale (FLUX.1-dev) from the packed conditioning; the output unpacked to ``[B, C, H, W]``."""
+    guided = config.guidance_embeds
+    sequence, pooled = unpack_conditioning(conditioning, config.pooled_projection_dim + guided)
+    guidance = pooled[:, -1] if guided else None
+    pooled = pooled[:, :config.pooled_projection_dim]
+    batch, channels, height, width = sample.shape
+    packed = FluxPipeline._pack_latents(sample, batch, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, sample.device, sample.dtype)
+    text_ids = torch.zeros(sequence.shape[1], 3, device=sample.device, dtype=sequence.dtype)
+    output = model(hidden_states=packed, timestep=timesteps.to(sample.dtype) / 1000, guidance=guidance,
+                   pooled_projections=pooled, encoder_hidden_states=sequence, txt_ids=text_ids,
+                   img_ids=image_ids).sample
+    return FluxPipeline._unpack_latents(output, height, width, 1)  # sizes in latent pixels: a scale factor of 1
 
 
 def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, channels: int,

@@ -1,5 +1,5 @@
 """Helpers for tests and benchmarks: random reward adapters on the embedded world, and tiny randomly
-initialised models of the real classes (Stable Diffusion 1.5 and 3.5, CLIP, BLIP), built offline from configs."""
+initialised models of the real classes (Stable Diffusion 1.5 and 3.5, FLUX.1, CLIP, BLIP), built offline from configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 
 __all__ = ["random_world_adapter", "tiny_clip", "tiny_blip", "tiny_stable_diffusion", "tiny_stable_diffusion_3",
-           "byte_vocabulary", "character_t5_tokenizer"]
+           "tiny_flux", "byte_vocabulary", "character_t5_tokenizer"]
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -151,17 +151,23 @@ def character_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+def _tiny_flow_vae(shift_factor: float, scaling_factor: float):
+    """The tiny SD pipeline's VAE (16 px images, 8x8x4 latents) in the SD3/FLUX layout: no quant convolutions, the
+    latents shifted as well as scaled (by the real model's factors, which the pipelines' decoding reads)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                         norm_num_groups=16, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
 def tiny_stable_diffusion_3(folder: str | Path, seed: int = 0) -> Path:
     """A StableDiffusion3Pipeline of SD 3.5's classes at toy size (8x8 latents, 16 px images): an MMDiT with SD 3.5's
     dual attention and RMS q/k norms in its first block, two CLIP text encoders with projections and a T5 encoder
     (their widths padded into the joint attention width as SD3 pads 2 x 768 + 1280 into 4096), a VAE with SD3's
     latent shift and scale, and SD 3.5's FlowMatchEulerDiscreteScheduler (shift 3)."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     folder = Path(folder)
@@ -176,10 +182,7 @@ def tiny_stable_diffusion_3(folder: str | Path, seed: int = 0) -> Path:
     text_encoder, text_encoder_2 = CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config)
     text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=37, d_kv=16, num_layers=1,
                                              num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                        norm_num_groups=16, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = _tiny_flow_vae(shift_factor=0.0609, scaling_factor=1.5035)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
 
     def clip_tokenizer():
@@ -189,5 +192,35 @@ def tiny_stable_diffusion_3(folder: str | Path, seed: int = 0) -> Path:
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
         text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(), text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    """A FluxPipeline of FLUX.1's classes and scheduler at toy size (16 px images are 8x8 latents, 16 patches): a
+    transformer with one double-stream and one single-stream block, rotary axes splitting its head width as FLUX's do,
+    and FLUX.1-dev's guidance embedding (``guidance_embeds=False``: FLUX.1-schnell's layout); a CLIP text encoder for
+    the pooled output and a T5 encoder for the sequence, wider than the pooled output as FLUX's are (4096 > 768); a
+    VAE with FLUX's latent shift and scale; FLUX.1-dev's FlowMatchEulerDiscreteScheduler (the dynamic shift, mu from
+    the image's sequence length)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    vocabulary = byte_vocabulary()
+    tokenizer_2 = character_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_clip_text_config(len(vocabulary))))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=64, d_ff=37, d_kv=16, num_layers=1,
+                                             num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = _tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipeline = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                            tokenizer=CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77),
+                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     pipeline.save_pretrained(folder)
     return folder

@@ -5,7 +5,6 @@ reward, resume, the export that stock ``load_lora_weights`` loads, and fusion an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,10 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from msdda.adapters import WEIGHTS_FILE, load_adapter_metadata, weights_hash
+from msdda.adapters import WEIGHTS_FILE, load_adapter_metadata
 from msdda.config import load_config
 from msdda.diffusion import (
     decode_latents,
-    denoiser_forward,
     encode_prompts,
     guided_output,
     load_base_pipeline,
@@ -27,17 +25,16 @@ from msdda.diffusion import (
 )
 from msdda.errors import UserError
 from msdda.fuse.methods import method_names
-from msdda.fuse.pipeline import MSDDA3Pipeline, MSDDAPipeline, read_adapters
+from msdda.fuse.pipeline import MSDDA3Pipeline
 from msdda.kernels import initial_latents
-from msdda.rewards import load_reward
 from msdda.sampling import denoise
 from msdda.testing import tiny_clip, tiny_stable_diffusion, tiny_stable_diffusion_3
 from msdda.train import TrainConfig
-from msdda.train.evaluate import evaluate_adapter
 from msdda.train.trainer import Trainer
+from tests import flow_checks
+from tests.flow_checks import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["a photo of a cat", "a red car", "a blue bird on a tree"]
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +95,23 @@ def test_a_sampler_that_does_not_fit_the_base_is_refused_before_loading(models, 
     sd = tiny_stable_diffusion(tmp_path / "sd")
     with pytest.raises(UserError, match=r"StableDiffusionPipeline.*\['ddim', 'ddpm'\]"):
         load_base_pipeline(str(sd), "flow")
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UserError, match="is a FluxPipeline"):
-        load_base_pipeline(str(flux), "flow")
+    flux2 = tmp_path / "flux2"
+    flux2.mkdir()
+    (flux2 / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    with pytest.raises(UserError, match="is a Flux2Pipeline"):
+        load_base_pipeline(str(flux2), "flow")
     with pytest.raises(UserError, match="sampling.flow_noise_level=0.0"):
         _config(models, tmp_path / "run", "sampling.flow_noise_level=0").validate()
+
+
+def test_a_t5_length_is_a_setting_of_t5_pipelines_only(models, tmp_path) -> None:
+    sd3 = load_base_pipeline(models["sd3"], "flow")
+    short, _ = encode_prompts(sd3, PROMPTS[:1], torch.device("cpu"), max_sequence_length=16)
+    default, _ = encode_prompts(sd3, PROMPTS[:1], torch.device("cpu"))
+    assert default.shape[1] - short.shape[1] == 256 - 16  # SD3's default T5 length is 256
+    sd = load_base_pipeline(str(tiny_stable_diffusion(tmp_path / "sd")), "ddim")
+    with pytest.raises(UserError, match="max_sequence_length=64 sets the T5 token count of SD3 and FLUX"):
+        encode_prompts(sd, PROMPTS[:1], torch.device("cpu"), max_sequence_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -127,115 +134,59 @@ def test_the_exported_adapter_loads_with_stock_load_lora_weights(models, trained
     assert (metadata.pipeline_class, metadata.scheduler_class) == ("StableDiffusion3Pipeline",
                                                                   "FlowMatchEulerDiscreteScheduler")
     assert (metadata.flow_noise_level, metadata.flow_shift, metadata.num_inference_steps) == (0.7, 3.0, 3)
-    assert metadata.eta is None and "StableDiffusion3Pipeline.from_pretrained" in (final / "README.md").read_text()
+    assert metadata.eta is None
 
-    pipeline = StableDiffusion3Pipeline.from_pretrained(models["sd3"], local_files_only=True)
-    assert metadata.base_model_hash == weights_hash(pipeline.transformer)  # the base stayed bit-identical
-    positive, _ = encode_prompts(pipeline, PROMPTS, torch.device("cpu"))
-    sample = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    timestep = torch.tensor(751.0)
-    with torch.no_grad():
-        base = denoiser_forward(pipeline.transformer, sample, timestep, positive)
-        pipeline.load_lora_weights(final)
-        loaded = denoiser_forward(pipeline.transformer, sample, timestep, positive)
-        ours = denoiser_forward(transformer, sample, timestep, positive)
-    torch.testing.assert_close(loaded, ours, rtol=1e-5, atol=1e-6)
-    assert (ours - base).abs().max() > 1e-3
+    stock = StableDiffusion3Pipeline.from_pretrained(models["sd3"], local_files_only=True)
+    flow_checks.assert_stock_loader_reproduces_the_trained_transformer(stock, final, transformer, (4, 8, 8))
 
 
 @pytest.mark.parametrize("estimator,step_reward", [("pathwise", "rollout"), ("policy-gradient", "tweedie"),
                                                    ("policy-gradient", "rollout")])
 def test_the_other_step_rewards_train(models, tmp_path, estimator: str, step_reward: str) -> None:
-    final = Trainer(_config(models, tmp_path / "run", f"train.estimator={estimator}",
-                            f"reward.step_reward={step_reward}")).run()
-    training = load_adapter_metadata(final).training
-    assert training["epochs"] == 1 and training["last_kl"] is not None
+    flow_checks.assert_trains_one_epoch(_config(models, tmp_path / "run", f"train.estimator={estimator}",
+                                                f"reward.step_reward={step_reward}"))
 
 
 def test_the_recipes_own_precision_bf16_trains(models, tmp_path, fresh_accelerator_state) -> None:
-    final = Trainer(_config(models, tmp_path / "run", "mixed_precision=bf16")).run()
-    assert load_adapter_metadata(final).training["last_reward_mean"] is not None
+    final = flow_checks.assert_trains_one_epoch(_config(models, tmp_path / "run", "mixed_precision=bf16"))
     assert all(value.dtype == torch.float32 for value in load_file(final / WEIGHTS_FILE).values())
 
 
 @pytest.mark.slow
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, tmp_path) -> None:
-    uninterrupted = Trainer(_config(models, tmp_path / "a", "epochs=2")).run()
-    Trainer(_config(models, tmp_path / "b", "epochs=1")).run()
-    resumed = Trainer(_config(models, tmp_path / "b", "epochs=2", "resume=latest")).run()
-    a, b = load_file(uninterrupted / WEIGHTS_FILE), load_file(resumed / WEIGHTS_FILE)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert load_adapter_metadata(resumed).training["epochs"] == 2
+    flow_checks.assert_resume_is_bit_equal(lambda output_dir, *overrides: _config(models, output_dir, *overrides),
+                                           tmp_path)
 
 
 @pytest.mark.parametrize("field,value", [("flow_noise_level", 0.5), ("flow_shift", 1.0)])
 def test_fusion_refuses_flow_adapters_whose_sampler_differs_naming_the_field(trained, tmp_path, field: str,
                                                                              value: float) -> None:
-    first, _ = trained["pathwise"]
-    other = Path(shutil.copytree(first, tmp_path / "other"))
-    data = json.loads((other / "msdda_adapter.json").read_text())
-    data[field] = value
-    (other / "msdda_adapter.json").write_text(json.dumps(data))
-    with pytest.raises(UserError, match=f"{field} is {value}"):
-        read_adapters([str(first), str(other)])
+    flow_checks.assert_fusion_refuses_a_changed_field(trained["pathwise"][0], tmp_path, field, value)
 
 
 def _fusing_pipeline(models, trained, *estimators: str):
-    pipeline = MSDDAPipeline.from_pretrained(models["sd3"], adapters=[str(trained[e][0]) for e in estimators])
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return flow_checks.fusing_pipeline(models["sd3"], [trained[estimator][0] for estimator in estimators])
 
 
 def test_single_at_noise_level_0_is_the_stock_sd3_pipeline_with_the_lora_loaded(models, trained) -> None:
     pipeline = _fusing_pipeline(models, trained, "pathwise")
     assert isinstance(pipeline, MSDDA3Pipeline) and isinstance(pipeline, StableDiffusion3Pipeline)
-    call = dict(num_inference_steps=3, guidance_scale=4.5, output_type="pt")
-    with pytest.warns(UserWarning, match="flow_noise_level=0 makes every step deterministic"):
-        ours = pipeline(PROMPTS[:2], method="single", flow_noise_level=0.0, **call,
-                        generator=torch.Generator().manual_seed(5)).images
     stock = StableDiffusion3Pipeline.from_pretrained(models["sd3"], local_files_only=True)
-    stock.set_progress_bar_config(disable=True)
-    stock.load_lora_weights(trained["pathwise"][0])
-    expected = stock(PROMPTS[:2], **call, generator=torch.Generator().manual_seed(5)).images
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match="eta=1.0 is DDIM's setting"):
-        pipeline(PROMPTS[0], eta=1.0)
+    flow_checks.assert_single_at_noise_level_0_is_the_stock_pipeline(
+        pipeline, stock, trained["pathwise"][0], {}, num_inference_steps=3, guidance_scale=4.5)
 
 
 def test_msdda_fuses_two_sd3_adapters_with_one_transformer_forward_per_step(models, trained) -> None:
+    # the adapters' conditional and unconditional rows in one batch, for each of 3 steps
     pipeline = _fusing_pipeline(models, trained, "pathwise", "policy-gradient")
-    forwards = []
-    handle = pipeline.transformer.register_forward_hook(lambda module, args, output: forwards.append(1))
-
-    def sample(**kwargs) -> torch.Tensor:
-        return pipeline(PROMPTS, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).images
-
-    fused = sample(weights=[0.5, 0.5])
-    handle.remove()
-    assert len(forwards) == 3  # the adapters' conditional and unconditional rows in one batch, for each of 3 steps
-    assert fused.shape == (3, 3, 16, 16) and torch.isfinite(fused).all()
-    torch.testing.assert_close(sample(weights=[1.0, 0.0]), sample(weights=[1.0, 0.0], method="single"))
-    assert not torch.equal(fused, sample(weights=[1.0, 0.0]))
+    flow_checks.assert_one_transformer_forward_per_step(pipeline, 3, (3, 16, 16))
 
 
 @pytest.mark.parametrize("method", method_names())
 def test_every_fusion_method_samples_sd3_with_its_path_kl(models, trained, method: str) -> None:
     pipeline = _fusing_pipeline(models, trained, "pathwise", "policy-gradient")
-    rewards = [load_reward("clip-score", model=models["clip"])] * 2
-    output = pipeline(PROMPTS[:2], weights=[0.3, 0.7], method=method, output_type="pt", rewards=rewards,
-                      code_candidates=2, code_block=2, return_kl=True, generator=torch.Generator().manual_seed(1))
-    assert output.images.shape == (2, 3, 16, 16) and torch.isfinite(output.images).all()
-    kl = output.kl_to_base
-    if method == "code":  # a selection among samples, not one Gaussian kernel
-        assert torch.isnan(kl).all()
-    elif method == "base":
-        assert torch.equal(kl, torch.zeros_like(kl))
-    else:
-        assert (kl > 0).all()
+    flow_checks.assert_method_samples_with_its_path_kl(pipeline, method, models["clip"], (3, 16, 16))
 
 
 def test_evaluate_compares_an_sd3_adapter_with_its_base(trained) -> None:
-    report = evaluate_adapter(str(trained["pathwise"][0]), prompts=PROMPTS, num_prompts=None, seeds=[0],
-                              batch_size=3, device="cpu")
-    assert report["samples"] == 3 and report["kl_to_base"]["mean"] > 0
-    assert "clip-score" in report["rewards"]
+    flow_checks.assert_evaluate_reports_a_kl(trained["pathwise"][0], "clip-score")

@@ -8,11 +8,12 @@ from msdda.fuse.closed_form import (
 )
 
 __all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE", "MSDDAPipeline",
-           "MSDDA3Pipeline"]
+           "MSDDA3Pipeline", "MSDDAFluxPipeline"]
 
 
 def __getattr__(name: str):
-    if name in ("MSDDAPipeline", "MSDDA3Pipeline"):  # imported lazily: the closed form needs no diffusers
+    # imported lazily: the closed form needs no diffusers
+    if name in ("MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline"):
         from msdda.fuse import pipeline
 
         return getattr(pipeline, name)

@@ -5,7 +5,8 @@
 
 ``MSDDAPipeline.from_pretrained`` dispatches on the base's pipeline class: a StableDiffusionPipeline base gives an
 ``MSDDAPipeline`` (a StableDiffusionPipeline), a StableDiffusion3Pipeline base an ``MSDDA3Pipeline`` (a
-StableDiffusion3Pipeline). Both are the stock class plus the same fusing code (``_Fusing``), so each keeps its own
+StableDiffusion3Pipeline), a FluxPipeline base an ``MSDDAFluxPipeline`` (a FluxPipeline). Each is the stock class plus
+the same fusing code (``_Fusing``), so each keeps its own
 components, ``encode_prompt``, LoRA loader and ``save_pretrained``; one entry point means `msdda fuse`, sweeps and
 evaluation need not know which it is.
 
@@ -22,6 +23,7 @@ With ``return_kl=True`` it also measures each sample's path KL to the base along
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -33,6 +35,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
@@ -43,8 +46,10 @@ from msdda.diffusion import (
     BASE,
     decode_latents,
     denoiser_of,
+    dynamic_shift_mu,
     encode_prompts,
     is_flow_pipeline,
+    latent_shape,
     pipeline_class_name,
     resolve_base,
 )
@@ -53,7 +58,8 @@ from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
 from msdda.fuse.methods import FusionContext, PathKL, get_method
 from msdda.fuse.sampler import sample_latents
 
-__all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAPipelineOutput", "LoadedAdapter", "read_adapters"]
+__all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline", "MSDDAPipelineOutput", "LoadedAdapter",
+           "read_adapters"]
 
 _SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler,
                "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler}
@@ -82,9 +88,11 @@ class MSDDAPipelineOutput(StableDiffusionPipelineOutput):
         return None if self.path_kl is None else self.path_kl.totals[BASE]
 
 
-SAME_SAMPLER_FIELDS = ("pipeline_class", "scheduler_class", "num_inference_steps", "flow_noise_level", "flow_shift")
+SAME_SAMPLER_FIELDS = ("pipeline_class", "scheduler_class", "num_inference_steps", "flow_noise_level", "flow_shift",
+                       "flow_mu", "resolution", "max_sequence_length")
 """The metadata fields adapters must share to be fused: the step kernels they were trained on (a flow adapter's
-kernel depends on its SDE's noise level and on the shifted schedule, not only on the scheduler's class)."""
+kernel depends on its SDE's noise level and on the shifted schedule, FLUX's dynamic shift on the resolution, not
+only on the scheduler's class; every adapter is fed one conditioning, encoded with one T5 length)."""
 
 
 def _check_same_sampler(source: str, metadata: AdapterMetadata, first: tuple[str, AdapterMetadata]) -> None:
@@ -134,7 +142,8 @@ def _expected_lora_notices_silenced():
 
 
 class _Fusing:
-    """The fusing half of ``MSDDAPipeline`` and ``MSDDA3Pipeline``, mixed into a stock diffusers pipeline class.
+    """The fusing half of ``MSDDAPipeline``, ``MSDDA3Pipeline`` and ``MSDDAFluxPipeline``, mixed into a stock diffusers
+    pipeline class.
 
     Beside the stock components it holds ``base_model`` (the name it was loaded from), ``base_hash`` (of the
     stored denoiser weights, which adapters record) and ``adapters`` (the loaded :class:`LoadedAdapter`s).
@@ -144,12 +153,14 @@ class _Fusing:
     base_hash: str = ""
     adapters: list[LoadedAdapter] = []
     comparison_adapters: dict[str, LoadedAdapter] = {}
+    _default_guidance_scale = 7.5
+    """Without adapters' metadata: Stable Diffusion's default (FLUX.1-dev's is 3.5)."""
 
     @classmethod
     def from_pretrained(cls, base: str, adapters: list[str] | tuple[str, ...] = (), betas: list[float] | None = None,
                         **kwargs) -> MSDDAPipeline:
         """The base with ``adapters`` loaded, as the class its ``model_index.json`` names: an ``MSDDAPipeline`` for
-        Stable Diffusion, an ``MSDDA3Pipeline`` for Stable Diffusion 3."""
+        Stable Diffusion, an ``MSDDA3Pipeline`` for Stable Diffusion 3, an ``MSDDAFluxPipeline`` for FLUX."""
         checked = read_adapters(list(adapters), betas)  # bad adapter input fails before the base loads
         target = _FUSING_PIPELINES[pipeline_class_name(base)]
         location = resolve_base(base)
@@ -238,7 +249,8 @@ class _Fusing:
                  beta: float | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, eta: float | None = None,
                  flow_noise_level: float | None = None, negative_prompt: str | list[str] | None = None,
-                 num_images_per_prompt: int = 1,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 max_sequence_length: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
                  code_block: int = 5, return_dict: bool = True, return_kl: bool = False,
@@ -247,12 +259,14 @@ class _Fusing:
 
         ``beta`` is the fused objective's KL weight (default: sum_i w_i beta_i / sum_i w_i, the adapters' common
         beta when they share one). ``rewards`` (one per adapter) are needed only by ``method="code"``. Defaults for
-        steps, guidance and eta (for SD3 adapters: ``flow_noise_level``, the flow SDE's noise level) come from the
-        adapters' metadata. ``return_kl`` measures each sample's path KL to the base, and to each comparison
-        adapter named in ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the
-        images are the same with and without it. ``return_reference_x0`` (with ``return_kl``) also keeps the
-        base's x0 estimate at every state of the trajectory in ``output.path_kl.reference_x0`` (empty for a
-        method without a Gaussian kernel): the images the ``tweedie`` step reward scores.
+        steps, guidance, eta (for flow adapters: ``flow_noise_level``, the flow SDE's noise level), the image size
+        (``height``, ``width``: the adapters' resolution, else the pipeline's default) and T5's
+        ``max_sequence_length`` come from the adapters' metadata; for FLUX.1-dev ``guidance_scale`` is its distilled
+        guidance. ``return_kl`` measures each sample's path KL to the base, and to each comparison adapter named in
+        ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the images are the same with
+        and without it. ``return_reference_x0`` (with ``return_kl``) also keeps the base's x0 estimate at every
+        state of the trajectory in ``output.path_kl.reference_x0`` (empty for a method without a Gaussian kernel):
+        the images the ``tweedie`` step reward scores.
         """
         fusion = get_method(method)
         count = len(self.adapters)
@@ -263,7 +277,11 @@ class _Fusing:
             raise UserError(f"got {len(weights)} weights for {count} adapters; give one weight per adapter")
         powers = fusion.exponents(weights, self.betas, beta) if count else []
         num_inference_steps = num_inference_steps or self._default("num_inference_steps", 50)
-        guidance_scale = self._default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        guidance_scale = (self._default("guidance_scale", self._default_guidance_scale) if guidance_scale is None
+                          else guidance_scale)
+        height = height or self._default("resolution", None)
+        width = width or self._default("resolution", None)
+        self._warn_if_the_shift_moves(latents, height, width)
         noise, noise_name = self._noise_scale(eta, flow_noise_level)
         if noise == 0:
             warnings.warn(f"{noise_name}=0 makes every step deterministic: there is no precision to weight, so MSDDA "
@@ -277,7 +295,8 @@ class _Fusing:
             reward = lambda images, texts: sum(w / total * r(images, texts) for w, r in zip(weights, rewards))  # noqa: E731
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        positive, negative = encode_prompts(self, prompts, self._execution_device, negative_prompt)
+        positive, negative = encode_prompts(self, prompts, self._execution_device, negative_prompt, guidance_scale,
+                                            max_sequence_length or self._default("max_sequence_length", None))
         negative = negative if guidance_scale > 1.0 else None
         names = [a.name for a in self.adapters]
         path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to, return_reference_x0)
@@ -288,23 +307,34 @@ class _Fusing:
             decode=lambda x: decode_latents(self, x), code_candidates=code_candidates, code_block=code_block,
             path_kl=path_kl if fusion.gaussian else None)
         with fusion.active(self, names, weights):
-            final = sample_latents(fusion, context, num_inference_steps, latents=latents, progress=self.progress_bar)
+            final = sample_latents(self, fusion, context, num_inference_steps, latents, height, width, self.progress_bar)
         images = decode_latents(self, final)  # already in [0, 1]
         images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=[False] * len(images))
         if not return_dict:
             return (images, None)
         return MSDDAPipelineOutput(images=images, nsfw_content_detected=None, path_kl=path_kl)
 
+    def _warn_if_the_shift_moves(self, latents: torch.Tensor | None, height: int | None, width: int | None) -> None:
+        """FLUX's dynamic shift depends on the image size: sampled at another size than the adapters were trained
+        at, every step's kernel is one they were not trained for, so the fusion is no longer exact for them."""
+        trained = self._default("flow_mu", None)
+        shape = tuple(latents.shape) if latents is not None else latent_shape(self, 1, height, width)
+        mu = dynamic_shift_mu(self, shape)
+        if trained is not None and mu is not None and not math.isclose(mu, trained, rel_tol=1e-6):
+            warnings.warn(f"sampling {shape[-2]}x{shape[-1]} latents shifts FLUX's schedule by mu = {mu:.4f}, but the "
+                          f"adapters were trained at mu = {trained:.4f} (resolution {self._default('resolution', None)}"
+                          "): their step kernels are fused on steps they were not trained for", stacklevel=3)
+
     def _noise_scale(self, eta: float | None, flow_noise_level: float | None) -> tuple[float | None, str]:
         """The sampler's noise setting (msdda.diffusion.sampler_kernel) and its name: a flow sampler's noise level,
         DDIM's eta, or None for DDPM; defaults from the adapters' metadata."""
         if is_flow_pipeline(self):
             if eta is not None:
-                raise UserError(f"eta={eta} is DDIM's setting; an SD3 (flow) sampler's noise is flow_noise_level")
+                raise UserError(f"eta={eta} is DDIM's setting; a flow (SD3, FLUX) sampler's noise is flow_noise_level")
             default = self._default("flow_noise_level", DEFAULT_FLOW_NOISE_LEVEL)
             return (default if flow_noise_level is None else flow_noise_level), "flow_noise_level"
         if flow_noise_level is not None:
-            raise UserError(f"flow_noise_level={flow_noise_level} is a setting of SD3 (flow) samplers; this "
+            raise UserError(f"flow_noise_level={flow_noise_level} is a setting of flow (SD3, FLUX) samplers; this "
                             f"{type(self.scheduler).__name__} takes eta")
         if isinstance(self.scheduler, DDPMScheduler):
             return None, "eta"
@@ -344,4 +374,15 @@ class MSDDA3Pipeline(_Fusing, StableDiffusion3Pipeline):
     _loading_kwargs: dict = {}
 
 
-_FUSING_PIPELINES = {"StableDiffusionPipeline": MSDDAPipeline, "StableDiffusion3Pipeline": MSDDA3Pipeline}
+class MSDDAFluxPipeline(_Fusing, FluxPipeline):
+    """FLUX.1 with K reward LoRAs on its transformer, fused per step with MSDDA on Flow-GRPO's SDE kernels over
+    FluxPipeline's own schedule (the dynamic shift of the adapters' resolution). FLUX.1-dev's distilled guidance is
+    an input of every adapter's forward (no negative rows), so each step is one forward of K rows per image."""
+
+    _stock_class = FluxPipeline
+    _loading_kwargs: dict = {}
+    _default_guidance_scale = 3.5
+
+
+_FUSING_PIPELINES = {"StableDiffusionPipeline": MSDDAPipeline, "StableDiffusion3Pipeline": MSDDA3Pipeline,
+                     "FluxPipeline": MSDDAFluxPipeline}

@@ -12,22 +12,22 @@ from collections.abc import Callable
 
 import torch
 
+from msdda.diffusion import prepare_sampling
 from msdda.fuse.methods import FusionContext, FusionMethod
-from msdda.kernels import initial_latents
 
 __all__ = ["sample_latents"]
 
 
 @torch.no_grad()
-def sample_latents(method: FusionMethod, context: FusionContext, num_inference_steps: int,
-                   latents: torch.Tensor | None = None, progress: Callable | None = None) -> torch.Tensor:
-    """Run ``method`` from x_T (drawn as diffusers' StableDiffusionPipeline draws it, unless ``latents`` are
-    given) to x_0 and return the x_0 latents. ``single`` with one adapter reproduces the stock pipeline with that
-    LoRA loaded, pixel for pixel. ``progress`` wraps the timesteps (e.g. the pipeline's ``progress_bar``)."""
-    scheduler, unet, positive = context.scheduler, context.unet, context.positive
-    scheduler.set_timesteps(num_inference_steps, device=positive.device)
-    if latents is None:
-        shape = (len(positive), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        latents = initial_latents(scheduler, shape, context.generator, positive)
+def sample_latents(pipeline, method: FusionMethod, context: FusionContext, num_inference_steps: int,
+                   latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+                   progress: Callable | None = None) -> torch.Tensor:
+    """Run ``method`` from x_T (drawn as the stock ``pipeline`` draws it, unless ``latents`` are given; ``height`` x
+    ``width`` pixels, None: the pipeline's default) to x_0 and return the x_0 latents. ``single`` with one adapter
+    reproduces the stock pipeline with that LoRA loaded, pixel for pixel. ``progress`` wraps the timesteps (e.g. the
+    pipeline's ``progress_bar``)."""
+    scheduler = context.scheduler
+    latents = prepare_sampling(pipeline, num_inference_steps, len(context.positive), context.generator,
+                               context.positive, height, width, latents)
     timesteps = scheduler.timesteps if progress is None else progress(scheduler.timesteps)
     return method.sample(context, latents, timesteps)

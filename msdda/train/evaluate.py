@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from msdda.adapters import AdapterMetadata
 from msdda.diffusion import (
     BASE,
     adapter_kernels,
@@ -23,9 +24,10 @@ from msdda.diffusion import (
     denoiser_of,
     encode_prompts,
     images_to_pil,
+    prepare_sampling,
     resolve_device,
 )
-from msdda.kernels import StepKernel, initial_latents, kernel_kl, learns_variance
+from msdda.kernels import StepKernel, kernel_kl, learns_variance
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
 
@@ -33,18 +35,20 @@ __all__ = ["evaluate_adapter"]
 
 
 @torch.no_grad()
-def _sample(pipeline, prompts: list[str], seed: int, name: str, steps: int, guidance: float,
-            noise_scale: float | None):
+def _sample(pipeline, prompts: list[str], seed: int, name: str, metadata: AdapterMetadata):
     """Images of ``name`` ("__base__": the reference) and, for an adapter, each trajectory's summed KL and, per
-    stochastic timestep, each sample's mean over elements of (adapter's variance / base's variance).
-    ``noise_scale`` is the sampler's (msdda.diffusion.sampler_kernel): DDIM's eta, or a flow noise level."""
-    positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device)
+    stochastic timestep, each sample's mean over elements of (adapter's variance / base's variance), sampled as the
+    adapter was trained (``metadata``: steps, guidance, the sampler's noise setting (DDIM's eta, or a flow noise
+    level), resolution and T5 length)."""
+    guidance = metadata.guidance_scale
+    noise_scale = metadata.eta if metadata.flow_noise_level is None else metadata.flow_noise_level
+    positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device, guidance_scale=guidance,
+                                        max_sequence_length=metadata.max_sequence_length)
     negative = negative if guidance > 1.0 else None
     scheduler, unet = pipeline.scheduler, denoiser_of(pipeline)
-    scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = initial_latents(scheduler, shape, generator, positive)
+    latents = prepare_sampling(pipeline, metadata.num_inference_steps, len(prompts), generator, positive,
+                               metadata.resolution, metadata.resolution)
     kl = torch.zeros(len(prompts), dtype=torch.float64)
     variance_ratios: dict[int, list[float]] = {}
     names = [name] if name == BASE else [name, BASE]
@@ -94,15 +98,13 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     scorers = [load_reward(name) for name in rewards] if rewards else [metadata.trained_reward()]
     scorers = [scorer.to(where) for scorer in scorers]
     prompt_list = load_prompts(prompts, num_prompts)
-    steps, guidance = metadata.num_inference_steps, metadata.guidance_scale
-    noise_scale = metadata.eta if metadata.flow_noise_level is None else metadata.flow_noise_level
     scores = {side: {n: [] for n in names} for side in ("base", "adapter")}
     kls, pictures, variance_ratios = [], {"base": [], "adapter": []}, {}
     chunks = [(seed, start) for seed in seeds for start in range(0, len(prompt_list), batch_size)]
     for seed, start in tqdm(chunks, desc="evaluate", mininterval=2):
         batch = prompt_list[start:start + batch_size]
         for side, name in (("base", BASE), ("adapter", pipeline.adapters[0].name)):
-            images, kl, ratios = _sample(pipeline, batch, seed * 10_000 + start, name, steps, guidance, noise_scale)
+            images, kl, ratios = _sample(pipeline, batch, seed * 10_000 + start, name, metadata)
             for timestep, values in ratios.items():
                 variance_ratios.setdefault(timestep, []).extend(values)
             for reward_name, scorer in zip(names, scorers):

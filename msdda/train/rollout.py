@@ -21,9 +21,9 @@ from typing import Literal
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.diffusion import BASE, adapter_kernels, decode_latents, prepare_sampling
 from msdda.errors import UserError
-from msdda.kernels import StepKernel, initial_latents, kernel_kl
+from msdda.kernels import StepKernel, kernel_kl
 from msdda.sampling import Step, denoise
 
 __all__ = ["Trajectories", "sample_trajectories", "reference_continuation", "StepRewardName", "STEP_REWARDS"]
@@ -39,7 +39,7 @@ class Trajectories:
 
     prompts: list[str]
     prompt_embeds: torch.Tensor  # [B, L, D]
-    negative_embeds: torch.Tensor  # [B, L, D]
+    negative_embeds: torch.Tensor | None  # [B, L, D]; None for FLUX (no negative branch)
     timesteps: torch.Tensor  # [T]
     stochastic: torch.Tensor  # [T] bool, on the CPU: the steps that are actions (all but a deterministic last one)
     latents: torch.Tensor  # [B, T + 1, C, H, W]: x_T ... x_0
@@ -81,7 +81,7 @@ def sample_trajectories(
     reward: Callable,
     prompts: list[str],
     prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
     num_inference_steps: int,
     noise_scale: float,
     guidance_scale: float,
@@ -91,6 +91,7 @@ def sample_trajectories(
     keep_noises: bool = False,
     graph_steps: torch.Tensor | None = None,
     reference_unet=None,
+    resolution: int | None = None,
 ) -> Trajectories:
     """Sample with the adapter on; score each step with ``step_reward``; see the module docstring.
 
@@ -100,17 +101,16 @@ def sample_trajectories(
     ``keep_noises`` stores each step's noise draw (as large as the latents), which only the pathwise update reads.
     ``graph_steps`` (``[T]`` bool) marks the steps whose log-prob and KL keep their graph.
     ``reference_unet``, when given, is the base UNet without any adapter (e.g. compiled), run for the reference
-    instead of ``unet`` with its adapter routed off.
+    instead of ``unet`` with its adapter routed off. ``resolution`` is the images' side in pixels (None: the
+    pipeline's default).
     """
     if step_reward not in STEP_REWARDS:
         raise UserError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
     scheduler = pipeline.scheduler
-    scheduler.set_timesteps(num_inference_steps, device=prompt_embeds.device)
+    batch = len(prompts)
+    latents = prepare_sampling(pipeline, num_inference_steps, batch, generator, prompt_embeds, resolution, resolution)
     timesteps = scheduler.timesteps
     need_reference = need_reference or step_reward == "tweedie"
-    batch = len(prompts)
-    shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = initial_latents(scheduler, shape, generator, prompt_embeds)
     graph_steps = torch.zeros(len(timesteps), dtype=torch.bool) if graph_steps is None else graph_steps.cpu()
     keeps_graph = graph_steps.tolist()
     recording = _Recording(latents, keep_noises)

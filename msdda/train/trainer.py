@@ -24,7 +24,16 @@ from tqdm.auto import tqdm
 
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 from msdda.config import config_to_dict
-from msdda.diffusion import denoiser_of, encode_prompts, guided_output, images_to_pil, is_flow_pipeline, sampler_kernel
+from msdda.diffusion import (
+    denoiser_of,
+    dynamic_shift_mu,
+    encode_prompts,
+    guided_output,
+    images_to_pil,
+    is_flow_pipeline,
+    latent_shape,
+    sampler_kernel,
+)
 from msdda.errors import UserError
 from msdda.kernels import StepKernel
 from msdda.rewards import Reward, load_reward
@@ -151,7 +160,9 @@ class Trainer:
         for batch_index in range(config.sampling.batches_per_epoch):
             rng = np.random.default_rng(_seed(config.seed, epoch, process, batch_index, 1))
             prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), config.sampling.batch_size)]
-            positive, negative = encode_prompts(pipeline, prompts, device)
+            positive, negative = encode_prompts(pipeline, prompts, device,
+                                                guidance_scale=config.sampling.guidance_scale,
+                                                max_sequence_length=config.sampling.max_sequence_length)
             generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
             batches.append(sample_trajectories(
                 pipeline, self.policy.sampling_unet, self.reward, prompts, positive, negative,
@@ -159,7 +170,7 @@ class Trainer:
                 "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
                 generator=generator, keep_noises=pathwise,
                 graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None,
-                reference_unet=self.policy.reference_unet))
+                reference_unet=self.policy.reference_unet, resolution=config.sampling.resolution))
         return _concatenate(batches)
 
     def advantages(self, trajectories: Trajectories) -> torch.Tensor:
@@ -288,11 +299,14 @@ class Trainer:
     def _metadata(self) -> AdapterMetadata:
         config, pipeline = self.config, self.policy.pipeline
         scheduler, flow = pipeline.scheduler, is_flow_pipeline(pipeline)
+        resolution = config.sampling.resolution
+        mu = dynamic_shift_mu(pipeline, latent_shape(pipeline, 1, resolution, resolution))
         last = self.history[-1] if self.history else {}
         return AdapterMetadata(
-            pipeline_class=type(pipeline).__name__,
+            pipeline_class=type(pipeline).__name__, resolution=resolution,
+            max_sequence_length=config.sampling.max_sequence_length,
             flow_noise_level=config.sampling.flow_noise_level if flow else None,
-            flow_shift=float(scheduler.config.shift) if flow else None,
+            flow_shift=float(scheduler.config.shift) if flow and mu is None else None, flow_mu=mu,
             reward_name=self.reward.name, reward_version=self.reward.version, reward_spec=config.reward.name,
             reward_kwargs=dict(config.reward.kwargs), beta=config.beta,
             step_reward=config.reward.step_reward, base_model=config.base, base_model_hash=self.policy.base_hash,
@@ -312,13 +326,15 @@ class Trainer:
 
         prompts = self.prompts[:: max(1, len(self.prompts) // 8)][:8]
         pipeline = self.policy.pipeline
-        positive, negative = encode_prompts(pipeline, prompts, self.accelerator.device)
+        sampling = self.config.sampling
+        positive, negative = encode_prompts(pipeline, prompts, self.accelerator.device,
+                                            guidance_scale=sampling.guidance_scale,
+                                            max_sequence_length=sampling.max_sequence_length)
         self.unwrapped.eval()
         images = sample_trajectories(
-            pipeline, self.unwrapped, self.reward, prompts, positive, negative,
-            self.config.sampling.num_inference_steps, self.config.sampling.noise_scale,
-            self.config.sampling.guidance_scale,
-            "terminal", need_reference=False, generator=torch.Generator().manual_seed(self.config.seed)).images
+            pipeline, self.unwrapped, self.reward, prompts, positive, negative, sampling.num_inference_steps,
+            sampling.noise_scale, sampling.guidance_scale, "terminal", need_reference=False,
+            generator=torch.Generator().manual_seed(self.config.seed), resolution=sampling.resolution).images
         pil = images_to_pil(pipeline, images)
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ class Transitions:
     """``[N, ...]`` the standard normal draws that made x_{t-1} (the pathwise update's reparameterisation)."""
     prompts: list[str]
     prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    """None for FLUX, which has no negative branch."""
 
     @property
     def timestep(self) -> torch.Tensor:
@@ -77,7 +78,7 @@ def transitions(trajectories: Trajectories, advantages: torch.Tensor, rows: torc
         reference=reference,
         noises=trajectories.noises[rows, step].to(dtype) if trajectories.noises is not None else None,
         prompts=[trajectories.prompts[i] for i in prompt_rows.tolist()], prompt_embeds=trajectories.prompt_embeds[rows],
-        negative_embeds=trajectories.negative_embeds[rows])
+        negative_embeds=None if trajectories.negative_embeds is None else trajectories.negative_embeds[rows])
 
 
 @dataclass
