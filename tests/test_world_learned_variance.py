@@ -181,14 +181,18 @@ def test_the_learned_variance_job_trains_by_the_world_recipes_rule_and_sweeps_wh
     from tests.test_world3 import _budget, _train_config
 
     commands = _commands_of("launch/world_lv.sh", tmp_path)
-    assert [c[0] for c in commands] == ["train", "evaluate", "train", "evaluate", "sweep", "report"]
+    assert [c[0] for c in commands] == ["train", "evaluate", "train", "evaluate", "train", "sweep", "report"]
     trained = [_train_config(commands[0]), _train_config(commands[2])]
+    oracle = _train_config(commands[4])
+    assert _budget(oracle) == _budget(trained[0]) and (oracle.base, oracle.beta) == ("world-lv", 0.001)
+    assert oracle.reward.kwargs == {"rewards": [c.reward.name for c in trained], "weights": [0.5, 0.5]}
     fixed_world = load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml")
     assert {_budget(c) for c in trained} == {_budget(fixed_world)}  # the world recipes' shared rule
     assert [(c.base, c.sampling.scheduler, c.beta) for c in trained] == [("world-lv", "ddpm", 0.001)] * 2
-    start = commands[4].index("--config") + 1
-    sweep = load_config(SweepConfig, ROOT / commands[4][start], commands[4][start + 1:])
+    start = commands[5].index("--config") + 1
+    sweep = load_config(SweepConfig, ROOT / commands[5][start], commands[5][start + 1:])
     sweep.validate()
     assert sweep.base == "world-lv" and sweep.adapters == [f"{c.output_dir}/final" for c in trained]
     assert sweep.rewards == [c.reward.name for c in trained] and sweep.beta == 0.001
     assert [1.0, 1.0] in sweep.weights and {"msdda", "output-average", "soup"} <= set(sweep.methods)
+    assert {key: str(path) for key, path in sweep.oracles.items()} == {"0.5,0.5": f"{oracle.output_dir}/final"}
