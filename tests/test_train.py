@@ -178,7 +178,7 @@ def test_compiled_sampling_trains_the_adapter_eager_sampling_trains(tmp_path, fr
     with torch.no_grad():  # the adapter moves the policy's mean, so a reference with the adapter in would show
         policy = adapter_kernels(trainer.unwrapped, trainer.policy.pipeline.scheduler, compiled.latents[:, 0],
                                  compiled.timesteps[0], compiled.prompt_embeds, compiled.negative_embeds, None,
-                                 guidance_scale=3.0, eta=1.0)
+                                 guidance_scale=3.0, noise_scale=1.0)
     assert (policy[0].mean - eager.reference_means[:, 0]).abs().max() > 1e-2
     reference = trainer.policy.reference_unet._orig_mod
     assert not any(isinstance(module, LoraLayer) for module in reference.modules())
