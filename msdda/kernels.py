@@ -40,6 +40,7 @@ __all__ = [
     "kernel_kl",
     "learns_variance",
     "check_learned_variances",
+    "LEARNED_VARIANCE_TYPES",
     "initial_latents",
     "standard_normal",
     "SUPPORTED_SCHEDULERS",
@@ -51,7 +52,8 @@ DEFAULT_FLOW_NOISE_LEVEL = 0.7
 """Flow-GRPO's default ``noise_level`` a of its SDE step, sigma_t = a sqrt(t / (1 - t))."""
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
-_LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+"""DDPM variance types whose variance the model predicts (its extra output channels)."""
 Reduction = Literal["sum", "mean", "none"]
 
 
@@ -115,7 +117,7 @@ def _check_scheduler(scheduler: object) -> None:
 
 def learns_variance(scheduler: object) -> bool:
     """Whether the scheduler takes its variance from the model output (DDPM ``learned``/``learned_range``)."""
-    return isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in _LEARNED_VARIANCE_TYPES
+    return isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
 
 
 def _as_timesteps(timestep: int | torch.Tensor, device: torch.device | None) -> torch.Tensor:

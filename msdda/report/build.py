@@ -54,12 +54,13 @@ LEARNED_PRECISION_NOTE = (
 def _learns_variances(adapters: list[str]) -> bool:
     """Whether the adapters were trained on a learned-variance scheduler (their metadata's scheduler config)."""
     from msdda.adapters import METADATA_FILE, load_adapter_metadata, resolve_adapter
+    from msdda.kernels import LEARNED_VARIANCE_TYPES
 
     for source in adapters:
         folder = resolve_adapter(source)
         if (folder / METADATA_FILE).is_file():
             variance_type = (load_adapter_metadata(folder).scheduler_config or {}).get("variance_type")
-            if variance_type in ("learned", "learned_range"):
+            if variance_type in LEARNED_VARIANCE_TYPES:
                 return True
     return False
 

@@ -105,7 +105,8 @@ def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajector
                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Train on an epoch's trajectories: for each inner epoch (one seed each), minibatches of
     ``train.batch_size`` trajectories in random order, and within each ``trained_steps`` random steps of
-    those that are actions (``Trajectories.stochastic``), one backward each (the Accelerator steps the optimizer every ``gradient_accumulation_steps`` of them).
+    those that are actions (``Trajectories.stochastic``), one backward each (the Accelerator steps the optimizer
+    every ``gradient_accumulation_steps`` of them).
 
     Trajectories whose ``advantages`` row ``[B, T]`` is not finite (dropped samples) are left out. Returns the
     mean of each of ``LOGGED_TERMS`` over the updates. ``dtype`` is the losses' (see ``transitions``).
