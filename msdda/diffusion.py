@@ -39,9 +39,10 @@ from diffusers import (
 from msdda.errors import InputNotFound, UserError
 from msdda.kernels import SUPPORTED_SCHEDULERS, StepKernel, check_learned_variances, standard_normal, step_kernel
 
-__all__ = ["WORLD", "WORLD_LEARNED_VARIANCE", "resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
-           "is_flow_pipeline", "encode_prompts", "pack_conditioning", "unpack_conditioning", "denoiser_forward",
-           "guided_output", "apply_guidance", "sampler_kernel", "decode_latents", "images_to_pil", "standard_normal",
+__all__ = ["WORLD", "WORLD_LEARNED_VARIANCE", "WORLD_FLOW", "resolve_base", "resolve_device", "pipeline_class_name",
+           "load_base_pipeline", "denoiser_of", "is_flow_pipeline", "absent_components", "encode_prompts",
+           "pack_conditioning", "unpack_conditioning", "denoiser_forward", "guided_output", "apply_guidance",
+           "sampler_kernel", "decode_latents", "images_to_pil", "standard_normal",
            "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE", "PIPELINES",
            "SAMPLERS"]
 
@@ -49,6 +50,8 @@ WORLD = "world"
 """The base name of the embedded default world."""
 WORLD_LEARNED_VARIANCE = "world-lv"
 """The base name of the embedded world whose UNet predicts its step variance (sample it with ``ddpm``)."""
+WORLD_FLOW = "world-flow"
+"""The base name of the embedded flow world: a tiny SD3 transformer on the world's data (sample it with ``flow``)."""
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
@@ -60,7 +63,7 @@ SDE step (``flow``) for a flow-matching transformer."""
 
 def resolve_base(base: str) -> str:
     """A local folder or Hub id for ``base``; ``"world"`` is the shipped embedded world, ``"world-lv"`` its
-    learned-variance twin."""
+    learned-variance twin, ``"world-flow"`` its flow-matching twin."""
     if base == WORLD:
         from msdda.world import world_path
 
@@ -69,6 +72,10 @@ def resolve_base(base: str) -> str:
         from msdda.world import learned_variance_world_path
 
         return str(learned_variance_world_path())
+    if base == WORLD_FLOW:
+        from msdda.world import flow_world_path
+
+        return str(flow_world_path())
     return base
 
 
@@ -105,6 +112,14 @@ def pipeline_class_name(base: str) -> str:
     return declared
 
 
+def absent_components(location: str) -> dict[str, None]:
+    """The components a pipeline folder or Hub id declares absent (``[null, null]`` in ``model_index.json``, as an SD3
+    pipeline saved without T5 has), as the ``None`` keyword arguments diffusers' ``from_pretrained`` needs to load
+    the pipeline without them."""
+    config = DiffusionPipeline.load_config(location, local_files_only=Path(location).is_dir())
+    return {name: None for name, value in config.items() if value == [None, None]}
+
+
 def _check_flow_scheduler(base: str, scheduler) -> None:
     """Refuse an SD3 scheduler whose schedule msdda cannot reproduce step by step."""
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
@@ -137,6 +152,7 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
     location = resolve_base(base)
     extra = {} if declared == "StableDiffusion3Pipeline" else {"safety_checker": None, "requires_safety_checker": False}
     try:
+        extra |= absent_components(location)
         _check_scheduler_reads_the_variance(base, location, scheduler, Path(location).is_dir())
         pipeline = PIPELINES[declared].from_pretrained(location, local_files_only=Path(location).is_dir(), **extra)
     except OSError as error:
@@ -202,11 +218,16 @@ def _check_scheduler_reads_the_variance(base: str, location: str, scheduler: str
 def encode_prompts(pipeline, prompts: list[str], device: torch.device,
                    negative_prompt: str | list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt conditioning, negative conditioning (the empty prompt unless ``negative_prompt``)), each ``[B, L, D]``:
-    the pipeline's own ``encode_prompt``, SD3's pooled projections packed in (``pack_conditioning``)."""
+    the pipeline's own ``encode_prompt``, SD3's pooled projections packed in (``pack_conditioning``).
+
+    An SD3 pipeline without T5 (``text_encoder_3`` None, as the embedded flow world) is encoded with
+    ``max_sequence_length=0``: no T5 rows, where diffusers' default appends 256 rows of zeros."""
     if not is_flow_pipeline(pipeline):
         return pipeline.encode_prompt(prompts, device, 1, True, negative_prompt)
+    t5_rows = {} if pipeline.text_encoder_3 is not None else {"max_sequence_length": 0}
     positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
-        prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+        prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt,
+        **t5_rows)
     return pack_conditioning(positive, pooled), pack_conditioning(negative, negative_pooled)
 
 
