@@ -62,10 +62,11 @@ from msdda.kernels import (
     step_kernel,
 )
 
-__all__ = ["WORLD", "WORLD_LEARNED_VARIANCE", "resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
-           "is_flow_pipeline", "latent_shape", "dynamic_shift_mu", "prepare_sampling", "encode_prompts",
-           "pack_conditioning", "unpack_conditioning", "denoiser_forward",
-           "guided_output", "apply_guidance", "sampler_kernel", "decode_latents", "images_to_pil", "standard_normal",
+__all__ = ["WORLD", "WORLD_LEARNED_VARIANCE", "WORLD_FLOW", "resolve_base", "resolve_device", "pipeline_class_name",
+           "load_base_pipeline", "denoiser_of", "is_flow_pipeline", "absent_components", "latent_shape",
+           "dynamic_shift_mu", "prepare_sampling", "encode_prompts", "pack_conditioning", "unpack_conditioning",
+           "denoiser_forward", "guided_output", "apply_guidance", "sampler_kernel", "decode_latents", "images_to_pil",
+           "standard_normal",
            "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "adapter_kernels", "BASE", "PIPELINES",
            "SAMPLERS"]
 
@@ -73,6 +74,8 @@ WORLD = "world"
 """The base name of the embedded default world."""
 WORLD_LEARNED_VARIANCE = "world-lv"
 """The base name of the embedded world whose UNet predicts its step variance (sample it with ``ddpm``)."""
+WORLD_FLOW = "world-flow"
+"""The base name of the embedded flow world: a tiny SD3 transformer on the world's data (sample it with ``flow``)."""
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
@@ -86,7 +89,7 @@ SDE step (``flow``) for a flow-matching transformer."""
 
 def resolve_base(base: str) -> str:
     """A local folder or Hub id for ``base``; ``"world"`` is the shipped embedded world, ``"world-lv"`` its
-    learned-variance twin."""
+    learned-variance twin, ``"world-flow"`` its flow-matching twin."""
     if base == WORLD:
         from msdda.world import world_path
 
@@ -95,6 +98,10 @@ def resolve_base(base: str) -> str:
         from msdda.world import learned_variance_world_path
 
         return str(learned_variance_world_path())
+    if base == WORLD_FLOW:
+        from msdda.world import flow_world_path
+
+        return str(flow_world_path())
     return base
 
 
@@ -131,6 +138,14 @@ def pipeline_class_name(base: str) -> str:
     return declared
 
 
+def absent_components(location: str) -> dict[str, None]:
+    """The components a pipeline folder or Hub id declares absent (``[null, null]`` in ``model_index.json``, as an SD3
+    pipeline saved without T5 has), as the ``None`` keyword arguments diffusers' ``from_pretrained`` needs to load
+    the pipeline without them."""
+    config = DiffusionPipeline.load_config(location, local_files_only=Path(location).is_dir())
+    return {name: None for name, value in config.items() if value == [None, None]}
+
+
 def _check_flow_scheduler(base: str, pipeline) -> None:
     """Refuse a flow scheduler whose schedule msdda cannot reproduce step by step."""
     scheduler = pipeline.scheduler
@@ -165,6 +180,7 @@ def load_base_pipeline(base: str, scheduler: str = "ddim", dtype: torch.dtype = 
     location = resolve_base(base)
     extra = {"safety_checker": None, "requires_safety_checker": False} if declared == "StableDiffusionPipeline" else {}
     try:
+        extra |= absent_components(location)
         _check_scheduler_reads_the_variance(base, location, scheduler, Path(location).is_dir())
         pipeline = PIPELINES[declared].from_pretrained(location, local_files_only=Path(location).is_dir(), **extra)
     except OSError as error:
@@ -299,7 +315,8 @@ def encode_prompts(pipeline, prompts: list[str], device: torch.device, negative_
     The negative conditioning is the empty prompt unless ``negative_prompt``; FLUX has none (None): FLUX.1-dev takes
     ``guidance_scale`` as an input of its transformer instead (packed after the pooled output, see the module
     docstring), and a transformer without guidance embeddings (FLUX.1-schnell) takes no guidance at all.
-    ``max_sequence_length`` is T5's token count for SD3 and FLUX (None: the pipeline's default, 256 and 512).
+    ``max_sequence_length`` is T5's token count for SD3 and FLUX (None: the pipeline's default, 256 and 512; 0 for an
+    SD3 pipeline without T5, as the embedded flow world, where diffusers' default would append 256 rows of zeros).
     """
     tokens = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
     if isinstance(pipeline, FluxPipeline):
@@ -309,6 +326,8 @@ def encode_prompts(pipeline, prompts: list[str], device: torch.device, negative_
             raise UserError(f"max_sequence_length={max_sequence_length} sets the T5 token count of SD3 and FLUX; a "
                             f"{type(pipeline).__name__} encodes its CLIP tokenizer's 77 tokens: leave it unset")
         return pipeline.encode_prompt(prompts, device, 1, True, negative_prompt)
+    if pipeline.text_encoder_3 is None and not tokens:
+        tokens = {"max_sequence_length": 0}
     positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
         prompts, None, None, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt, **tokens)
     return pack_conditioning(positive, pooled), pack_conditioning(negative, negative_pooled)

@@ -14,6 +14,21 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """One ``MSDDA_CACHE`` for a test module, away from the user's: a shipped world assembled on first use (world-lv,
+    world-flow) is built once for the module."""
+    import os
+
+    saved = os.environ.get("MSDDA_CACHE")
+    os.environ["MSDDA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        del os.environ["MSDDA_CACHE"]
+    else:
+        os.environ["MSDDA_CACHE"] = saved
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """Accelerate keeps one process-wide state; a test with other precision settings needs its own."""

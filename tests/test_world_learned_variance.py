@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -21,16 +20,7 @@ from msdda.world.learned_variance import continue_learned_variance, learned_vari
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cache(tmp_path_factory):
-    """One cache for this module's tests, where world-lv is assembled once, away from the user's."""
-    saved = os.environ.get("MSDDA_CACHE")
-    os.environ["MSDDA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if saved is None:
-        del os.environ["MSDDA_CACHE"]
-    else:
-        os.environ["MSDDA_CACHE"] = saved
+pytestmark = pytest.mark.usefixtures("module_cache")  # world-lv is assembled once, away from the user's cache
 
 
 def _closed_form_bound(scheduler, epsilon, v, noise, t: int, stride: int, x_t) -> torch.Tensor:

@@ -44,6 +44,7 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from msdda.adapters import METADATA_FILE, AdapterMetadata, load_adapter_metadata, resolve_adapter, weights_hash
 from msdda.diffusion import (
     BASE,
+    absent_components,
     decode_latents,
     denoiser_of,
     dynamic_shift_mu,
@@ -167,7 +168,8 @@ class _Fusing:
         kwargs.setdefault("local_files_only", Path(location).is_dir())
         # adapters record the hash of the stored weights: hash them as stored, then cast (torch_dtype=float16 works)
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
-        pipeline = super(_Fusing, target).from_pretrained(location, **target._loading_kwargs, **kwargs)
+        pipeline = super(_Fusing, target).from_pretrained(
+            location, **(target._loading_kwargs | absent_components(location) | kwargs))
         denoiser = denoiser_of(pipeline)
         pipeline.base_model = base
         pipeline.base_hash = weights_hash(denoiser)

@@ -4,13 +4,22 @@
 - the embedded default: a tiny text-to-image StableDiffusionPipeline of coloured shapes, pretrained by us and
   shipped inside the package, with an attribute classifier for its consistency reward;
 - its learned-variance twin (base ``world-lv``): the same pipeline whose UNet also predicts its step variance
-  (``variance_type: learned_range``, sampled with DDPM), made by ``msdda.world.learned_variance``.
+  (``variance_type: learned_range``, sampled with DDPM), made by ``msdda.world.learned_variance``;
+- its flow-matching twin (base ``world-flow``): a StableDiffusion3Pipeline of the same VAE, text encoder and
+  tokenizer around a tiny SD3 transformer trained with rectified flow, made by ``msdda.world.flow``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from msdda.errors import InputNotFound
 
@@ -20,6 +29,11 @@ ASSETS = Path(__file__).parent / "assets"
 LEARNED_VARIANCE = ASSETS / "learned_variance"
 """The shipped learned-variance world: its variance head (``variance_head.safetensors``, the only weights it does
 not share with the shipped world) and its ``pretraining.json``."""
+
+
+FLOW = ASSETS / "flow"
+"""The shipped flow world: its transformer and scheduler (the only parts it does not share with the shipped world)
+and its ``pretraining.json``."""
 
 
 def world_path() -> Path:
@@ -36,6 +50,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MSDDA_CACHE") or Path.home() / ".cache" / "msdda")
 
 
+def built_once(cache: Path, name: str, sources: list[Path], build: Callable[[], Any]) -> Path:
+    """``cache/<name>-<digest>/pipeline``: the pipeline ``build()`` returns, saved there the first time and reused
+    after, where the digest is that of the bytes of every file in ``sources`` (what it is built from), so a changed
+    source builds anew.
+
+    Built in a temporary folder and renamed into place, so a process that finds the folder finds it whole; building
+    draws random numbers (initialising the parts), so it runs on a forked random stream, leaving the caller's alone."""
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+    target = cache / f"{name}-{digest[:16]}"
+    if not (target / "pipeline" / "model_index.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+        with torch.random.fork_rng():
+            pipeline = build()
+        pipeline.save_pretrained(building / "pipeline", safe_serialization=True)
+        try:
+            os.rename(building, target)
+        except OSError:  # another process built it first: theirs is the same
+            shutil.rmtree(building)
+    return target / "pipeline"
+
+
 def learned_variance_world_path() -> Path:
     """The folder of the learned-variance pipeline (base ``world-lv``; sample it with a DDPM scheduler).
 
@@ -49,6 +85,20 @@ def learned_variance_world_path() -> Path:
     from msdda.world.learned_variance import assembled_world
 
     return assembled_world(world_path(), head, cache_dir())
+
+
+def flow_world_path() -> Path:
+    """The folder of the flow pipeline (base ``world-flow``, a ``StableDiffusion3Pipeline``; sample it with ``flow``).
+
+    It ships as the shipped world plus a transformer of 9 MB, and is assembled from the two into ``cache_dir()`` on
+    first use (a stock pipeline folder, so everything that takes a base folder takes it)."""
+    if not (FLOW / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
+        raise InputNotFound(f"the shipped flow world is missing from {FLOW}; reinstall msdda or run "
+                            "`msdda world pretrain --from msdda/world/assets --flow-steps 3000 --out DIR` and pass "
+                            "DIR/pipeline as the base")
+    from msdda.world.flow import assembled_flow_world
+
+    return assembled_flow_world(world_path(), FLOW, cache_dir())
 
 
 def classifier_path() -> Path:

@@ -16,9 +16,16 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise UserError(f"--layout-steps must be 0 or more, got {args.layout_steps}")
     if args.learned_variance_steps < 0:
         raise UserError(f"--learned-variance-steps must be 0 or more, got {args.learned_variance_steps}")
-    if args.learned_variance_steps and (args.layout_steps or not args.from_world):
-        raise UserError("--learned-variance-steps continues a finished world: give --from WORLD (the shipped one is "
-                        "msdda/world/assets) and leave out --layout-steps")
+    if args.flow_steps < 0:
+        raise UserError(f"--flow-steps must be 0 or more, got {args.flow_steps}")
+    for flag, steps in (("--learned-variance-steps", args.learned_variance_steps), ("--flow-steps", args.flow_steps)):
+        if steps and (args.layout_steps or not args.from_world):
+            raise UserError(f"{flag} continues a finished world: give --from WORLD (the shipped one is "
+                            "msdda/world/assets) and leave out --layout-steps")
+    if args.threads is not None and (not args.flow_steps or args.threads < 1):
+        raise UserError(f"--threads {args.threads}: give a number >= 1, with --flow-steps")
+    if args.learned_variance_steps and args.flow_steps:
+        raise UserError("--learned-variance-steps and --flow-steps make two different worlds: give one")
     output = Path(args.out)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise UserError(f"{output} is not empty; choose another --out or pass --overwrite")
@@ -29,6 +36,13 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         continue_learned_variance(args.from_world, output, args.learned_variance_steps)
         print(f"learned-variance world written to {output} (pipeline/, pretraining.json); sample it with a DDPM "
+              "scheduler")
+        return 0
+    if args.flow_steps:
+        from msdda.world.flow import pretrain_flow_world
+
+        pretrain_flow_world(args.from_world, output, args.flow_steps, threads=args.threads)
+        print(f"flow world written to {output} (pipeline/, classifier/, pretraining.json); sample it with the flow "
               "scheduler")
         return 0
     if args.from_world:
@@ -85,6 +99,12 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="with --from: continue that world into one whose UNet also predicts its step "
                                "variance (learned_range; base 'world-lv' is the shipped one), training only the "
                                "variance channels this many steps on the 10-step schedule's variational bound")
+    pretrain.add_argument("--flow-steps", type=int, default=0,
+                          help="with --from: the flow world (base 'world-flow' is the shipped one), a tiny SD3 "
+                               "transformer trained this many rectified-flow steps around that world's VAE, text "
+                               "encoder and tokenizer")
+    pretrain.add_argument("--threads", type=int, default=None,
+                          help="with --flow-steps: torch's CPU threads (default: the continued world's, 2)")
     pretrain.set_defaults(handler=_pretrain)
 
     sample = commands.add_parser("sample", help="write a grid of samples for one prompt")
@@ -92,14 +112,16 @@ def add_world_parser(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--n", type=int, default=16, help="number of images")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="PNG file for the grid")
-    sample.add_argument("--base", default=None, help="pipeline folder or 'world-lv' (default: the shipped world)")
+    sample.add_argument("--base", default=None,
+                        help="pipeline folder, 'world-lv' or 'world-flow' (default: the shipped world)")
     sample.add_argument("--steps", type=int, default=20, help="num_inference_steps")
     sample.add_argument("--guidance-scale", type=float, default=3.0)
     sample.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = fully stochastic)")
     sample.set_defaults(handler=_sample)
 
     evaluate = commands.add_parser("evaluate", help="measure sample accuracy and the conflict of the two rewards")
-    evaluate.add_argument("--base", default=None, help="pipeline folder or 'world-lv' (default: the shipped world)")
+    evaluate.add_argument("--base", default=None,
+                          help="pipeline folder, 'world-lv' or 'world-flow' (default: the shipped world)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default=None, help="JSON file for the report")
     evaluate.add_argument("--grid", default=None, help="PNG file for a grid of samples (rows: prompts)")

@@ -24,7 +24,7 @@ from msdda.world.data import (
     sample_attributes,
 )
 from msdda.utils import image_grid
-from msdda.world.sampling import load_pipeline
+from msdda.world.sampling import load_pipeline, sampler_arguments
 
 __all__ = ["evaluate_world"]
 
@@ -65,11 +65,15 @@ def _selection(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 def evaluate_world(base: str | Path | None = None, num_prompts: int = 64, samples_per_prompt: int = 4,
                    held_out_per_combo: int = 16, seed: int = 0, num_inference_steps: int = 20,
                    guidance_scale: float = 3.0, eta: float = 1.0, grid: str | Path | None = None) -> dict:
-    """Sample the world and return the report as a dict (and write a sample grid PNG if ``grid`` is given)."""
+    """Sample the world and return the report as a dict (and write a sample grid PNG if ``grid`` is given).
+
+    Samples come from the stock pipeline's ``__call__``: DDIM at ``eta`` for a UNet world, the Euler ODE step for a
+    flow world (``eta`` is then unused)."""
     torch.manual_seed(seed)
     pipeline = load_pipeline(base)
     consistency, aesthetic = WorldConsistency(), WorldAesthetic()
-    call = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "eta": eta}
+    call = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+            **sampler_arguments(pipeline, eta)}
 
     test_attributes = sample_attributes(2_000, seed + 17, "all")
     test_images = torch.from_numpy(render_images(test_attributes, seed + 18)).permute(0, 3, 1, 2).float() / 255

@@ -30,12 +30,7 @@ pipeline folder from it and the shipped world on first use (``assembled_world``)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +41,11 @@ from tqdm.auto import tqdm
 
 from msdda.errors import UserError
 from msdda.kernels import kernel_kl, step_kernel
+from msdda.world import built_once
 from msdda.world.models import build_scheduler, build_unet
 from msdda.world.pretrain import (
+    CONTINUED_SETTINGS,
+    RECORD_FROM_EARLIER,
     PretrainConfig,
     _assemble_pipeline,
     _cosine_lr,
@@ -56,6 +54,7 @@ from msdda.world.pretrain import (
     _noised_batch,
     _reproducible,
     _write_record,
+    continued_record,
 )
 
 __all__ = ["LearnedVarianceConfig", "learned_variance_scheduler", "step_vlb", "continue_learned_variance",
@@ -152,25 +151,14 @@ def _learned_variance_pipeline(pipeline, head: dict[str, torch.Tensor]):
 
 def assembled_world(world_pipeline: Path, head_file: Path, cache: Path) -> Path:
     """The pipeline folder of ``world_pipeline`` widened by the head in ``head_file``, built once under ``cache``
-    (named by the head's and the UNet's content, so a changed head or world builds anew) and reused after.
-
-    Built in a temporary folder and renamed into place, so a process that finds the folder finds it whole."""
+    (named by the head's and the UNet's content, so a changed head or world builds anew) and reused after."""
     from safetensors.torch import load_file
 
-    digest = hashlib.sha256(head_file.read_bytes()
-                            + (world_pipeline / "unet/diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
-    target = cache / f"world-lv-{digest[:16]}"
-    if not (target / "pipeline" / "model_index.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=".world-lv-", dir=cache))
-        with torch.random.fork_rng():  # building the parts draws random numbers: leave the caller's stream alone
-            pipeline = _learned_variance_pipeline(_load_pipeline(world_pipeline), load_file(head_file))
-        pipeline.save_pretrained(building / "pipeline", safe_serialization=True)
-        try:
-            os.rename(building, target)
-        except OSError:  # another process built it first: theirs is the same
-            shutil.rmtree(building)
-    return target / "pipeline"
+    def build():
+        return _learned_variance_pipeline(_load_pipeline(world_pipeline), load_file(head_file))
+
+    return built_once(cache, "world-lv", [head_file, world_pipeline / "unet/diffusion_pytorch_model.safetensors"],
+                      build)
 
 
 @torch.no_grad()
@@ -233,18 +221,10 @@ def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, ste
     from safetensors.torch import save_file
 
     world_dir, output_dir = Path(world_dir), Path(output_dir)
-    if not (world_dir / "pretraining.json").is_file():
-        raise UserError(f"{world_dir} holds no pretraining.json; give a folder written by msdda world pretrain "
-                        "(the shipped world is msdda/world/assets)")
-    earlier = json.loads((world_dir / "pretraining.json").read_text())
-    if earlier.get("learned_variance_bound_bits_per_dim"):
-        raise UserError(f"{world_dir} is already a learned-variance world; continue the fixed-variance world it "
-                        "was made from")
-    if steps < 1:
-        raise UserError(f"steps (--learned-variance-steps) must be 1 or more, got {steps}")
+    earlier = continued_record(world_dir, "--learned-variance-steps", steps)
     if sampler_steps < 2:
         raise UserError(f"sampler_steps must be at least 2 (one stochastic step to learn), got {sampler_steps}")
-    settings = {k: v for k, v in earlier["config"].items() if k in ("seed", "num_images", "threads")}
+    settings = {k: v for k, v in earlier["config"].items() if k in CONTINUED_SETTINGS}
     config = LearnedVarianceConfig(**settings, steps=steps, sampler_steps=sampler_steps, bound_samples=bound_samples)
     started = time.time()
     pipeline = _load_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
@@ -256,8 +236,7 @@ def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, ste
     weights = {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}
     _learned_variance_pipeline(pipeline, weights).save_pretrained(output_dir / "pipeline", safe_serialization=True)
     save_file(weights, output_dir / HEAD_FILE)
-    unchanged = {k: earlier[k] for k in ("classifier_test_accuracy", "vae_scaling_factor", "vae_mean_abs_error")
-                 if k in earlier}
+    unchanged = {k: earlier[k] for k in RECORD_FROM_EARLIER if k in earlier}
     _write_record(output_dir, "continue_learned_variance()", config, started, **unchanged,
                   learned_variance_bound_bits_per_dim=bounds, continued_from=earlier)
     return output_dir

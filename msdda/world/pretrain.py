@@ -357,6 +357,28 @@ def _load_pipeline(pipeline_dir: Path):
     return _assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
 
 
+CONTINUED_SETTINGS = ("seed", "num_images", "threads")
+"""The settings a continuation (learned-variance or flow world) takes from the world it continues."""
+RECORD_FROM_EARLIER = ("classifier_test_accuracy", "vae_scaling_factor", "vae_mean_abs_error")
+"""What a continuation's record repeats from the earlier world's: its classifier and VAE are that world's."""
+
+
+def continued_record(world_dir: Path, flag: str, steps: int) -> dict:
+    """The ``pretraining.json`` of ``world_dir``, which a continuation of ``steps`` steps (its CLI flag ``flag``)
+    continues; refused where ``world_dir`` has none, is itself a learned-variance or flow world, or ``steps`` < 1."""
+    if not (world_dir / "pretraining.json").is_file():
+        raise UserError(f"{world_dir} holds no pretraining.json; give a folder written by msdda world pretrain "
+                        "(the shipped world is msdda/world/assets)")
+    earlier = json.loads((world_dir / "pretraining.json").read_text())
+    for key, kind in (("learned_variance_bound_bits_per_dim", "learned-variance"), ("flow", "flow")):
+        if earlier.get(key):
+            raise UserError(f"{world_dir} is already a {kind} world; continue the fixed-variance UNet world it was "
+                            "made from")
+    if steps < 1:
+        raise UserError(f"steps ({flag}) must be 1 or more, got {steps}")
+    return earlier
+
+
 def _write_record(output_dir: Path, call: str, config: Seeded, started: float, **measured) -> None:
     """``pretraining.json``: the command (or library call), config (a dataclass), torch version, wall time and
     ``measured``."""
