@@ -11,8 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs}"
-msdda="${MSDDA:-.venv/bin/msdda}"
-[ -x "$msdda" ] || msdda=msdda
 
 source launch/train_adapter.sh
 

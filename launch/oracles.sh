@@ -7,8 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs}"
-msdda="${MSDDA:-.venv/bin/msdda}"
-[ -x "$msdda" ] || msdda=msdda
 source launch/train_adapter.sh
 [ -f "$out/sweep_world/sweep.yaml" ] || { echo "oracles: no sweep in $out/sweep_world; run bash launch/demo.sh first" >&2; exit 2; }
 

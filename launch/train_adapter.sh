@@ -1,6 +1,12 @@
-# Sourced by the launch scripts: train_adapter FOLDER RECIPE [override ...] trains an adapter unless FOLDER/final
-# holds a finished one, and resumes from FOLDER's newest checkpoint when a run there was started.
-# Needs $msdda (the msdda command) set by the sourcing script.
+# Sourced by the launch scripts, from the repository root: $msdda is the msdda command ($MSDDA, else the
+# project's .venv/bin/msdda, else msdda on PATH); train_adapter FOLDER RECIPE [override ...] trains an adapter
+# unless FOLDER/final holds a finished one, and resumes from FOLDER's newest checkpoint when a run there was started;
+# stage MESSAGE prints MESSAGE with the seconds since the script sourced this file.
+msdda="${MSDDA:-.venv/bin/msdda}"
+[ -x "$msdda" ] || msdda=msdda
+launch_started=$(date +%s)
+stage() { echo "$(basename "$0" .sh): $1 after $(( $(date +%s) - launch_started )) s"; }
+
 train_adapter() {
     local folder="$1" recipe="$2"
     shift 2

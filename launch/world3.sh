@@ -13,8 +13,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs}"
-msdda="${MSDDA:-.venv/bin/msdda}"
-[ -x "$msdda" ] || msdda=msdda
 beta=0.001  # the sweep's fused objective KL weight (configs/sweep/world3.yaml), and the oracles' beta
 
 source launch/train_adapter.sh

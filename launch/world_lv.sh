@@ -8,13 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs}"
-msdda="${MSDDA:-.venv/bin/msdda}"
-[ -x "$msdda" ] || msdda=msdda
 
 source launch/train_adapter.sh
-
-start=$(date +%s)
-stage() { echo "world_lv: $1 after $(( $(date +%s) - start )) s"; }
 for reward in aesthetic thirds; do
     train_adapter "$out/world_lv_$reward" "configs/train/world_lv_$reward.yaml"
     stage "$reward adapter trained"
@@ -28,4 +23,4 @@ stage "oracle at (0.5, 0.5) trained"
     "oracles={'0.5,0.5': $out/world_lv_oracle_0.5/final}"
 stage "sweep done"
 "$msdda" report "$out/sweep_world_lv"
-echo "world_lv: done in $(( $(date +%s) - start )) s; the report is $out/sweep_world_lv/report.md"
+echo "world_lv: done in $(( $(date +%s) - launch_started )) s; the report is $out/sweep_world_lv/report.md"

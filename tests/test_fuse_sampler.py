@@ -55,6 +55,27 @@ def test_mixed_adapter_batch_equals_separate_forwards(pipeline) -> None:
     assert not torch.allclose(first, base, atol=1e-3)  # the adapter really changes the output
 
 
+def test_a_batch_of_several_adapters_equals_each_adapter_on_its_own(pipeline) -> None:
+    """Two adapters' rows side by side (their LoRA updates computed as one grouped call per layer) and the base's
+    after them, against diffusers' forwards with one adapter active at a time and with the LoRAs off."""
+    unet = pipeline.unet
+    latents = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = pipeline.encode_prompt([PROMPT] * 6, "cpu", 1, False)[0]
+    with torch.no_grad():
+        with mixed_adapter_batch(unet, ["adapter_0"] * 2 + ["adapter_1"] * 2 + ["__base__"] * 2):
+            mixed = unet(latents, 500, embeds).sample
+        separate = []
+        for name, rows in (("adapter_0", slice(0, 2)), ("adapter_1", slice(2, 4))):
+            pipeline.set_adapters([name])
+            separate.append(unet(latents[rows], 500, embeds[rows]).sample)
+        pipeline.disable_lora()
+        separate.append(unet(latents[4:], 500, embeds[4:]).sample)
+        pipeline.enable_lora()
+        pipeline.set_adapters(["adapter_0", "adapter_1"], [1.0, 1.0])
+    torch.testing.assert_close(mixed, torch.cat(separate), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(separate[0], separate[1], atol=1e-3)  # the two adapters really differ
+
+
 def test_weights_one_zero_reproduce_the_first_adapter_exactly(pipeline) -> None:
     fused = _images(pipeline, weights=[1.0, 0.0])
     single = _images(pipeline, weights=[1.0, 0.0], method="single")

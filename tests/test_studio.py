@@ -41,7 +41,8 @@ def studio(adapters) -> Studio:
 def test_a_render_is_the_pipelines_samples_with_their_scores_and_kls(studio: Studio) -> None:
     shown = studio.render([0.3, 0.7], "msdda", steps=STEPS, guidance=3.0, seed=5, prompt=PROMPT)
     output = studio.pipeline([PROMPT] * 4, weights=[0.3, 0.7], num_inference_steps=STEPS, guidance_scale=3.0,
-                             generator=torch.Generator().manual_seed(5), output_type="pt", return_kl=True)
+                             generator=torch.Generator().manual_seed(5), output_type="pt", return_kl=True,
+                             kl_in_method_forward=True)  # as the studio measures
     expected = studio.pipeline.image_processor.postprocess(output.images, output_type="pil",
                                                            do_denormalize=[False] * 4)
     assert len(shown.samples) == 4

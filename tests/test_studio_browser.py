@@ -116,7 +116,8 @@ def test_moving_a_slider_shows_the_pipelines_samples_at_the_new_weights(served, 
     pipeline = MSDDAPipeline.from_pretrained("world", adapters=adapters)
     pipeline.set_progress_bar_config(disable=True)
     expected = [np.asarray(pipeline([PROMPT] * 4, weights=weights, num_inference_steps=STEPS, guidance_scale=3.0,
-                                    generator=torch.Generator().manual_seed(0)).images[i]) for weights in
+                                    generator=torch.Generator().manual_seed(0), return_kl=True,
+                                    kl_in_method_forward=True).images[i]) for weights in  # as the studio calls it
                 ([0.5, 0.5], [1.2, 0.5]) for i in range(4)]
     assert [np.array_equal(a, b) for a, b in zip(before + after, expected)] == [True] * 8
     assert not any(np.array_equal(a, b) for a, b in zip(before, after))

@@ -164,7 +164,8 @@ class Studio:
                                num_inference_steps=int(steps), guidance_scale=guidance,
                                generator=torch.Generator().manual_seed(int(seed)), output_type="pt",
                                rewards=self.rewards if fusion.needs_rewards else None,
-                               code_candidates=code_candidates, code_block=code_block, return_kl=True)
+                               code_candidates=code_candidates, code_block=code_block, return_kl=True,
+                               kl_in_method_forward=True)
         images = output.images
         scores = {reward.name: reward(images, prompts).tolist() for reward in self.rewards}
         kl = output.kl_to_base.tolist()

@@ -34,6 +34,12 @@ class PathKL:
     MSDDA's product, the base model's own kernel) is reused, so the base's KL to itself is exactly 0 and costs
     nothing. ``unet_rows`` and ``seconds`` are what the measuring forwards cost, kept apart from the method's.
 
+    With ``joins_method_forward`` the targets a method's forward lacks join that forward's batch instead, after the
+    method's rows: one forward per step instead of two, cheaper where a forward's cost is mostly its calls, as on a
+    CPU (the studio's choice). The larger batch changes the method's rows, and so the samples, in their last bits,
+    so this is not the default; ``seconds`` then counts only the forwards the targets still needed of their own,
+    while ``unet_rows`` counts the joined rows too.
+
     With ``keeps_reference_x0`` it also keeps the reference's x0 estimate at every state x_T ... x_1 of the
     trajectory (deterministic steps included): the clean images the ``tweedie`` step reward scores, from which a
     sweep computes the step-level objective the adapters were trained for.
@@ -45,14 +51,16 @@ class PathKL:
     unet_rows: int = 0
     seconds: float = 0.0
     keeps_reference_x0: bool = False
+    joins_method_forward: bool = False
     reference_x0: list[torch.Tensor] = field(default_factory=list)
     """With ``keeps_reference_x0``: the reference's x0 estimate at each step's x_t, in sampling order."""
     _seen: tuple[torch.Tensor, torch.Tensor, dict[str, StepKernel]] | None = field(default=None, repr=False)
 
     @classmethod
-    def zeros(cls, targets: Sequence[str], batch: int, keeps_reference_x0: bool = False) -> PathKL:
+    def zeros(cls, targets: Sequence[str], batch: int, keeps_reference_x0: bool = False,
+              joins_method_forward: bool = False) -> PathKL:
         return cls(tuple(targets), {name: torch.zeros(batch, dtype=torch.float64) for name in targets},
-                   keeps_reference_x0=keeps_reference_x0)
+                   keeps_reference_x0=keeps_reference_x0, joins_method_forward=joins_method_forward)
 
     @classmethod
     def undefined(cls, targets: Sequence[str], batch: int) -> PathKL:
@@ -106,14 +114,21 @@ class FusionContext:
         """The step kernel of each named adapter ("__base__": the reference; None: the UNet as configured), from
         one batched forward with guidance applied per adapter. ``positive``/``negative`` replace the call's
         embeddings (e.g. repeated for candidates)."""
-        measured = positive is None and names is not None and self.path_kl is not None
+        meter = self.path_kl
+        measured = positive is None and names is not None and meter is not None
+        joining = [name for name in meter.targets if name not in names] if measured and meter.joins_method_forward else []
         if positive is None:
             positive, negative = self.positive, self.negative
-        kernels = adapter_kernels(self.unet, self.scheduler, latents, timestep, positive, negative, names,
-                                  self.guidance_scale, self.eta)
+        kernels = adapter_kernels(self.unet, self.scheduler, latents, timestep, positive, negative,
+                                  None if names is None else names + joining, self.guidance_scale, self.eta)
         if measured:
-            self.path_kl.remember(latents, timestep, names, kernels)
-        return kernels
+            meter.remember(latents, timestep, names + joining, kernels)
+            meter.unet_rows += len(latents) * len(joining) * self._rows_per_latent()
+        return kernels[:len(kernels) - len(joining)]
+
+    def _rows_per_latent(self) -> int:
+        """UNet rows per latent and adapter in a forward: 2 with classifier-free guidance, else 1."""
+        return 2 if self.negative is not None and self.guidance_scale > 1.0 else 1
 
     def record(self, step: Step) -> None:
         """The loop's recorder: add the step's KL to each target of :attr:`path_kl` (none: nothing to do). The
@@ -129,8 +144,7 @@ class FusionContext:
         missing = [name for name in wanted if name not in targets]
         if missing:
             targets.update(zip(missing, self.kernels(step.latents, step.timestep, missing)))
-            halves = 2 if self.negative is not None and self.guidance_scale > 1.0 else 1
-            meter.unet_rows += len(step.latents) * len(missing) * halves
+            meter.unet_rows += len(step.latents) * len(missing) * self._rows_per_latent()
         if meter.keeps_reference_x0:
             meter.reference_x0.append(targets[BASE].pred_original_sample)
         if not deterministic:
