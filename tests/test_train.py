@@ -466,11 +466,23 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
-def _launch(config_file: str, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _launch(config_file: str, output_dir: Path, *overrides: str,
+            recipe: str = "world_consistency.yaml") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "launch/accelerate" / config_file), "-m", "msdda.train", "--config",
-               str(ROOT / "configs/train/world_consistency.yaml"), *TINY, f"output_dir={output_dir}", *overrides]
+               str(ROOT / "configs/train" / recipe), *TINY, f"output_dir={output_dir}", *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=CPU_ONLY)  # CPU processes
+
+
+def _flux_overrides(root: Path) -> list[str]:
+    """configs/train/flux_pickscore.yaml at toy size on a tiny random FLUX.1-dev and a tiny CLIP (PickScore's
+    classes), written to ``root``."""
+    from msdda.testing import tiny_clip, tiny_flux
+
+    clip = tiny_clip(root / "clip")
+    return [f"base={tiny_flux(root / 'flux')}", f"reward.kwargs={{model: {clip}, processor: {clip}}}",
+            "prompts=[a photo of a cat, a red car]", "mixed_precision=no", "sampling.resolution=16",
+            "train.gradient_accumulation_steps=1", "lora.rank=2", "lora.alpha=4"]
 
 
 @pytest.mark.slow
@@ -514,6 +526,37 @@ def test_deepspeed_zero2_with_two_cpu_processes_trains_checkpoints_and_resumes(t
     lora = load_file(tmp_path / "run" / "final" / WEIGHTS_FILE)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
     assert any(not torch.equal(t, t.bfloat16().float()) for t in lora.values())  # more than bf16's precision
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["world-flow", "flux"])
+def test_accelerate_launch_with_two_cpu_processes_trains_a_flow_model(tmp_path, base: str) -> None:
+    """The SD3-class flow world and a tiny FLUX.1-dev under DDP: one adapter with both processes' trajectories."""
+    recipe, overrides = (("world_flow_aesthetic.yaml", []) if base == "world-flow" else
+                         ("flux_pickscore.yaml", _flux_overrides(tmp_path / "models")))
+    result = _launch("cpu_2proc.yaml", tmp_path / "run", *overrides, recipe=recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = load_adapter_metadata(tmp_path / "run" / "final")
+    assert metadata.training["processes"] == 2 and metadata.training["trajectories_per_epoch"] == 8
+    assert metadata.pipeline_class == ("StableDiffusion3Pipeline" if base == "world-flow" else "FluxPipeline")
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_deepspeed_zero2_trains_and_resumes_the_flow_world(tmp_path) -> None:
+    """ZeRO-2 on 2 CPU processes with the flow world's SD3 transformer: sharded optimizer state, resumed."""
+    pytest.importorskip("deepspeed", reason="pip install --no-build-isolation deepspeed (DS_BUILD_OPS=0)")
+    result = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", "mixed_precision=bf16",
+                     recipe="world_flow_thirds.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shards = sorted(p.name for p in (latest_checkpoint(tmp_path / "run") / "deepspeed").rglob("*optim_states*"))
+    assert len(shards) == 2, shards
+    resumed = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", "mixed_precision=bf16", "epochs=2",
+                      "resume=latest", recipe="world_flow_thirds.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metadata = load_adapter_metadata(tmp_path / "run" / "final")
+    assert metadata.training["processes"] == 2 and metadata.training["epochs"] == 2
+    assert metadata.pipeline_class == "StableDiffusion3Pipeline"
 
 
 def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(tmp_path) -> None:
