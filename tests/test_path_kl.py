@@ -130,21 +130,25 @@ def test_measuring_kls_changes_no_image(plain, measured, method: str) -> None:
     assert bool((output.kl_to_base > 0).all()) and output.path_kl.unet_rows > 0
 
 
-@pytest.mark.parametrize("method", ["msdda", "output-average"])
-def test_measuring_in_the_method_forward_gives_the_same_kls_in_one_forward_per_step(measured, method: str) -> None:
-    """The targets joining the method's forward: the same KLs and images to rounding (a larger batch changes the
-    method's rows in their last bits), the targets' rows still counted, and no forward of their own."""
-    apart = _call(measured, method, [0.4, 0.6], return_kl=True, kl_to=[ORACLE])
+@pytest.mark.parametrize("method", ["msdda", "soup"])
+def test_a_deferred_measurement_gives_the_same_images_first_and_the_same_kls_on_completion(measured,
+                                                                                         method: str) -> None:
+    now = _call(measured, method, [0.4, 0.6], return_kl=True, kl_to=[ORACLE])
     forwards = []
     hook = measured.unet.register_forward_hook(lambda module, args, output: forwards.append(len(args[0])))
     try:
-        joined = _call(measured, method, [0.4, 0.6], return_kl=True, kl_to=[ORACLE], kl_in_method_forward=True)
+        later = _call(measured, method, [0.4, 0.6], return_kl=True, kl_to=[ORACLE], defer_kl=True)
+        sampled = len(forwards)
+        assert torch.equal(later.images, now.images) and later.path_kl.waiting_steps == STEPS
+        with pytest.raises(UserError, match="deferred .* call path_kl.complete"):
+            later.kl_to_base
+        later.path_kl.complete()
     finally:
         hook.remove()
-    assert len(forwards) == STEPS and joined.path_kl.unet_rows == apart.path_kl.unet_rows > 0
-    torch.testing.assert_close(joined.images, apart.images, rtol=0, atol=1e-5)
+    assert sampled == STEPS and len(forwards) > sampled  # the measuring forwards ran only on completion
+    assert later.path_kl.waiting_steps == 0 and later.path_kl.unet_rows == now.path_kl.unet_rows
     for target in (BASE, ORACLE):
-        torch.testing.assert_close(joined.path_kl.totals[target], apart.path_kl.totals[target], rtol=1e-4, atol=0)
+        assert torch.equal(later.path_kl.totals[target], now.path_kl.totals[target])
 
 
 def test_kernels_the_method_computed_are_reused(measured) -> None:
@@ -161,8 +165,10 @@ def test_bad_kl_requests_are_refused(measured) -> None:
         _call(measured, "msdda", [0.5, 0.5], kl_to=[ORACLE])
     with pytest.raises(UserError, match="return_reference_x0=True is measured along with the path KL"):
         _call(measured, "msdda", [0.5, 0.5], return_reference_x0=True)
-    with pytest.raises(UserError, match="kl_in_method_forward=True is measured along with the path KL"):
-        _call(measured, "msdda", [0.5, 0.5], kl_in_method_forward=True)
+    with pytest.raises(UserError, match="defer_kl=True is measured along with the path KL"):
+        _call(measured, "msdda", [0.5, 0.5], defer_kl=True)
+    with pytest.raises(UserError, match="cannot wait for defer_kl=True"):
+        _call(measured, "msdda", [0.5, 0.5], return_kl=True, return_reference_x0=True, defer_kl=True)
     with pytest.raises(UserError, match=r"kl_to names \['oracle_9'\].*load_comparison_adapters"):
         _call(measured, "msdda", [0.5, 0.5], return_kl=True, kl_to=["oracle_9"])
     with pytest.raises(UserError, match="are taken"):

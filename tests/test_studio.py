@@ -41,8 +41,7 @@ def studio(adapters) -> Studio:
 def test_a_render_is_the_pipelines_samples_with_their_scores_and_kls(studio: Studio) -> None:
     shown = studio.render([0.3, 0.7], "msdda", steps=STEPS, guidance=3.0, seed=5, prompt=PROMPT)
     output = studio.pipeline([PROMPT] * 4, weights=[0.3, 0.7], num_inference_steps=STEPS, guidance_scale=3.0,
-                             generator=torch.Generator().manual_seed(5), output_type="pt", return_kl=True,
-                             kl_in_method_forward=True)  # as the studio measures
+                             generator=torch.Generator().manual_seed(5), output_type="pt", return_kl=True)
     expected = studio.pipeline.image_processor.postprocess(output.images, output_type="pil",
                                                            do_denormalize=[False] * 4)
     assert len(shown.samples) == 4
@@ -85,6 +84,25 @@ def test_bad_input_is_a_user_error_that_names_it(studio: Studio, change: dict, m
         studio.render(**settings)
     with pytest.raises(PromptError):
         studio.render([0.5, 0.5], steps=STEPS, prompt="a pink circle on the left")
+
+
+@pytest.mark.parametrize("method", ["msdda", "code"])
+def test_a_render_with_its_kls_deferred_shows_the_same_grid_and_then_the_same_kls(studio: Studio,
+                                                                                 method: str) -> None:
+    settings = dict(steps=STEPS, guidance=3.0, seed=5, prompt=PROMPT, code_candidates=2, code_block=2)
+    whole = studio.render([0.3, 0.7], method, **settings)
+    quick = studio.render([0.3, 0.7], method, defer_kl=True, **settings)
+    assert [np.asarray(s.image).tolist() for s in quick.samples] == [np.asarray(s.image).tolist()
+                                                                     for s in whole.samples]
+    assert [s.scores for s in quick.samples] == [s.scores for s in whole.samples]
+    if method == "code":  # no Gaussian kernel: nothing to measure, the NaNs come at once
+        assert not quick.kl_pending and all(math.isnan(s.kl_to_base) for s in quick.samples)
+        return
+    assert quick.kl_pending and [s.kl_to_base for s in quick.samples] == [None] * 4
+    assert "| path KL to base | … | … | … | … |" in quick.table()
+    measured = quick.with_kl()
+    assert not measured.kl_pending and measured.kl_seconds > 0
+    assert [s.kl_to_base for s in measured.samples] == [s.kl_to_base for s in whole.samples]
 
 
 def test_unequal_betas_without_a_beta_fuse_at_the_weights_mean_of_the_betas(adapters) -> None:

@@ -85,6 +85,7 @@ def test_moving_a_slider_shows_the_pipelines_samples_at_the_new_weights(served, 
     from playwright.sync_api import sync_playwright
 
     from msdda.fuse import MSDDAPipeline
+    from msdda.studio.core import format_kl
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
@@ -100,6 +101,11 @@ def test_moving_a_slider_shows_the_pipelines_samples_at_the_new_weights(served, 
                                    ".map(i => i.src); return now.length == 4 && now.every((s, i) => s != old[i]); }",
                                    arg=sources)
             after, sources = _grid(page), _sources(page)
+            # the grid shows first, its path KLs a moment later (the second event)
+            page.wait_for_function("() => { const text = document.querySelector('#studio-scores').innerText; "
+                                   "return text.includes('path KL to base') && !text.includes('…'); }")
+            kl_row = next(line for line in page.locator("#studio-scores").inner_text().splitlines()
+                          if line.startswith("path KL to base"))
 
             _set_slider(page, "weight-0", 0)
             page.wait_for_function("old => [...document.querySelectorAll('#studio-grid img')].map(i => i.src)"
@@ -116,9 +122,11 @@ def test_moving_a_slider_shows_the_pipelines_samples_at_the_new_weights(served, 
     pipeline = MSDDAPipeline.from_pretrained("world", adapters=adapters)
     pipeline.set_progress_bar_config(disable=True)
     expected = [np.asarray(pipeline([PROMPT] * 4, weights=weights, num_inference_steps=STEPS, guidance_scale=3.0,
-                                    generator=torch.Generator().manual_seed(0), return_kl=True,
-                                    kl_in_method_forward=True).images[i]) for weights in  # as the studio calls it
+                                    generator=torch.Generator().manual_seed(0)).images[i]) for weights in
                 ([0.5, 0.5], [1.2, 0.5]) for i in range(4)]
     assert [np.array_equal(a, b) for a, b in zip(before + after, expected)] == [True] * 8
     assert not any(np.array_equal(a, b) for a, b in zip(before, after))
+    kl = pipeline([PROMPT] * 4, weights=[1.2, 0.5], num_inference_steps=STEPS, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(0), output_type="pt", return_kl=True).kl_to_base
+    assert kl_row.split()[4:] == [format_kl(value) for value in kl.tolist()]  # after "path KL to base"
     print(f"studio screenshot: {screenshot}")

@@ -256,7 +256,7 @@ class _Fusing:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
                  code_block: int = 5, return_dict: bool = True, return_kl: bool = False,
-                 kl_to: Sequence[str] = (), return_reference_x0: bool = False, kl_in_method_forward: bool = False):
+                 kl_to: Sequence[str] = (), return_reference_x0: bool = False, defer_kl: bool = False):
         """Sample with the adapters fused by ``method`` at ``weights`` (one per adapter).
 
         ``beta`` is the fused objective's KL weight (default: sum_i w_i beta_i / sum_i w_i, the adapters' common
@@ -268,9 +268,8 @@ class _Fusing:
         ``kl_to``, in ``output.path_kl`` (NaN for a method without a Gaussian kernel); the images are the same with
         and without it. ``return_reference_x0`` (with ``return_kl``) also keeps the base's x0 estimate at every
         state of the trajectory in ``output.path_kl.reference_x0`` (empty for a method without a Gaussian kernel):
-        the images the ``tweedie`` step reward scores. ``kl_in_method_forward`` (with ``return_kl``) measures in the
-        method's own forward, one forward per step instead of two (``PathKL.joins_method_forward``: cheaper on a CPU,
-        and the images the same only to rounding: a larger batch changes their last bits).
+        the images the ``tweedie`` step reward scores. ``defer_kl`` (with ``return_kl``) leaves the measuring
+        forwards for ``output.path_kl.complete()``: the images come first, the same as without it.
         """
         fusion = get_method(method)
         count = len(self.adapters)
@@ -303,7 +302,7 @@ class _Fusing:
                                             max_sequence_length or self._default("max_sequence_length", None))
         negative = negative if guidance_scale > 1.0 else None
         names = [a.name for a in self.adapters]
-        path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to, return_reference_x0, kl_in_method_forward)
+        path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to, return_reference_x0, defer_kl)
         context = FusionContext(
             unet=denoiser_of(self), scheduler=self.scheduler, positive=positive, negative=negative,
             adapter_names=names, weights=weights, exponents=powers, guidance_scale=guidance_scale, eta=noise,
@@ -345,14 +344,17 @@ class _Fusing:
         return (self._default("eta", 1.0) if eta is None else eta), "eta"
 
     def _path_kl(self, fusion, batch: int, return_kl: bool, kl_to: Sequence[str], return_reference_x0: bool,
-                 kl_in_method_forward: bool) -> PathKL | None:
+                 defer_kl: bool) -> PathKL | None:
         """The meter a call records into: the base and the named comparison adapters as targets."""
         if not return_kl:
-            if kl_to or return_reference_x0 or kl_in_method_forward:
+            if kl_to or return_reference_x0 or defer_kl:
                 asked = (f"kl_to={list(kl_to)}" if kl_to else "return_reference_x0=True" if return_reference_x0
-                         else "kl_in_method_forward=True")
+                         else "defer_kl=True")
                 raise UserError(f"{asked} is measured along with the path KL: pass return_kl=True as well")
             return None
+        if defer_kl and return_reference_x0:
+            raise UserError("return_reference_x0=True keeps the base's x0 estimates as the images are sampled; it "
+                            "cannot wait for defer_kl=True: leave one of them out")
         unknown = [name for name in kl_to if name not in self.comparison_adapters]
         if unknown:
             raise UserError(f"kl_to names {unknown}, which are not loaded comparison adapters "
@@ -360,8 +362,7 @@ class _Fusing:
         targets = (BASE, *kl_to)
         if not fusion.gaussian:
             return PathKL.undefined(targets, batch)
-        return PathKL.zeros(targets, batch, keeps_reference_x0=return_reference_x0,
-                            joins_method_forward=kl_in_method_forward)
+        return PathKL.zeros(targets, batch, keeps_reference_x0=return_reference_x0, defers=defer_kl)
 
 
 class MSDDAPipeline(_Fusing, StableDiffusionPipeline):

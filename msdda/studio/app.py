@@ -41,7 +41,13 @@ def _gallery(render: Render) -> list[tuple[Image.Image, str]]:
 
 
 def _timing(renders: list[Render]) -> str:
-    return " · ".join(f"{r.method}: {len(r.samples)} images in {r.seconds:.2f} s" for r in renders)
+    return " · ".join(f"{r.method}: {len(r.samples)} images in {r.seconds:.2f} s"
+                      + ("" if r.kl_pending or not r.kl_seconds else f", path KL in {r.kl_seconds:.2f} s more")
+                      for r in renders)
+
+
+def _scores(render: Render | None) -> str:
+    return "" if render is None else f"**{render.method}**\n\n{render.table()}"
 
 
 def _error(message: str) -> str:
@@ -50,7 +56,8 @@ def _error(message: str) -> str:
 
 def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
     """The page for one loaded studio (and optionally one sweep). Every control change runs one render (two
-    side by side), queued so that at most one sampling runs at a time and only the latest setting is sampled."""
+    side by side), queued so that at most one sampling runs at a time and only the latest setting is sampled;
+    the grid and its scores show first, and a second event then measures and shows the path KLs."""
     adapters = studio.pipeline.adapters
     count = len(adapters)
     methods = method_names()
@@ -110,33 +117,46 @@ def build_app(studio: Studio, sweep: SweepView | None = None) -> gr.Blocks:
 
             return prompt_for(Attributes(*(values[part] for part in prompt_parts)))
 
+        shown: dict[str, list[Render]] = {}  # the renders on the page, whose KLs the second event measures
+
         def update(values: dict):
             settings = dict(beta=values[beta] or None, steps=values[steps], guidance=values[guidance],
                             seed=int(values[seed] or 0), prompt=prompt_of(values),
                             code_candidates=int(values[candidates]), code_block=int(values[block]))
             weights = [float(values[slider]) for slider in sliders]
             try:
-                renders = [studio.render(weights, values[method], **settings)]
+                renders = [studio.render(weights, values[method], defer_kl=True, **settings)]
                 if values[compare]:
-                    renders.append(studio.render(weights, values[baseline], **settings))
+                    renders.append(studio.render(weights, values[baseline], defer_kl=True, **settings))
             except UserError as error:  # bad input: say so in the page and keep serving; anything else is a bug
                 gr.Warning(str(error))
+                shown.clear()
                 return _error(str(error)), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            shown["renders"] = renders
             first, second = renders[0], renders[1] if len(renders) > 1 else None
             title = f"{get_method(first.method).label}: {settings['prompt']}, seed {settings['seed']}"
-            return ("", gr.Gallery(_gallery(first), label=title), f"**{first.method}**\n\n{first.table()}",
+            return ("", gr.Gallery(_gallery(first), label=title), _scores(first),
                     gr.Gallery(visible=False) if second is None else
                     gr.Gallery(_gallery(second), visible=True, label=f"baseline: {get_method(second.method).label}"),
-                    "" if second is None else f"**{second.method}**\n\n{second.table()}", _timing(renders))
+                    _scores(second), _timing(renders))
 
-        outputs = [message, grid, scores, baseline_grid, baseline_scores, timing]
-        events = dict(fn=update, inputs=controls, outputs=outputs, trigger_mode="always_last",
-                      concurrency_id="render", concurrency_limit=1, show_progress="minimal")
+        def measure_kl():
+            renders = shown.pop("renders", None)
+            if renders is None:  # nothing new on the page (the render was refused)
+                return gr.skip(), gr.skip(), gr.skip()
+            renders = [render.with_kl() for render in renders]
+            return _scores(renders[0]), _scores(renders[1] if len(renders) > 1 else None), _timing(renders)
+
+        queued = dict(trigger_mode="always_last", concurrency_id="render", concurrency_limit=1,
+                      show_progress="minimal")
+        events = dict(fn=update, inputs=controls, outputs=[message, grid, scores, baseline_grid, baseline_scores,
+                                                             timing], **queued)
+        kl_event = dict(fn=measure_kl, inputs=None, outputs=[scores, baseline_scores, timing], **queued)
         for slider in (*sliders, steps, guidance, candidates, block):
-            slider.release(**events)
+            slider.release(**events).success(**kl_event)
         for control in (method, compare, baseline, beta, seed, *prompt_parts):
-            (control.submit if isinstance(control, gr.Textbox) else control.change)(**events)
-        app.load(**events)
+            (control.submit if isinstance(control, gr.Textbox) else control.change)(**events).success(**kl_event)
+        app.load(**events).success(**kl_event)
         if sweep is not None:
             _sweep_tab(sweep)
     return app

@@ -34,33 +34,55 @@ class PathKL:
     MSDDA's product, the base model's own kernel) is reused, so the base's KL to itself is exactly 0 and costs
     nothing. ``unet_rows`` and ``seconds`` are what the measuring forwards cost, kept apart from the method's.
 
-    With ``joins_method_forward`` the targets a method's forward lacks join that forward's batch instead, after the
-    method's rows: one forward per step instead of two, cheaper where a forward's cost is mostly its calls, as on a
-    CPU (the studio's choice). The larger batch changes the method's rows, and so the samples, in their last bits,
-    so this is not the default; ``seconds`` then counts only the forwards the targets still needed of their own,
-    while ``unet_rows`` counts the joined rows too.
-
     With ``keeps_reference_x0`` it also keeps the reference's x0 estimate at every state x_T ... x_1 of the
     trajectory (deterministic steps included): the clean images the ``tweedie`` step reward scores, from which a
     sweep computes the step-level objective the adapters were trained for.
+
+    With ``defers`` the targets' own forwards wait until :meth:`complete`, so that the samples are ready first (the
+    studio shows a grid before its KLs); the samples are the same either way. :attr:`totals` refuses to be read
+    while steps wait.
     """
 
     targets: tuple[str, ...]
-    totals: dict[str, torch.Tensor]
-    """Target name -> ``[B]`` float64 path KL (NaN when the method has no Gaussian kernel)."""
+    _totals: dict[str, torch.Tensor]
     unet_rows: int = 0
     seconds: float = 0.0
     keeps_reference_x0: bool = False
-    joins_method_forward: bool = False
+    defers: bool = False
     reference_x0: list[torch.Tensor] = field(default_factory=list)
     """With ``keeps_reference_x0``: the reference's x0 estimate at each step's x_t, in sampling order."""
     _seen: tuple[torch.Tensor, torch.Tensor, dict[str, StepKernel]] | None = field(default=None, repr=False)
+    _waiting: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @classmethod
     def zeros(cls, targets: Sequence[str], batch: int, keeps_reference_x0: bool = False,
-              joins_method_forward: bool = False) -> PathKL:
+              defers: bool = False) -> PathKL:
         return cls(tuple(targets), {name: torch.zeros(batch, dtype=torch.float64) for name in targets},
-                   keeps_reference_x0=keeps_reference_x0, joins_method_forward=joins_method_forward)
+                   keeps_reference_x0=keeps_reference_x0, defers=defers)
+
+    @property
+    def totals(self) -> dict[str, torch.Tensor]:
+        """Target name -> ``[B]`` float64 path KL (NaN when the method has no Gaussian kernel)."""
+        if self._waiting:
+            raise UserError(f"the path KL of {len(self._waiting)} steps was deferred (defer_kl=True) and is not "
+                            "measured yet: call path_kl.complete() first")
+        return self._totals
+
+    @property
+    def waiting_steps(self) -> int:
+        """Steps whose targets' forwards wait for :meth:`complete`."""
+        return len(self._waiting)
+
+    def wait(self, measure: Callable[[], None]) -> None:
+        """Keep one step's measurement for :meth:`complete`."""
+        self._waiting.append(measure)
+
+    @torch.no_grad()
+    def complete(self) -> PathKL:
+        """Run the deferred steps' measurements, in sampling order; returns the meter."""
+        while self._waiting:
+            self._waiting.pop(0)()
+        return self
 
     @classmethod
     def undefined(cls, targets: Sequence[str], batch: int) -> PathKL:
@@ -82,7 +104,7 @@ class PathKL:
     def add(self, kernel: StepKernel, targets: dict[str, StepKernel]) -> None:
         """Add one stochastic step: KL(kernel || each target's kernel)."""
         for name in self.targets:
-            self.totals[name] += kernel_kl(kernel, targets[name]).double().cpu()
+            self._totals[name] += kernel_kl(kernel, targets[name]).double().cpu()
 
 
 @dataclass(frozen=True)
@@ -114,21 +136,14 @@ class FusionContext:
         """The step kernel of each named adapter ("__base__": the reference; None: the UNet as configured), from
         one batched forward with guidance applied per adapter. ``positive``/``negative`` replace the call's
         embeddings (e.g. repeated for candidates)."""
-        meter = self.path_kl
-        measured = positive is None and names is not None and meter is not None
-        joining = [name for name in meter.targets if name not in names] if measured and meter.joins_method_forward else []
+        measured = positive is None and names is not None and self.path_kl is not None
         if positive is None:
             positive, negative = self.positive, self.negative
-        kernels = adapter_kernels(self.unet, self.scheduler, latents, timestep, positive, negative,
-                                  None if names is None else names + joining, self.guidance_scale, self.eta)
+        kernels = adapter_kernels(self.unet, self.scheduler, latents, timestep, positive, negative, names,
+                                  self.guidance_scale, self.eta)
         if measured:
-            meter.remember(latents, timestep, names + joining, kernels)
-            meter.unet_rows += len(latents) * len(joining) * self._rows_per_latent()
-        return kernels[:len(kernels) - len(joining)]
-
-    def _rows_per_latent(self) -> int:
-        """UNet rows per latent and adapter in a forward: 2 with classifier-free guidance, else 1."""
-        return 2 if self.negative is not None and self.guidance_scale > 1.0 else 1
+            self.path_kl.remember(latents, timestep, names, kernels)
+        return kernels
 
     def record(self, step: Step) -> None:
         """The loop's recorder: add the step's KL to each target of :attr:`path_kl` (none: nothing to do). The
@@ -138,13 +153,22 @@ class FusionContext:
         deterministic = step.kernel.is_deterministic
         if meter is None or (deterministic and not meter.keeps_reference_x0):
             return
-        started = self._synchronized_clock()
         targets = dict(meter.known(step.latents, step.timestep))
+        if meter.defers:
+            meter.wait(lambda: self._measure(step, targets, deterministic))
+        else:
+            self._measure(step, targets, deterministic)
+
+    def _measure(self, step: Step, targets: dict[str, StepKernel], deterministic: bool) -> None:
+        """One step's measurement: forwards for the targets the method's did not evaluate, then the KLs."""
+        meter = self.path_kl
+        started = self._synchronized_clock()
         wanted = (BASE,) if deterministic else meter.targets
         missing = [name for name in wanted if name not in targets]
         if missing:
             targets.update(zip(missing, self.kernels(step.latents, step.timestep, missing)))
-            meter.unet_rows += len(step.latents) * len(missing) * self._rows_per_latent()
+            halves = 2 if self.negative is not None and self.guidance_scale > 1.0 else 1
+            meter.unet_rows += len(step.latents) * len(missing) * halves
         if meter.keeps_reference_x0:
             meter.reference_x0.append(targets[BASE].pred_original_sample)
         if not deterministic:
