@@ -484,50 +484,6 @@ def _contiguous_runs(names: list[str]) -> list[tuple[str, int, int]]:
     return runs
 
 
-def _lora_updates_group(module, runs: list[tuple[str, int, int]]) -> bool:
-    """Whether the LoRA updates of ``runs`` (two or more adapters, base rows left out) can run as one grouped
-    computation in ``module``: equal, back-to-back row runs of adapters of one rank, each a plain LoRA (no dropout,
-    no bias) of a linear or ungrouped 2-D convolution layer."""
-    if len(runs) < 2 or any(name not in module.lora_A for name, _, _ in runs):
-        return False
-    lengths = {after - first for _, first, after in runs}
-    back_to_back = all(runs[i][2] == runs[i + 1][1] for i in range(len(runs) - 1))
-    plain = all(isinstance(module.lora_dropout[name], torch.nn.Identity) and module.lora_B[name].bias is None
-                for name, _, _ in runs)
-    ranks = {module.lora_A[name].weight.shape for name, _, _ in runs}
-    layer = module.get_base_layer()
-    kind = isinstance(layer, torch.nn.Linear) or (isinstance(layer, torch.nn.Conv2d) and layer.groups == 1)
-    return len(lengths) == 1 and back_to_back and plain and len(ranks) == 1 and kind
-
-
-def _add_grouped_lora_updates(module, runs: list[tuple[str, int, int]], x: torch.Tensor,
-                              result: torch.Tensor) -> None:
-    """Add each adapter's ``lora_B(lora_A(x)) * scaling`` to its rows of ``result`` with two calls for all K
-    adapters instead of 2 K: batched matrix products for a linear layer, convolutions with K groups (the adapters'
-    rows side by side as channels) for a convolution. The update of a small-batch LoRA layer costs mostly its
-    calls, so this is what lets a K-adapter forward cost little more than a plain one (``_lora_updates_group``
-    says when it applies)."""
-    names = [name for name, _, _ in runs]
-    first, after, count = runs[0][1], runs[-1][2], len(runs)
-    rows = (after - first) // count
-    down = torch.stack([module.lora_A[name].weight for name in names])
-    up = torch.stack([module.lora_B[name].weight * module.scaling[name] for name in names])
-    inputs = x[first:after].to(down.dtype)
-    target = result[first:after]
-    if isinstance(module.get_base_layer(), torch.nn.Linear):
-        flat = inputs.reshape(count, -1, inputs.shape[-1])
-        update = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))
-        target += update.reshape(target.shape).to(result.dtype)
-        return
-    lora_a = module.lora_A[names[0]]
-    channels = inputs.reshape(count, rows, *inputs.shape[1:]).transpose(0, 1).reshape(rows, -1, *inputs.shape[2:])
-    hidden = torch.nn.functional.conv2d(channels, down.flatten(0, 1), None, lora_a.stride, lora_a.padding,
-                                        lora_a.dilation, groups=count)
-    update = torch.nn.functional.conv2d(hidden, up.flatten(0, 1), None, groups=count)
-    update = update.reshape(rows, count, -1, *update.shape[2:]).transpose(0, 1).reshape(target.shape)
-    target += update.to(result.dtype)
-
-
 @contextmanager
 def mixed_adapter_batch(unet, adapter_names: list[str]):
     """Route batch row i of every LoRA layer to adapter ``adapter_names[i]`` (PEFT mixed-adapter batches).
@@ -565,18 +521,11 @@ def mixed_adapter_batch(unet, adapter_names: list[str]):
                 result[first:after] += (update * module.scaling[name]).to(result.dtype)
         return result
 
-    def add_adapters_grouped(module, args, kwargs, result):
-        _add_grouped_lora_updates(module, adapter_runs, args[0], result)
-        return result
-
-    adapter_runs = [run for run in runs if run[0] != BASE]
     handles = []
     for module in _lora_layers(unet, LoraLayer):
         if isinstance(module, (Linear, _ConvNd)) and not module.lora_variant:
-            grouped = _lora_updates_group(module, adapter_runs)
             handles += [module.register_forward_pre_hook(base_only, with_kwargs=True),
-                        module.register_forward_hook(add_adapters_grouped if grouped else add_adapters,
-                                                     with_kwargs=True)]
+                        module.register_forward_hook(add_adapters, with_kwargs=True)]
         else:
             handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
     _active_routings.append(adapter_names)

@@ -56,8 +56,8 @@ def test_mixed_adapter_batch_equals_separate_forwards(pipeline) -> None:
 
 
 def test_a_batch_of_several_adapters_equals_each_adapter_on_its_own(pipeline) -> None:
-    """Two adapters' rows side by side (their LoRA updates computed as one grouped call per layer) and the base's
-    after them, against diffusers' forwards with one adapter active at a time and with the LoRAs off."""
+    """Two adapters' rows side by side and the base's after them (the fused sampler's batch), against diffusers'
+    forwards with one adapter active at a time and with the LoRAs off."""
     unet = pipeline.unet
     latents = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     embeds = pipeline.encode_prompt([PROMPT] * 6, "cpu", 1, False)[0]
