@@ -94,7 +94,7 @@ def flow_world_path() -> Path:
     first use (a stock pipeline folder, so everything that takes a base folder takes it)."""
     if not (FLOW / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
         raise InputNotFound(f"the shipped flow world is missing from {FLOW}; reinstall msdda or run "
-                            "`msdda world pretrain --from msdda/world/assets --flow-steps 3000 --out DIR` and pass "
+                            "`msdda world pretrain --from msdda/world/assets --flow-steps 6000 --out DIR` and pass "
                             "DIR/pipeline as the base")
     from msdda.world.flow import assembled_flow_world
 

@@ -39,8 +39,6 @@ from msdda.world import built_once
 from msdda.world.data import prompt_for, sample_attributes
 from msdda.world.models import TEXT_DIM
 from msdda.world.pretrain import (
-    CONTINUED_SETTINGS,
-    RECORD_FROM_EARLIER,
     PretrainConfig,
     _cosine_lr,
     _descend,
@@ -49,6 +47,8 @@ from msdda.world.pretrain import (
     _reproducible,
     _write_record,
     continued_record,
+    continued_settings,
+    repeated_measurements,
 )
 
 __all__ = ["FlowWorldConfig", "build_transformer", "build_flow_scheduler", "flow_pipeline", "assembled_flow_world",
@@ -207,7 +207,7 @@ def pretrain_flow_world(world_dir: str | Path, output_dir: str | Path, steps: in
     several times faster than two, whose every operation waits for the slower thread."""
     world_dir, output_dir = Path(world_dir), Path(output_dir)
     earlier = continued_record(world_dir, "--flow-steps", steps)
-    settings = {k: v for k, v in earlier["config"].items() if k in CONTINUED_SETTINGS}
+    settings = continued_settings(earlier)
     config = FlowWorldConfig(**(settings | ({} if threads is None else {"threads": threads})), steps=steps)
     started = time.time()
     world = _load_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
@@ -219,7 +219,7 @@ def pretrain_flow_world(world_dir: str | Path, output_dir: str | Path, steps: in
     pipeline.save_pretrained(output_dir / "pipeline", safe_serialization=True)
     shutil.copytree(world_dir / "classifier", output_dir / "classifier", dirs_exist_ok=True)
     parameters = sum(p.numel() for p in pipeline.transformer.parameters())
-    unchanged = {k: earlier[k] for k in RECORD_FROM_EARLIER if k in earlier}
+    unchanged = repeated_measurements(earlier)
     _write_record(output_dir, "pretrain_flow_world()", config, started, **unchanged, flow=True,
                   transformer_parameters=parameters, continued_from=earlier)
     return output_dir

@@ -44,8 +44,6 @@ from msdda.kernels import kernel_kl, step_kernel
 from msdda.world import built_once
 from msdda.world.models import build_scheduler, build_unet
 from msdda.world.pretrain import (
-    CONTINUED_SETTINGS,
-    RECORD_FROM_EARLIER,
     PretrainConfig,
     _assemble_pipeline,
     _cosine_lr,
@@ -55,6 +53,8 @@ from msdda.world.pretrain import (
     _reproducible,
     _write_record,
     continued_record,
+    continued_settings,
+    repeated_measurements,
 )
 
 __all__ = ["LearnedVarianceConfig", "learned_variance_scheduler", "step_vlb", "continue_learned_variance",
@@ -224,7 +224,7 @@ def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, ste
     earlier = continued_record(world_dir, "--learned-variance-steps", steps)
     if sampler_steps < 2:
         raise UserError(f"sampler_steps must be at least 2 (one stochastic step to learn), got {sampler_steps}")
-    settings = {k: v for k, v in earlier["config"].items() if k in CONTINUED_SETTINGS}
+    settings = continued_settings(earlier)
     config = LearnedVarianceConfig(**settings, steps=steps, sampler_steps=sampler_steps, bound_samples=bound_samples)
     started = time.time()
     pipeline = _load_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
@@ -236,7 +236,7 @@ def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, ste
     weights = {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}
     _learned_variance_pipeline(pipeline, weights).save_pretrained(output_dir / "pipeline", safe_serialization=True)
     save_file(weights, output_dir / HEAD_FILE)
-    unchanged = {k: earlier[k] for k in RECORD_FROM_EARLIER if k in earlier}
+    unchanged = repeated_measurements(earlier)
     _write_record(output_dir, "continue_learned_variance()", config, started, **unchanged,
                   learned_variance_bound_bits_per_dim=bounds, continued_from=earlier)
     return output_dir

@@ -363,6 +363,16 @@ RECORD_FROM_EARLIER = ("classifier_test_accuracy", "vae_scaling_factor", "vae_me
 """What a continuation's record repeats from the earlier world's: its classifier and VAE are that world's."""
 
 
+def continued_settings(earlier: dict) -> dict:
+    """The :data:`CONTINUED_SETTINGS` of the continued world's record ``earlier``."""
+    return {k: v for k, v in earlier["config"].items() if k in CONTINUED_SETTINGS}
+
+
+def repeated_measurements(earlier: dict) -> dict:
+    """The :data:`RECORD_FROM_EARLIER` of the continued world's record ``earlier``, for the continuation's record."""
+    return {k: earlier[k] for k in RECORD_FROM_EARLIER if k in earlier}
+
+
 def continued_record(world_dir: Path, flag: str, steps: int) -> dict:
     """The ``pretraining.json`` of ``world_dir``, which a continuation of ``steps`` steps (its CLI flag ``flag``)
     continues; refused where ``world_dir`` has none, is itself a learned-variance or flow world, or ``steps`` < 1."""
