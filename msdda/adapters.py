@@ -71,6 +71,14 @@ class AdapterMetadata:
     """The side in pixels of the images trained on; None: the pipeline's default (and in older adapters)."""
     max_sequence_length: int | None = None
     """T5's token count of the prompts trained on (SD3, FLUX); None: the pipeline's default."""
+    optimality: dict[str, Any] | None = None
+    """The optimality gauge (msdda.train.gauge) at the end of training: per step, how near the adapter is to its step
+    optimum, and the beta it implies; None where it was not measured (no reward gradient, or older adapters)."""
+
+    @property
+    def noise_scale(self) -> float | None:
+        """The sampler's one noise setting (msdda.diffusion.sampler_kernel): the flow noise level a, or DDIM's eta."""
+        return self.eta if self.flow_noise_level is None else self.flow_noise_level
 
     @property
     def sampler_description(self) -> str:
@@ -99,6 +107,20 @@ def weights_hash(module: torch.nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def _optimality_summary(gauge: dict[str, Any] | None) -> str:
+    """The gauge in the model card's words."""
+    if not gauge:
+        return "Not measured (the reward has no gradient, or the gauge was off)."
+    worst, implied = gauge["max_ratio_deviation"], gauge["implied_beta"]
+    worst = "unmeasured" if worst is None else f"{worst:.2f}"
+    implied = "none (it does not move along the reward's gradient)" if implied is None else f"{implied:.3g}"
+    return (f"On held-out states ({gauge['prompts']} prompts, from the reference and from the adapter, "
+            f"{gauge['draws']} draws each), the adapter's mean shift against the step optimum's "
+            f"(|d| / |d*|, 1 at the optimum) is off by at most {worst} at the steps that carry KL; the beta at "
+            f"which it is step-optimal is {implied} (trained at {gauge['beta']}). Per step: "
+            f"`optimality` in `{METADATA_FILE}`.")
 
 
 def _model_card(metadata: AdapterMetadata) -> str:
@@ -135,6 +157,9 @@ by their betas.
 
 ## Training summary
 {summary}
+
+## Distance from the step optimum
+{_optimality_summary(metadata.optimality)}
 """
 
 

@@ -28,7 +28,6 @@ from msdda.errors import UserError
 from msdda.rewards import Reward, load_reward
 from msdda.train import TrainConfig
 from msdda.train.checkpoint import latest_checkpoint, lora_state, optimizer_from_files, optimizer_to_files
-from msdda.train.pathwise import reference_step_reward
 from msdda.train.trainer import Trainer
 from msdda.train.updates import transitions
 from msdda.world import world_path
@@ -278,7 +277,7 @@ def test_pathwise_rollout_reward_differentiates_the_deterministic_reference_cont
     rows, step = torch.arange(4), 0
     batch = transitions(trajectories, trainer.advantages(trajectories), rows, step)
     action = batch.next_latents.clone().requires_grad_(True)
-    step_reward = reference_step_reward(trainer.policy.pipeline, trainer.unwrapped, trainer.reward, trainer.config)
+    step_reward = trainer.step_reward()
     reward = step_reward(action, batch)
     direction = torch.randn(action.shape, generator=torch.Generator().manual_seed(1)).to(action.device)
     (slope,) = torch.autograd.grad(reward.sum(), action)

@@ -80,6 +80,30 @@ class OptimSettings:
     reparameterised action x_{t-1} = mean + std * noise, through the step reward's reference continuation
     (needs ``reward.step_reward`` tweedie or rollout and a differentiable reward); the same objective and
     optimum, with a variance that does not grow with the latent dimension."""
+    fresh_noise: bool = False
+    """``pathwise`` only: every update draws its own action noise x_{t-1} = mean + std * noise instead of reusing the
+    rollout's. Given the states, the pathwise step objective's gradient does not depend on the policy that visited
+    them (no importance ratio), so with fresh noise an epoch's states serve many ``inner_epochs`` exactly: the
+    state-replay mode, which samples trajectories (and calls the reward on them) far less often per update."""
+    reference_states: float = 0.0
+    """Share of each epoch's sampling batches drawn from the reference (the adapter off) instead of the current
+    adapter (``fresh_noise`` only): the gauge and fusion meet both distributions of states."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """The learning rate over the run's optimizer steps (diffusers.optimization.get_scheduler), after
+    ``lr_warmup_steps`` of linear warm-up."""
+    lr_warmup_steps: int = 0
+    gauge_every: int = 0
+    """Epochs between optimality gauges (msdda.train.gauge) during training, logged and kept in the history; 0: only
+    the final one, written into the adapter's metadata (``gauge_prompts`` > 0)."""
+    gauge_prompts: int = 8
+    """Prompts whose held-out states (one trajectory each from the reference and from the adapter) the gauge reads;
+    0: no gauge (it needs a differentiable reward; without one it is skipped)."""
+    gauge_draws: int = 2
+    """Draws of x_{t-1} per state that estimate E[grad R_t] for the gauge (at least 2: the estimate is bias-corrected
+    with their spread)."""
+    stop_near_optimum: float | None = None
+    """Stop at the first gauge (``gauge_every``) at which every step that carries KL has |d| / |d*| within this
+    tolerance of 1 (e.g. 0.1); None: train all ``epochs``."""
     stat_buffer: int = 32
     stat_min_count: int = 8
     max_grad_norm: float = 1.0
@@ -172,6 +196,28 @@ class TrainConfig:
                              f"epoch (sampling.batch_size * sampling.batches_per_epoch = {per_epoch})")
         if self.train.single_pass:
             self._check_single_pass(per_epoch)
+        self._check_replay()
+
+    def _check_replay(self) -> None:
+        train = self.train
+        if train.fresh_noise and train.estimator != "pathwise":
+            raise UserError(f"train.fresh_noise draws new action noise for the pathwise update; got train.estimator="
+                             f"{train.estimator!r}: set train.estimator=pathwise or train.fresh_noise=false")
+        if not 0 <= train.reference_states <= 1 or (train.reference_states and not train.fresh_noise):
+            raise UserError(f"train.reference_states={train.reference_states} must be in [0, 1], and above 0 only "
+                             "with train.fresh_noise=true (the policy gradient and the rollout's own noise need the "
+                             "adapter's samples)")
+        for name, value in (("train.lr_warmup_steps", train.lr_warmup_steps), ("train.gauge_every", train.gauge_every),
+                            ("train.gauge_prompts", train.gauge_prompts)):
+            if value < 0:
+                raise UserError(f"{name} must be at least 0, got {value}")
+        if train.gauge_draws < 2:
+            raise UserError(f"train.gauge_draws must be at least 2 (the gauge corrects its estimate with the draws' "
+                             f"spread), got {train.gauge_draws}")
+        if train.stop_near_optimum is not None and not (train.stop_near_optimum > 0 and train.gauge_every > 0
+                                                        and train.gauge_prompts > 0):
+            raise UserError(f"train.stop_near_optimum={train.stop_near_optimum} needs a tolerance > 0 and gauges to "
+                             "read: set train.gauge_every >= 1 and train.gauge_prompts >= 1")
 
     def _check_single_pass(self, per_epoch: int) -> None:
         train = self.train
@@ -188,6 +234,15 @@ class TrainConfig:
                 f"train.gradient_accumulation_steps = {train.batch_size * train.gradient_accumulation_steps} is not "
                 f"the {per_epoch} trajectories sampled per epoch: set train.gradient_accumulation_steps="
                 f"{per_epoch // train.batch_size}, or train.single_pass=false")
+
+    @property
+    def optimizer_steps(self) -> int:
+        """The run's optimizer steps, which the learning-rate schedule spans: one per row batch of every inner epoch
+        (all its trained steps accumulate into it), or one per epoch with ``single_pass``."""
+        if self.train.single_pass:
+            return self.epochs
+        per_epoch = self.sampling.batch_size * self.sampling.batches_per_epoch // self.train.batch_size
+        return self.epochs * self.train.inner_epochs * per_epoch // self.train.gradient_accumulation_steps
 
     @property
     def trained_steps(self) -> int:

@@ -41,7 +41,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, metadata: Adapte
     adapter was trained (``metadata``: steps, guidance, the sampler's noise setting (DDIM's eta, or a flow noise
     level), resolution and T5 length)."""
     guidance = metadata.guidance_scale
-    noise_scale = metadata.eta if metadata.flow_noise_level is None else metadata.flow_noise_level
+    noise_scale = metadata.noise_scale
     positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device, guidance_scale=guidance,
                                         max_sequence_length=metadata.max_sequence_length)
     negative = negative if guidance > 1.0 else None

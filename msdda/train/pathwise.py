@@ -33,21 +33,21 @@ def pathwise_loss(policy: KernelFunction, batch: Transitions, config: TrainConfi
     return pathwise_step_loss(step_reward(action, batch), kl, config.beta)
 
 
-def reference_step_reward(pipeline, unet, reward: Callable, config: TrainConfig) -> StepRewardFunction:
-    """The configured step reward of an action x_{t-1}, with grad flowing back to it through the reference (whose
+def reference_step_reward(pipeline, unet, reward: Callable, step_reward: str, guidance_scale: float,
+                          noise_scale: float | None) -> StepRewardFunction:
+    """The step reward ``step_reward`` of an action x_{t-1}, with grad flowing back to it through the reference (whose
     weights stay frozen: ``unet``'s adapter is routed off): r(x0_hat_ref(x_{t-1})) for ``tweedie``, r of the
-    deterministic reference continuation from x_{t-1} for ``rollout``; r(x_0) at the last step."""
-    sampling = config.sampling
+    deterministic reference continuation from x_{t-1} for ``rollout``; r(x_0) at the last step. ``guidance_scale`` and
+    ``noise_scale`` are the sampler's (msdda.diffusion.sampler_kernel)."""
 
-    def step_reward(action: torch.Tensor, batch: Transitions) -> torch.Tensor:
+    def step_reward_of(action: torch.Tensor, batch: Transitions) -> torch.Tensor:
         clean, following = action, batch.timesteps[batch.step + 1:]
-        if len(following) and config.reward.step_reward == "rollout":
+        if len(following) and step_reward == "rollout":
             clean = reference_continuation(pipeline, unet, None, action, following, batch.prompt_embeds,
-                                           batch.negative_embeds, sampling.guidance_scale)
+                                           batch.negative_embeds, guidance_scale)
         elif len(following):
             clean = adapter_kernels(unet, pipeline.scheduler, action, following[0], batch.prompt_embeds,
-                                    batch.negative_embeds, [BASE], sampling.guidance_scale,
-                                    sampling.noise_scale)[0].pred_original_sample
+                                    batch.negative_embeds, [BASE], guidance_scale, noise_scale)[0].pred_original_sample
         return reward(decode_latents(pipeline, clean, grad=True), batch.prompts, grad=True)
 
-    return step_reward
+    return step_reward_of

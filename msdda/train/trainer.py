@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from msdda.train.checkpoint import (
     save_checkpoint,
 )
 from msdda.train.config import TrainConfig
+from msdda.train.gauge import GaugeSettings, gauge_adapter, near_optimum
 from msdda.train.distributed import (
     build_accelerator,
     check_launch,
@@ -57,7 +59,7 @@ from msdda.train.distributed import (
     uses_deepspeed,
 )
 from msdda.train.loss import StepLoss
-from msdda.train.pathwise import pathwise_loss, reference_step_reward
+from msdda.train.pathwise import StepRewardFunction, pathwise_loss, reference_step_reward
 from msdda.train.policy import load_policy
 from msdda.train.policy_gradient import policy_gradient_loss
 from msdda.train.rollout import Trajectories, sample_trajectories
@@ -105,10 +107,11 @@ class Trainer:
             configure_deepspeed(self.accelerator, config)
         unet, optimizer = self.accelerator.prepare(denoiser_of(self.policy.pipeline), optimizer)
         self.learner = Learner(self.accelerator, unet, optimizer, self.policy.lora_parameters,
-                               config.train.max_grad_norm)
+                               config.train.max_grad_norm, _lr_schedule(config, optimizer))
         self.tracker = PerPromptStatTracker(config.train.stat_buffer, config.train.stat_min_count,
                                             config.train.advantage_normalisation)
         self.start_epoch, self.bad_epochs, self.history = 0, 0, []
+        self.last_gauge: dict | None = None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -141,12 +144,19 @@ class Trainer:
                            dropped_samples=dropped, epoch_seconds=time.time() - started)
             if on_cuda:  # what this process's GPU needed at most, to size train.batch_size (docs/training.md)
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+            near = False
+            if config.train.gauge_every and (epoch + 1) % config.train.gauge_every == 0:
+                near = self._gauge_epoch(metrics)
             self.history.append({"epoch": epoch + 1, **metrics})
             self._report(epoch, metrics, progress)
-            if (epoch + 1) % config.checkpoint.every == 0 or epoch + 1 == config.epochs:
+            if (epoch + 1) % config.checkpoint.every == 0 or epoch + 1 == config.epochs or near:
                 self._save_checkpoint(epoch)
             if config.sample_every and (epoch + 1) % config.sample_every == 0 and accelerator.is_main_process:
                 self._sample_grid(epoch)
+            if near:
+                logger.info("every step that carries KL is within %s of its step optimum after epoch %d; stopping",
+                            config.train.stop_near_optimum, epoch + 1)
+                break
         return self._export()
 
     def sample(self, epoch: int) -> Trajectories:
@@ -155,23 +165,59 @@ class Trainer:
         from the noise draws; ``single_pass`` keeps the graphs of its trained steps)."""
         config, device, process = self.config, self.accelerator.device, self.accelerator.process_index
         pathwise, pipeline = config.train.estimator == "pathwise", self.policy.pipeline
+        reference_batches = round(config.train.reference_states * config.sampling.batches_per_epoch)
         batches = []
         self.unwrapped.eval()
         for batch_index in range(config.sampling.batches_per_epoch):
+            from_reference = batch_index < reference_batches
             rng = np.random.default_rng(_seed(config.seed, epoch, process, batch_index, 1))
             prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), config.sampling.batch_size)]
             positive, negative = encode_prompts(pipeline, prompts, device,
                                                 guidance_scale=config.sampling.guidance_scale,
                                                 max_sequence_length=config.sampling.max_sequence_length)
             generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
-            batches.append(sample_trajectories(
-                pipeline, self.policy.sampling_unet, self.reward, prompts, positive, negative,
-                config.sampling.num_inference_steps, config.sampling.noise_scale, config.sampling.guidance_scale,
-                "terminal" if pathwise else config.reward.step_reward, need_reference=config.beta > 0,
-                generator=generator, keep_noises=pathwise,
-                graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None,
-                reference_unet=self.policy.reference_unet, resolution=config.sampling.resolution))
+            with self._adapter_off() if from_reference else nullcontext():
+                batches.append(sample_trajectories(
+                    pipeline, self.unwrapped if from_reference else self.policy.sampling_unet, self.reward, prompts,
+                    positive, negative, config.sampling.num_inference_steps, config.sampling.noise_scale,
+                    config.sampling.guidance_scale, "terminal" if pathwise else config.reward.step_reward,
+                    need_reference=config.beta > 0, generator=generator,
+                    keep_noises=pathwise and not config.train.fresh_noise,
+                    graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None,
+                    reference_unet=self.policy.reference_unet, resolution=config.sampling.resolution))
         return _concatenate(batches)
+
+    @contextmanager
+    def _adapter_off(self):
+        """The denoiser as the reference while sampling a batch of reference states (``train.reference_states``)."""
+        self.unwrapped.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unwrapped.enable_adapters()
+
+    def gauge(self) -> dict | None:
+        """The optimality gauge (msdda.train.gauge) of the adapter as it is now, on held-out states of
+        ``train.gauge_prompts`` training prompts; None where it is off or the reward has no gradient."""
+        config = self.config
+        count = config.train.gauge_prompts
+        if not count or not self.reward.differentiable:
+            return None
+        prompts = self.prompts[:: max(1, len(self.prompts) // count)][:count]
+        adapter = next(iter(self.unwrapped.peft_config))
+        self.unwrapped.eval()
+        return gauge_adapter(self.policy.pipeline, self.unwrapped, adapter, self.reward, self._metadata(),
+                             GaugeSettings(prompts=prompts, draws=config.train.gauge_draws, batch_size=count))
+
+    def _gauge_epoch(self, metrics: dict) -> bool:
+        """Gauge the adapter into ``metrics``; whether it is near its optimum by ``train.stop_near_optimum``."""
+        self.last_gauge = self.gauge()
+        if self.last_gauge is None:
+            return False
+        metrics.update(gauge_max_ratio_deviation=self.last_gauge["max_ratio_deviation"],
+                       gauge_implied_beta=self.last_gauge["implied_beta"])
+        tolerance = self.config.train.stop_near_optimum
+        return tolerance is not None and near_optimum(self.last_gauge, tolerance)
 
     def advantages(self, trajectories: Trajectories) -> torch.Tensor:
         """``[B, T]`` advantages of this process's trajectories, on the CPU, with NaN rows for dropped samples
@@ -206,9 +252,16 @@ class Trainer:
     def step_loss(self, batch: Transitions) -> StepLoss:
         """The configured estimator's loss of ``batch`` under the current adapter (the update pass's unit)."""
         if self.config.train.estimator == "pathwise":
-            step_reward = reference_step_reward(self.policy.pipeline, self.unwrapped, self.reward, self.config)
-            return pathwise_loss(self.policy_kernel, batch, self.config, step_reward)
+            return pathwise_loss(self.policy_kernel, batch, self.config, self.step_reward())
         return policy_gradient_loss(self.policy_kernel, batch, self.config)
+
+    def step_reward(self, step_reward: str | None = None) -> StepRewardFunction:
+        """The step reward R_t(x_{t-1}) of the configured rule (or ``step_reward``), differentiable in the action
+        through the frozen reference."""
+        sampling = self.config.sampling
+        return reference_step_reward(self.policy.pipeline, self.unwrapped, self.reward,
+                                     step_reward or self.config.reward.step_reward, sampling.guidance_scale,
+                                     sampling.noise_scale)
 
     def policy_kernel(self, batch: Transitions) -> StepKernel:
         """pi_theta(. | x_t) at the batch's x_t (with grad): the adapter's guided denoiser output through the
@@ -273,7 +326,7 @@ class Trainer:
 
     def _save_checkpoint(self, epoch: int) -> None:
         state = {"epoch": epoch + 1, "bad_epochs": self.bad_epochs, "history": self.history,
-                 "tracker": self.tracker.state_dict()}
+                 "tracker": self.tracker.state_dict(), "optimizer_steps": self.learner.optimizer_steps}
         save_checkpoint(self.output_dir, epoch, self.accelerator, self.learner.model, self.learner.optimizer, state,
                         self._metadata(), self.config.checkpoint.keep)
 
@@ -282,6 +335,7 @@ class Trainer:
                                 self.policy.lora_parameters)
         self.tracker.load_state_dict(state["tracker"])
         self.start_epoch, self.bad_epochs, self.history = state["epoch"], state["bad_epochs"], state["history"]
+        self.learner.resume_schedule(state.get("optimizer_steps", 0))
         logger.info("resumed from %s at epoch %d", checkpoint, self.start_epoch)
 
     def _export(self) -> Path:
@@ -290,8 +344,10 @@ class Trainer:
             raise RuntimeError("the base denoiser's weights changed during training; only the LoRA may train")
         final = self.output_dir / "final"
         lora = lora_state(self.accelerator, self.learner.model)
+        gauged_now = self.history and "gauge_max_ratio_deviation" in self.history[-1] and self.last_gauge is not None
+        optimality = self.last_gauge if gauged_now else self.gauge()
         if self.accelerator.is_main_process:
-            save_adapter(final, self.unwrapped, self._metadata(), lora)
+            save_adapter(final, self.unwrapped, dataclasses.replace(self._metadata(), optimality=optimality), lora)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return final
@@ -339,6 +395,17 @@ class Trainer:
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         image_grid(pil, columns=len(pil)).save(folder / f"epoch-{epoch + 1:05d}.png")
+
+
+def _lr_schedule(config: TrainConfig, optimizer):
+    """diffusers' learning-rate schedule ``train.lr_schedule`` over the run's optimizer steps, or None for a constant
+    rate without warm-up (the optimizer's own)."""
+    if config.train.lr_schedule == "constant" and not config.train.lr_warmup_steps:
+        return None
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.train.lr_schedule, optimizer, num_warmup_steps=config.train.lr_warmup_steps,
+                         num_training_steps=config.optimizer_steps)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -7,12 +7,13 @@ diffusion UNet in the trainer and a small denoiser in the analytic world's conve
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from msdda.kernels import StepKernel, kernel_kl
+from msdda.kernels import StepKernel, kernel_kl, standard_normal
 from msdda.train.config import TrainConfig
 from msdda.train.loss import StepLoss
 from msdda.train.rollout import Trajectories
@@ -33,12 +34,12 @@ class Transitions:
     """``[T]`` the whole schedule: the step's timestep, and those after it (for a continuation)."""
     latents: torch.Tensor
     """``[N, ...]`` x_t, as sampled (the model's input)."""
-    next_latents: torch.Tensor
-    """``[N, ...]`` x_{t-1}."""
-    log_probs: torch.Tensor
-    """``[N]`` log pi(x_{t-1} | x_t) under the policy that sampled them."""
-    advantages: torch.Tensor
-    """``[N]``"""
+    next_latents: torch.Tensor | None
+    """``[N, ...]`` x_{t-1}; None for states without a recorded action (the optimality gauge's)."""
+    log_probs: torch.Tensor | None
+    """``[N]`` log pi(x_{t-1} | x_t) under the policy that sampled them (None without a recorded action)."""
+    advantages: torch.Tensor | None
+    """``[N]`` (None without a recorded action)."""
     reference: StepKernel | None
     """The reference kernel p_ref(. | x_t), where the rollout recorded it."""
     noises: torch.Tensor | None
@@ -91,6 +92,10 @@ class Learner:
     optimizer: torch.optim.Optimizer
     parameters: list[torch.nn.Parameter]
     max_grad_norm: float
+    lr_schedule: object | None = None
+    """A torch LR scheduler stepped once per optimizer step, or None (a constant learning rate)."""
+    optimizer_steps: int = 0
+    """Optimizer steps taken (kept in checkpoints: a resumed run's schedule continues from it)."""
 
     def step(self) -> None:
         """Clip and apply the accumulated gradients (a no-op between accumulation boundaries), then clear them."""
@@ -98,6 +103,17 @@ class Learner:
             self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if self.accelerator.sync_gradients:
+            self.optimizer_steps += 1
+            if self.lr_schedule is not None:
+                self.lr_schedule.step()
+
+    def resume_schedule(self, optimizer_steps: int) -> None:
+        """Continue the learning-rate schedule after ``optimizer_steps`` steps of a stopped run."""
+        for _ in range(optimizer_steps - self.optimizer_steps):
+            if self.lr_schedule is not None:
+                self.lr_schedule.step()
+        self.optimizer_steps = optimizer_steps
 
 
 def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajectories, advantages: torch.Tensor,
@@ -106,7 +122,8 @@ def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajector
     """Train on an epoch's trajectories: for each inner epoch (one seed each), minibatches of
     ``train.batch_size`` trajectories in random order, and within each ``trained_steps`` random steps of
     those that are actions (``Trajectories.stochastic``), one backward each (the Accelerator steps the optimizer
-    every ``gradient_accumulation_steps`` of them).
+    every ``gradient_accumulation_steps`` of them). With ``train.fresh_noise`` each transition's action noise is
+    drawn anew from the inner epoch's generator.
 
     Trajectories whose ``advantages`` row ``[B, T]`` is not finite (dropped samples) are left out. Returns the
     mean of each of ``LOGGED_TERMS`` over the updates. ``dtype`` is the losses' (see ``transitions``).
@@ -126,8 +143,12 @@ def update_pass(loss: Callable[[Transitions], StepLoss], trajectories: Trajector
             rows = rows[keep[rows]]
             step_order = actions[torch.randperm(len(actions), generator=generator)[:config.trained_steps]]
             for step in step_order.tolist():
+                batch = transitions(trajectories, advantages, rows, step, dtype)
+                if config.train.fresh_noise:  # the pathwise action's own draw: the states are reused, the noise not
+                    batch = dataclasses.replace(batch, noises=standard_normal(batch.next_latents.shape, generator,
+                                                                              batch.next_latents))
                 with learner.accelerator.accumulate(learner.model):
-                    terms = loss(transitions(trajectories, advantages, rows, step, dtype))
+                    terms = loss(batch)
                     learner.accelerator.backward(terms.loss)
                     learner.step()
                 for key in sums:
