@@ -441,12 +441,20 @@ def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=CPU_ONLY)
 
 
+STATE_REPLAY = ("train.fresh_noise=true", "train.reference_states=0.5", "sampling.batch_size=4",
+                "sampling.batches_per_epoch=2", "train.inner_epochs=2", "train.lr_schedule=cosine",
+                "train.lr_warmup_steps=1", "train.gauge_every=2", "train.gauge_prompts=2")
+"""The state-replay mode with everything that carries state across epochs: reference batches, fresh action noise
+over inner epochs, a learning-rate schedule with warm-up, gauges in the history."""
+
+
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
-    uninterrupted = _run_training(tmp_path / "a")
+@pytest.mark.parametrize("mode", [(), STATE_REPLAY], ids=["on-policy", "state-replay"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, mode: tuple[str, ...]) -> None:
+    uninterrupted = _run_training(tmp_path / "a", *mode)
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read()
 
-    killed = _run_training(tmp_path / "b")
+    killed = _run_training(tmp_path / "b", *mode)
     deadline = time.time() + 600
     while latest_checkpoint(tmp_path / "b") is None or latest_checkpoint(tmp_path / "b").name < "checkpoint-00002":
         assert killed.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -457,12 +465,18 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
     for folder in (tmp_path / "b" / "checkpoints").glob("checkpoint-*"):
         assert folder.suffix == ".tmp" or (folder / "trainer_state.json").is_file(), f"{folder} is half-written"
 
-    resumed = _run_training(tmp_path / "b", "resume=latest")
+    resumed = _run_training(tmp_path / "b", *mode, "resume=latest")
     assert resumed.wait() == 0, resumed.stderr.read()
     a, b = load_file(tmp_path / "a/final" / WEIGHTS_FILE), load_file(tmp_path / "b/final" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     history = json.loads((latest_checkpoint(tmp_path / "b") / "trainer_state.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    if mode:
+        uninterrupted_history = json.loads((latest_checkpoint(tmp_path / "a") / "trainer_state.json").read_text())
+        assert [h.get("gauge_implied_beta") for h in history] == \
+            [h.get("gauge_implied_beta") for h in uninterrupted_history["history"]]
+        assert load_adapter_metadata(tmp_path / "b/final").optimality == \
+            load_adapter_metadata(tmp_path / "a/final").optimality
 
 
 def _launch(config_file: str, output_dir: Path, *overrides: str,

@@ -57,6 +57,7 @@ from msdda.diffusion import (
 from msdda.errors import InputNotFound, UserError
 from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
 from msdda.fuse.methods import FusionContext, PathKL, get_method
+from msdda.fuse.optimality import warn_far_from_optimum
 from msdda.fuse.sampler import sample_latents
 
 __all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline", "MSDDAPipelineOutput", "LoadedAdapter",
@@ -225,6 +226,8 @@ class _Fusing:
         if unchecked:
             warnings.warn(f"adapters {unchecked} carry no msdda metadata: their base model, scheduler and step "
                           "count cannot be checked", stacklevel=4)
+        warn_far_from_optimum([adapter.source for adapter in adapters], [adapter.metadata for adapter in adapters],
+                              stacklevel=4)
         trained_on = {adapter.metadata.pipeline_class for adapter in adapters if adapter.metadata is not None}
         if trained_on - {self._stock_class.__name__}:
             raise UserError(f"adapters trained on a {sorted(trained_on - {self._stock_class.__name__})[0]} base "

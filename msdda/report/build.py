@@ -20,6 +20,7 @@ from msdda.report.metrics import (
     weighted_objective,
 )
 from msdda.fuse.methods import get_method, method_names
+from msdda.report.optimality import GAUGE_CAPTION, GAUGE_HEADER, gauge_rows, recorded_gauges
 from msdda.sweep.grid import weight_key
 from msdda.sweep.run import COSTS, KL_TO_BASE, KL_TO_ORACLE, load_manifest, step_column, weight_column
 
@@ -470,6 +471,8 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
                         "path KL to the base", "implied beta"],
                        [[c["reward"], f"{c['beta']:g}", _cell_text(c["terminal_gain"]), _cell_text(c["step_gain"]),
                          _cell_text(c["kl_to_base"]), f"{c['implied_beta']:.3g}"] for c in metrics["step_optimum"]]))
+    if metrics.get("optimality"):
+        tables.append((GAUGE_CAPTION, GAUGE_HEADER, gauge_rows(metrics["optimality"])))
     tables.append(("Cost per image (mean over the method's cells; KL measurement apart)",
                    ["method", "seconds", "UNet rows", "reward calls (images)", "KL seconds",
                     "KL UNet rows"], cost_rows))
@@ -543,6 +546,7 @@ def build_report(folder: str | Path, reference_point: list[float] | None = None,
         raise UserError(f"reference point {reference_point} needs one value per reward {names}")
     metrics = compute_metrics(curves, names, reference_point, resamples, config["beta"])
     metrics["step_optimum"] = step_optimum_check(curves, names, config.get("adapter_betas"))
+    metrics["optimality"] = recorded_gauges(config.get("adapters") or [])
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = f"MSDDA sweep: {' vs '.join(names)}"
     pareto_plot(curves, names, folder / "pareto.png", title)

@@ -33,17 +33,21 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from msdda.utils import parse_seeds
     from msdda.train.evaluate import evaluate_adapter
+    from msdda.train.gauge import gauge_lines
+    from msdda.utils import parse_seeds
 
     report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,
-                              seeds=parse_seeds(args.seeds), out=args.out, device=args.device)
+                              seeds=parse_seeds(args.seeds), out=args.out, device=args.device,
+                              gauge_prompts=args.gauge_prompts, gauge_beta=args.gauge_beta)
     print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
           f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
     for name, values in report["rewards"].items():
         print(f"  {name}: base {values['base_mean']:.4f} ± {values['base_std']:.4f} -> adapter "
               f"{values['adapter_mean']:.4f} ± {values['adapter_std']:.4f} (paired difference "
               f"{values['paired_difference']:+.4f} ± {values['paired_difference_sem']:.4f} s.e.)")
+    if "optimality" in report:
+        print(gauge_lines(report["optimality"]))
     if args.out:
         print(f"wrote evaluation.json and before_after.png to {args.out}")
     return 0
@@ -59,4 +63,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default="0-3", help="seeds per prompt, e.g. 0-3")
     parser.add_argument("--out", default=None, help="folder for evaluation.json and before_after.png")
     parser.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--gauge-prompts", type=int, default=16,
+                        help="prompts whose held-out states the optimality gauge reads (default 16; 0: no gauge)")
+    parser.add_argument("--gauge-beta", type=float, default=None,
+                        help="the KL weight to gauge the adapter's step optimum at (default: its trained beta)")
     parser.set_defaults(handler=_evaluate)

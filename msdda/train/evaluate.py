@@ -30,6 +30,7 @@ from msdda.diffusion import (
 from msdda.kernels import StepKernel, kernel_kl, learns_variance
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
+from msdda.train.gauge import GaugeSettings, gauge_adapter
 
 __all__ = ["evaluate_adapter"]
 
@@ -81,12 +82,17 @@ def _variance_report(ratios: dict[int, list[float]]) -> dict[str, dict[str, floa
 
 def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: list[str] | str = "world",
                      num_prompts: int | None = 32, seeds: list[int] = (0, 1, 2, 3), batch_size: int = 16,
-                     out: str | Path | None = None, grid_prompts: int = 8, device: str = "auto") -> dict:
-    """Rewards (mean, std, paired difference with its standard error) of base and adapter, and the KL.
+                     out: str | Path | None = None, grid_prompts: int = 8, device: str = "auto",
+                     gauge_prompts: int = 16, gauge_draws: int = 2, gauge_beta: float | None = None) -> dict:
+    """Rewards (mean, std, paired difference with its standard error) of base and adapter, the KL, and the
+    optimality gauge (msdda.train.gauge) for the reward it was trained on.
 
     ``rewards`` default to the one the adapter was trained on. With ``out``, writes ``evaluation.json`` and
     ``before_after.png`` (rows: prompts; each row the base's samples, then the adapter's) there. ``device``:
-    auto (the GPU when there is one), cpu, cuda or cuda:N.
+    auto (the GPU when there is one), cpu, cuda or cuda:N. The gauge reads held-out states of ``gauge_prompts``
+    of the prompts (0: no gauge; it is skipped for a reward without gradients) at ``gauge_beta`` (default the
+    adapter's), with ``gauge_draws`` draws per state; its implied beta is the beta at which the adapter is
+    step-optimal, which calibrates an adapter trained at another or unknown beta for fusion (``--betas``).
     """
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward
@@ -127,6 +133,12 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
         }
     if variance_ratios:
         report["variance_ratio_to_base"] = _variance_report(variance_ratios)
+    trained = metadata.trained_reward().to(where)
+    if gauge_prompts and trained.differentiable:
+        shown = prompt_list[:: max(1, len(prompt_list) // gauge_prompts)][:gauge_prompts]
+        report["optimality"] = gauge_adapter(pipeline, denoiser_of(pipeline), pipeline.adapters[0].name, trained,
+                                             metadata, GaugeSettings(prompts=shown, draws=gauge_draws,
+                                                                     batch_size=batch_size), beta=gauge_beta)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

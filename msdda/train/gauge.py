@@ -29,7 +29,7 @@ from msdda.train.stationarity import Stationarity, implied_beta, ratio_and_cosin
 from msdda.train.updates import Transitions
 
 __all__ = ["GaugeSettings", "KernelPair", "StepReward", "check_states", "summarise", "gauge_adapter",
-           "near_optimum", "SOURCES", "CARRYING_SHARE"]
+           "near_optimum", "gauge_lines", "SOURCES", "CARRYING_SHARE"]
 
 SOURCES = ("reference", "adapter")
 """Where the gauge's states come from: the reference's own samples, and the adapter's."""
@@ -126,6 +126,29 @@ def near_optimum(report: dict, tolerance: float) -> bool:
     """Whether every step that carries KL, from every source, has its ratio |d| / |d*| within ``tolerance`` of 1."""
     worst = report["max_ratio_deviation"]
     return worst is not None and worst <= tolerance
+
+
+def gauge_lines(report: dict) -> str:
+    """The gauge as text: the verdict, then one line per step with each source's ratio and cosine."""
+    worst, implied = report["max_ratio_deviation"], report["implied_beta"]
+    lines = [f"distance from the step optimum at beta {report['beta']:g} ({report['step_reward']} step reward, "
+             f"{report['prompts']} prompts x {len(report['seeds'])} seed, {report['draws']} draws): |d| / |d*| is off 1 "
+             f"by at most {'an unmeasured amount' if worst is None else f'{worst:.2f}'} at the steps that carry KL; "
+             f"implied beta {'none' if implied is None else f'{implied:.3g}'}"]
+    sources = list(report["sources"])
+    for position, row in enumerate(report["sources"][sources[0]]):
+        parts = []
+        for source in sources:
+            other = report["sources"][source][position]
+            parts.append(f"{source} states: ratio {_text(other['ratio'], other['ratio_sem'])}, cosine "
+                         f"{_text(other['cosine'], other['cosine_sem'])}")
+        carries = "" if row["carries_kl"] else " (carries little KL)"
+        lines.append(f"  step {row['step']} (t={row['timestep']:g}){carries}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _text(value: float | None, error: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} ± {error if error is not None else float('nan'):.2f}"
 
 
 def gauge_adapter(pipeline, unet, adapter: str, reward, metadata: AdapterMetadata, settings: GaugeSettings,

@@ -49,7 +49,6 @@ from msdda.train.checkpoint import (
     save_checkpoint,
 )
 from msdda.train.config import TrainConfig
-from msdda.train.gauge import GaugeSettings, gauge_adapter, near_optimum
 from msdda.train.distributed import (
     build_accelerator,
     check_launch,
@@ -58,6 +57,7 @@ from msdda.train.distributed import (
     own_rows,
     uses_deepspeed,
 )
+from msdda.train.gauge import GaugeSettings, gauge_adapter, near_optimum
 from msdda.train.loss import StepLoss
 from msdda.train.pathwise import StepRewardFunction, pathwise_loss, reference_step_reward
 from msdda.train.policy import load_policy
