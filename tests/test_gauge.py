@@ -16,7 +16,7 @@ from msdda.kernels import StepKernel, step_kernel
 from msdda.train.config import TrainConfig
 from msdda.train.gauge import check_states, near_optimum, summarise
 from msdda.train.pathwise import pathwise_loss
-from msdda.train.stationarity import ratio_and_cosine, stationarity
+from msdda.train.stationarity import ratio_and_cosine, scale_beta, stationarity
 from msdda.train.updates import Learner, update_pass
 from msdda.world.analytic import GaussianWorld
 from tests.test_train_analytic import Denoiser, _kernel, _sample, _tweedie
@@ -60,8 +60,26 @@ def test_the_gauge_reads_the_fraction_of_the_way_to_the_closed_form_optimum(alph
     assert near_optimum(report, 0.1) == (alpha == 1.0)
     if alpha:
         assert report["implied_beta"] == pytest.approx(beta / alpha, rel=1e-9)
+        assert report["scale_beta"] == pytest.approx(beta / alpha, rel=1e-9)
     else:
         assert report["implied_beta"] is None  # the reference does not move along the reward's gradient
+        assert report["scale_beta"] is None
+
+
+def test_a_restricted_family_at_its_best_member_meets_the_scale_condition_but_not_the_pointwise_one() -> None:
+    """Shifts confined to the first coordinate (a family that cannot hold d*): the best member is d*'s projection,
+    whose ratio and cosine are below 1 by the share of d* it cannot hold, and whose scale beta is the trained beta."""
+    generator = torch.Generator().manual_seed(0)
+    beta, variance = 0.3, torch.full((500, 1), 0.2, dtype=torch.float64)
+    gradient = torch.randn(500, 3, generator=generator, dtype=torch.float64)
+    optimum = variance * gradient / beta
+    projected = optimum * torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    check = stationarity(projected, variance, gradient[None], beta)
+    ratio, cosine = ratio_and_cosine(check)
+    held = float((projected**2).sum() / (optimum**2).sum()) ** 0.5
+    assert ratio == pytest.approx(held, rel=1e-9) and cosine == pytest.approx(held, rel=1e-9) and held < 0.7
+    assert scale_beta([check]) == pytest.approx(beta, rel=1e-9)
+    assert scale_beta([stationarity(2 * projected, variance, gradient[None], beta)]) == pytest.approx(beta / 2)
 
 
 def test_the_implied_beta_calibrates_an_adapter_trained_at_an_unknown_beta() -> None:

@@ -10,6 +10,10 @@ standard errors, the KL the adapter spends and the KL its optimum would spend, a
 "Steps that carry KL" are those where the optimum spends at least ``CARRYING_SHARE`` of its path KL: at the others
 a ratio far from 1 costs next to nothing. An adapter is *near its optimum* within a tolerance when the ratio of every
 such step, from either source, is within it of 1.
+
+A LoRA is a restricted family: where it cannot hold d* (cos(d, d*) < 1) no member reaches ratio 1 with cosine 1, and
+its best member is the one whose shift is optimal in its own direction, where the *scale beta* (the step-reward gain
+over twice the KL, msdda.train.stationarity.scale_beta) equals the trained beta. The report gives both.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from msdda.diffusion import BASE, adapter_kernels, encode_prompts, prepare_sampl
 from msdda.kernels import StepKernel, standard_normal
 from msdda.sampling import denoise
 from msdda.train.pathwise import reference_step_reward
-from msdda.train.stationarity import Stationarity, implied_beta, ratio_and_cosine, stationarity
+from msdda.train.stationarity import Stationarity, implied_beta, ratio_and_cosine, scale_beta, stationarity
 from msdda.train.updates import Transitions
 
 __all__ = ["GaugeSettings", "KernelPair", "StepReward", "check_states", "summarise", "gauge_adapter",
@@ -101,6 +105,7 @@ def summarise(checks: dict[str, dict[int, Stationarity]], timesteps: Sequence, b
     """The JSON report of ``checks`` (source -> step index -> Stationarity) for an adapter trained at ``beta``."""
     report: dict = {"beta": beta, "draws": draws, "carrying_share": CARRYING_SHARE,
                     "implied_beta": _finite(implied_beta([c for steps in checks.values() for c in steps.values()])),
+                    "scale_beta": _finite(scale_beta([c for steps in checks.values() for c in steps.values()])),
                     "sources": {}}
     deviations = []
     for source, steps in checks.items():
@@ -116,7 +121,7 @@ def summarise(checks: dict[str, dict[int, Stationarity]], timesteps: Sequence, b
                          "ratio": _finite(ratio), "ratio_sem": _finite(ratio_sem), "cosine": _finite(cosine),
                          "cosine_sem": _finite(cosine_sem), "kl": float(check.kl.mean()),
                          "optimum_kl": optimum_kl[step], "carries_kl": carries,
-                         "implied_beta": _finite(implied_beta([check]))})
+                         "implied_beta": _finite(implied_beta([check])), "scale_beta": _finite(scale_beta([check]))})
         report["sources"][source] = rows
     report["max_ratio_deviation"] = _finite(max(deviations)) if deviations else None
     return report
@@ -134,7 +139,8 @@ def gauge_lines(report: dict) -> str:
     lines = [f"distance from the step optimum at beta {report['beta']:g} ({report['step_reward']} step reward, "
              f"{report['prompts']} prompts x {len(report['seeds'])} seed, {report['draws']} draws): |d| / |d*| is off 1 "
              f"by at most {'an unmeasured amount' if worst is None else f'{worst:.2f}'} at the steps that carry KL; "
-             f"implied beta {'none' if implied is None else f'{implied:.3g}'}"]
+             f"implied beta {'none' if implied is None else f'{implied:.3g}'}, scale beta "
+             f"{'none' if report['scale_beta'] is None else format(report['scale_beta'], '.3g')}"]
     sources = list(report["sources"])
     for position, row in enumerate(report["sources"][sources[0]]):
         parts = []

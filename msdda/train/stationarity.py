@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["Stationarity", "stationarity", "ratio_and_cosine", "implied_beta"]
+__all__ = ["Stationarity", "stationarity", "ratio_and_cosine", "implied_beta", "scale_beta"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,17 @@ def ratio_and_cosine(check: Stationarity) -> tuple[float, float]:
         return float("nan"), float("nan")
     cosine = float(check.alignment.sum()) / (shift * target) ** 0.5 if shift > 0 else 0.0
     return (shift / target) ** 0.5, cosine
+
+
+def scale_beta(checks: Sequence[Stationarity]) -> float:
+    """The beta at which the shifts of ``checks`` are optimal in their own direction: scaling every shift d by a
+    factor c changes the step objective by c <g, d> - beta c^2 |d|^2 / (2 s^2), stationary at c = 1 where
+    beta = sum <d, g> / sum |d|^2 / s^2 (with a locally linear reward: the step-reward gain over twice the KL).
+    A family of adapters that cannot hold d* (cos(d, d*) < 1) can still meet this condition at its best member; it
+    is the one condition a restricted family must meet. ``nan`` where nothing moved."""
+    along = sum(float(check.shift_dot_gradient.sum()) for check in checks)
+    spent = sum(2 * float(check.kl.sum()) for check in checks)
+    return along / spent if spent > 0 else float("nan")
 
 
 def implied_beta(checks: Sequence[Stationarity]) -> float:
