@@ -77,9 +77,11 @@ def main() -> None:
               f"{result['seconds']:.0f} s of training, {result['reward_calls']} reward calls; gauges (epoch, worst "
               f"|ratio - 1|, implied beta): {result['deviations']}")
     replay, policy = results["state replay"], results["on-policy"]
+    reached = [name for name, result in results.items() if result["reached"]]
+    verdict = {0: "neither reached the tolerance", 2: "both reached the tolerance"}.get(
+        len(reached), f"only {reached[0] if reached else ''} reached the tolerance")
     print(f"state replay / on-policy: wall time {replay['seconds'] / policy['seconds']:.2f}x, reward calls "
-          f"{replay['reward_calls'] / policy['reward_calls']:.2f}x (both {'reached' if replay['reached'] and policy['reached'] else 'not both at'} "
-          "the tolerance)")
+          f"{replay['reward_calls'] / policy['reward_calls']:.2f}x ({verdict})")
 
 
 if __name__ == "__main__":
