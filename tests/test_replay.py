@@ -102,3 +102,18 @@ def test_the_report_table_reads_each_adapters_recorded_gauge(tmp_path) -> None:
     gauges = recorded_gauges([str(far), "world:thirds"])
     assert list(gauges) == [str(far)]
     assert gauge_rows(gauges) == [[str(far), "0.001", "none", "0.65", "0.35 n/a", "0.50 n/a"]]
+
+
+def test_evaluate_prints_and_writes_the_gauge_of_the_trained_reward(tmp_path, capsys) -> None:
+    """``msdda evaluate`` on a shipped adapter: the gauge of its own reward, per step and source, in
+    evaluation.json and on the terminal; the shipped aesthetic adapter reads well short of its optimum."""
+    from msdda.cli import main
+
+    assert main(["evaluate", "world:aesthetic", "--num-prompts", "2", "--seeds", "0", "--gauge-prompts", "2",
+                 "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    assert "distance from the step optimum at beta 0.001 (tweedie step reward, 2 prompts" in printed
+    assert "  step 0 (t=901): reference states: ratio" in printed
+    gauge = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["optimality"]
+    assert [row["step"] for row in gauge["sources"]["adapter"]] == list(range(10))
+    assert gauge["implied_beta"] > 0.003  # about 0.009: a third of the way or less

@@ -64,7 +64,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="folder for evaluation.json and before_after.png")
     parser.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--gauge-prompts", type=int, default=16,
-                        help="prompts whose held-out states the optimality gauge reads (default 16; 0: no gauge)")
+                        help="prompts whose held-out states the optimality gauge of the trained reward reads (default 16; "
+                        "0: no gauge; not with --reward)")
     parser.add_argument("--gauge-beta", type=float, default=None,
                         help="the KL weight to gauge the adapter's step optimum at (default: its trained beta)")
     parser.set_defaults(handler=_evaluate)

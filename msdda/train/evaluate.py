@@ -85,7 +85,7 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
                      out: str | Path | None = None, grid_prompts: int = 8, device: str = "auto",
                      gauge_prompts: int = 16, gauge_draws: int = 2, gauge_beta: float | None = None) -> dict:
     """Rewards (mean, std, paired difference with its standard error) of base and adapter, the KL, and the
-    optimality gauge (msdda.train.gauge) for the reward it was trained on.
+    optimality gauge (msdda.train.gauge) for the reward it was trained on (when ``rewards`` is not given).
 
     ``rewards`` default to the one the adapter was trained on. With ``out``, writes ``evaluation.json`` and
     ``before_after.png`` (rows: prompts; each row the base's samples, then the adapter's) there. ``device``:
@@ -133,8 +133,8 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
         }
     if variance_ratios:
         report["variance_ratio_to_base"] = _variance_report(variance_ratios)
-    trained = metadata.trained_reward().to(where)
-    if gauge_prompts and trained.differentiable:
+    trained = None if rewards else scorers[0]  # the gauge is of the reward the adapter was trained on
+    if gauge_prompts and trained is not None and trained.differentiable:
         shown = prompt_list[:: max(1, len(prompt_list) // gauge_prompts)][:gauge_prompts]
         report["optimality"] = gauge_adapter(pipeline, denoiser_of(pipeline), pipeline.adapters[0].name, trained,
                                              metadata, GaugeSettings(prompts=shown, draws=gauge_draws,
