@@ -15,9 +15,10 @@ PROMPT = "a blue square at the top"
 
 
 def test_the_built_in_methods_in_their_listing_order_with_what_they_need() -> None:
-    assert method_names() == ["msdda", "soup", "output-average", "diffusion-blend", "code", "single", "base"]
+    assert method_names() == ["msdda", "soup", "output-average", "diffusion-blend", "code", "rgg", "single", "base"]
     assert [m for m in method_names() if get_method(m).uses_betas] == ["msdda"]
-    assert [m for m in method_names() if get_method(m).needs_rewards] == ["code"]
+    assert [m for m in method_names() if get_method(m).needs_rewards] == ["code", "rgg"]
+    assert [m for m in method_names() if get_method(m).needs_reward_gradients] == ["rgg"]
     assert [m for m in method_names() if not get_method(m).gaussian] == ["code"]
     assert [m for m in method_names() if not get_method(m).sweeps_weights] == ["single", "base"]
     assert [m for m in method_names() if not get_method(m).needs_adapters] == ["base"]

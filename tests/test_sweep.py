@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from msdda.cli import main
 from msdda.config import load_config
@@ -45,14 +46,14 @@ def sweep_folder(adapters, tmp_path_factory) -> Path:
 
 def test_sweep_writes_one_row_per_image_and_cell(sweep_folder: Path) -> None:
     table = pd.read_csv(sweep_folder / "results.csv")
-    # msdda, soup, output-average, diffusion-blend, code at 3 weights; single at 2 corners; base; 1 oracle
-    assert len(table) == (5 * 3 + 2 + 1 + 1) * 2
-    assert set(table.method) == {"msdda", "soup", "output-average", "diffusion-blend", "code", "single", "base",
-                                 "oracle"}
+    # msdda, soup, output-average, diffusion-blend, code, rgg at 3 weights; single at 2 corners; base; 1 oracle
+    assert len(table) == (6 * 3 + 2 + 1 + 1) * 2
+    assert set(table.method) == {"msdda", "soup", "output-average", "diffusion-blend", "code", "rgg", "single",
+                                 "base", "oracle"}
     assert {"w:world-aesthetic", "w:world-consistency", "prompt", "seed", *REWARDS} <= set(table.columns)
     assert pd.read_parquet(sweep_folder / "results.parquet").equals(table)
     summary = pd.read_csv(sweep_folder / "summary.csv")
-    assert len(summary) == 5 * 3 + 2 + 1 + 1 and {"world-aesthetic_mean", "world-aesthetic_sem", "samples"} <= set(summary)
+    assert len(summary) == 6 * 3 + 2 + 1 + 1 and {"world-aesthetic_mean", "world-aesthetic_sem", "samples"} <= set(summary)
 
 
 def test_every_sample_carries_its_path_kls_and_every_cell_its_regularised_objective(sweep_folder: Path) -> None:
@@ -88,7 +89,14 @@ def test_paired_cells_agree_and_costs_are_counted(sweep_folder: Path) -> None:
     assert cell("msdda", 1.0).unet_rows_per_image[0] == 2 * STEPS
     assert cell("soup", 0.5).unet_rows_per_image[0] == 2 * STEPS
     assert (cell("msdda", 0.5).reward_images_per_image == 0).all()
-    assert (cell("code", 0.5).reward_images_per_image > 0).all()
+    assert (cell("code", 0.5).reward_images_per_image > 0).all() and (cell("code", 0.5).reward_gradient_images_per_image
+                                                                      == 0).all()
+    # rgg: the base at x_t and, with its backward, at the base's mean (none after the last step), 2 rows each; every
+    # reward called with its gradient once per step
+    assert cell("rgg", 0.5).unet_rows_per_image[0] == 2 * 2 * (STEPS - 1) + 2
+    assert cell("rgg", 0.5).reward_gradient_images_per_image[0] == cell("rgg", 0.5).reward_images_per_image[0] \
+        == len(REWARDS) * STEPS
+    assert (cell("rgg", 0.5).kl_unet_rows_per_image == 2 * STEPS).all()  # the oracle's; the base's is rgg's own
 
 
 def test_an_interrupted_sweep_redoes_only_missing_cells(adapters, sweep_folder: Path) -> None:
@@ -110,6 +118,25 @@ def test_cells_written_before_kl_accounting_are_sampled_again(adapters, sweep_fo
         Sweep(_config(adapters, sweep_folder)).run()
     pd.testing.assert_frame_equal(pd.read_csv(old)[[*REWARDS, "kl_to_base", "kl_to_oracle"]],
                                   before[[*REWARDS, "kl_to_base", "kl_to_oracle"]])
+
+
+def test_a_sweep_from_before_rgg_resumes_and_counts_no_reward_gradients_for_its_cells(adapters,
+                                                                                     sweep_folder: Path) -> None:
+    saved = sweep_folder / "sweep.yaml"
+    settings = yaml.safe_load(saved.read_text())
+    del settings["rgg_scale"]  # the setting's default, as it was sampled
+    saved.write_text(yaml.safe_dump(settings))
+    old = sweep_folder / "cells" / "msdda_0.5-0.5.csv"
+    pd.read_csv(old).drop(columns=["reward_gradient_images_per_image"]).to_csv(old, index=False)
+    Sweep(_config(adapters, sweep_folder)).run()
+    table = pd.read_csv(sweep_folder / "results.csv")
+    assert (table[table.method == "msdda"].reward_gradient_images_per_image == 0).all()
+
+
+def test_rgg_in_a_sweep_refuses_a_reward_without_gradients_before_sampling(adapters, tmp_path) -> None:
+    with pytest.raises(UserError, match=r"method 'rgg' .*\['jpeg-compressibility'\] are not differentiable"):
+        Sweep(_config(adapters, tmp_path, "rewards=[world-aesthetic, jpeg-compressibility]"))
+    assert not (tmp_path / "cells").exists()
 
 
 def test_unequal_betas_need_the_objectives_beta(adapters, tmp_path) -> None:

@@ -23,7 +23,8 @@ def _config_from_args(args: argparse.Namespace) -> FuseConfig:
                                ("betas", "betas", lambda v: parse_floats(v, "betas")), ("beta", "beta", None),
                                ("method", "method", None), ("reward", "rewards", None), ("seeds", "seeds", None),
                                ("steps", "num_inference_steps", None), ("guidance_scale", "guidance_scale", None),
-                               ("eta", "eta", None), ("out", "out", None), ("device", "device", None)):
+                               ("eta", "eta", None), ("rgg_scale", "rgg_scale", None), ("out", "out", None),
+                               ("device", "device", None)):
         value = getattr(args, flag)
         if value not in (None, []):
             overrides[key] = convert(value) if convert else value
@@ -53,7 +54,7 @@ def _fuse(args: argparse.Namespace) -> int:
     images, files = [], []
     call = dict(weights=config.weights, method=config.method, beta=config.beta,
                 num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, eta=config.eta,
-                rewards=rewards)
+                rgg_scale=config.rgg_scale, rewards=rewards)
     for prompt_index, prompt in enumerate(tqdm(prompts, desc="prompts", disable=len(prompts) < 2)):
         for seed in seeds:
             image = pipeline(prompt, generator=torch.Generator().manual_seed(seed), **call).images[0]
@@ -87,7 +88,10 @@ def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--betas", default=None, help="adapters' KL weights when their metadata lacks them")
     parser.add_argument("--beta", type=float, default=None, help="KL weight of the fused objective")
     parser.add_argument("--method", default=None, choices=method_names(), help="default msdda")
-    parser.add_argument("--reward", action="append", default=[], help="rewards for --method code (one per adapter)")
+    parser.add_argument("--reward", action="append", default=[], help="rewards for --method code or rgg (one per "
+                        "adapter; differentiable ones for rgg)")
+    parser.add_argument("--rgg-scale", default=None, help="--method rgg's step scale: 'optimal' (default: "
+                        "s_t^2 / beta, the first-order step optimum) or a number > 0")
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or table")
     parser.add_argument("--seeds", default=None, help="'0-15' or '1,4,9' (default 0-7)")

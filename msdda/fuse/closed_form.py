@@ -18,7 +18,7 @@ import torch
 
 from msdda.errors import UserError
 
-__all__ = ["fuse_gaussians", "exponents", "reference_exponent", "REFERENCE_TOLERANCE"]
+__all__ = ["fuse_gaussians", "exponents", "objective_beta", "reference_exponent", "REFERENCE_TOLERANCE"]
 
 REFERENCE_TOLERANCE = 1e-8
 """The reference kernel is needed when |1 - sum(exponents)| exceeds this."""
@@ -58,6 +58,13 @@ def exponents(
         if beta is not None:
             _check_positive_beta([beta], "beta")
         return list(weights)
+    beta = objective_beta(weights, betas, beta)
+    return [w * b / beta for w, b in zip(weights, betas)]
+
+
+def objective_beta(weights: Sequence[float], betas: Sequence[float], beta: float | None = None) -> float:
+    """The fused objective's KL weight: ``beta`` when given, else sum_i w_i beta_i / sum_i w_i (the adapters'
+    common beta when they share one), checked to be a positive number like the adapters' ``betas``."""
     betas = _check_finite_numbers(betas, "betas")
     if len(betas) != len(weights):
         raise UserError(f"got {len(weights)} weights but {len(betas)} betas; give one beta per adapter")
@@ -65,7 +72,7 @@ def exponents(
     if beta is None:
         beta = betas[0] if max(betas) == min(betas) else sum(w * b for w, b in zip(weights, betas)) / sum(weights)
     _check_positive_beta([beta], "beta")
-    return [w * b / beta for w, b in zip(weights, betas)]
+    return float(beta)
 
 
 def _check_positive_beta(values: Sequence[float], name: str) -> None:

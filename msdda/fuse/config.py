@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from msdda.errors import UserError
 from msdda.fuse.closed_form import exponents
 from msdda.fuse.methods import get_method
+from msdda.fuse.methods.rgg import check_rgg_scale
 from msdda.prompts import check_prompts_spec
 from msdda.utils import parse_seeds
 
@@ -38,6 +40,10 @@ class SamplingConfig:
     """Default: the adapters' own (from their metadata); likewise guidance_scale and eta."""
     guidance_scale: float | None = None
     eta: float | None = None
+    rgg_scale: float | Literal["optimal"] = "optimal"
+    """Method rgg's step scale: 'optimal' (s_t^2 / beta, the first-order optimum of each step's objective for the
+    weighted reward; the variance-proportional scale of Diffusion Blend's RGG baseline) or a number > 0 (the same
+    scale at every stochastic step, in latent units per unit of reward gradient)."""
     device: str = "auto"
     """Where to sample: auto (the GPU when there is one), cpu, cuda or cuda:N."""
 
@@ -53,7 +59,7 @@ class FuseConfig(SamplingConfig):
     method: str = "msdda"
     """The fusion method: msdda or a baseline (see ``msdda fuse --help``)."""
     rewards: list[str] = field(default_factory=list)
-    """Rewards for methods that score while sampling ('code'), one per adapter."""
+    """Rewards for methods that call them while sampling ('code'; 'rgg', differentiable ones), one per adapter."""
     out: str = "runs/fuse"
     """Folder for the PNGs, grid.png and settings.json."""
 
@@ -76,4 +82,5 @@ class FuseConfig(SamplingConfig):
         if method.needs_rewards and len(self.rewards) != len(self.adapters):
             raise UserError(f"method {self.method!r} scores samples while sampling: give one --reward per adapter "
                             f"(got {len(self.rewards)} for {len(self.adapters)})")
+        check_rgg_scale(self.rgg_scale)
         parse_seeds(self.seeds)

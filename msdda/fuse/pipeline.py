@@ -56,7 +56,10 @@ from msdda.diffusion import (
 )
 from msdda.errors import InputNotFound, UserError
 from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
+from msdda.fuse.closed_form import objective_beta
 from msdda.fuse.methods import FusionContext, PathKL, get_method
+from msdda.fuse.methods.base import OPTIMAL_SCALE
+from msdda.fuse.methods.rgg import check_rgg_scale
 from msdda.fuse.optimality import warn_far_from_optimum
 from msdda.fuse.sampler import sample_latents
 
@@ -125,6 +128,16 @@ def read_adapters(sources: list[str], betas: list[float] | None = None) -> list[
     if first is not None and first[1].scheduler_class not in _SCHEDULERS:
         raise UserError(f"adapters were trained with {first[1].scheduler_class}, which msdda cannot sample")
     return adapters
+
+
+def _weighted_reward(rewards: Sequence, weights: Sequence[float]):
+    """``reward(images, prompts, grad=False)``: sum_i w_i r_i(images, prompts), differentiable with ``grad=True``
+    (asked of the rewards only then: a plain reward function scores without it)."""
+    def reward(images: torch.Tensor, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
+        asked = {"grad": True} if grad else {}
+        return sum(w * r(images, prompts, **asked) for w, r in zip(weights, rewards))
+
+    return reward
 
 
 @contextmanager
@@ -258,12 +271,15 @@ class _Fusing:
                  max_sequence_length: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", rewards: list | None = None, code_candidates: int = 20,
-                 code_block: int = 5, return_dict: bool = True, return_kl: bool = False,
+                 code_block: int = 5, rgg_scale: float | str = OPTIMAL_SCALE, return_dict: bool = True,
+                 return_kl: bool = False,
                  kl_to: Sequence[str] = (), return_reference_x0: bool = False, defer_kl: bool = False):
         """Sample with the adapters fused by ``method`` at ``weights`` (one per adapter).
 
         ``beta`` is the fused objective's KL weight (default: sum_i w_i beta_i / sum_i w_i, the adapters' common
-        beta when they share one). ``rewards`` (one per adapter) are needed only by ``method="code"``. Defaults for
+        beta when they share one). ``rewards`` (one per adapter) are needed only by the methods that call them while
+        sampling (``"code"``; ``"rgg"``, whose rewards must be differentiable). ``rgg_scale`` is RGG's step scale:
+        ``"optimal"`` (s_t^2 / beta, the first-order step optimum) or a number. Defaults for
         steps, guidance, eta (for flow adapters: ``flow_noise_level``, the flow SDE's noise level), the image size
         (``height``, ``width``: the adapters' resolution, else the pipeline's default) and T5's
         ``max_sequence_length`` come from the adapters' metadata; for FLUX.1-dev ``guidance_scale`` is its distilled
@@ -297,8 +313,10 @@ class _Fusing:
         if fusion.needs_rewards:
             if rewards is None or len(rewards) != count:
                 raise UserError(f"method {method!r} scores samples while sampling: pass rewards=[one per adapter]")
-            total = sum(weights)
-            reward = lambda images, texts: sum(w / total * r(images, texts) for w, r in zip(weights, rewards))  # noqa: E731
+            fusion.check_rewards(rewards)
+            reward = _weighted_reward(rewards, [w / sum(weights) for w in weights] if fusion.normalises_weights
+                                      else weights)
+        rgg_scale = check_rgg_scale(rgg_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         positive, negative = encode_prompts(self, prompts, self._execution_device, negative_prompt, guidance_scale,
@@ -310,8 +328,9 @@ class _Fusing:
             unet=denoiser_of(self), scheduler=self.scheduler, positive=positive, negative=negative,
             adapter_names=names, weights=weights, exponents=powers, guidance_scale=guidance_scale, eta=noise,
             generator=generator or torch.Generator().manual_seed(0), prompts=prompts, reward=reward,
-            decode=lambda x: decode_latents(self, x), code_candidates=code_candidates, code_block=code_block,
-            path_kl=path_kl if fusion.gaussian else None)
+            decode=lambda x, grad=False: decode_latents(self, x, grad=grad), code_candidates=code_candidates,
+            code_block=code_block, beta=objective_beta(weights, self.betas, beta) if count else beta,
+            rgg_scale=rgg_scale, path_kl=path_kl if fusion.gaussian else None)
         with fusion.active(self, names, weights):
             final = sample_latents(self, fusion, context, num_inference_steps, latents, height, width, self.progress_bar)
         images = decode_latents(self, final)  # already in [0, 1]

@@ -128,8 +128,8 @@ def load_curves(folder: Path) -> tuple[list[Curve], list[str], dict]:
         curve.step_rewards.append(cell[steps].to_numpy(dtype=np.float64) if set(steps) <= set(cell.columns)
                                   else np.full((len(cell), len(names)), np.nan))
         curve.images.append(images.get((method, weights)))
-        for key in COSTS:
-            curve.costs[key] = curve.costs.get(key, 0.0) + float(cell[key].iloc[0])
+        for key in COSTS:  # a sweep's tables from before a cost was counted (reward gradients) have none of it
+            curve.costs[key] = curve.costs.get(key, 0.0) + (float(cell[key].iloc[0]) if key in cell else 0.0)
     for curve in curves.values():
         order = np.argsort([w[0] for w in curve.weights], kind="stable")
         for name in ("weights", "rewards", "kl", "kl_to_oracle", "step_rewards", "images"):
@@ -424,7 +424,8 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
     weights_header = f"w ({', '.join(names)})"
     volume_rows = [[label, f"{m['hypervolume']:.4g} ± {m['hypervolume_sem']:.2g}"] for label, m in methods.items()]
     cost_rows = [[label, f"{m['costs']['seconds_per_image']:.3f}", f"{m['costs']['unet_rows_per_image']:.0f}",
-                  f"{m['costs']['reward_images_per_image']:.0f}", f"{m['costs']['kl_seconds_per_image']:.3f}",
+                  f"{m['costs']['reward_images_per_image']:.0f}",
+                  f"{m['costs']['reward_gradient_images_per_image']:.0f}", f"{m['costs']['kl_seconds_per_image']:.3f}",
                   f"{m['costs']['kl_unet_rows_per_image']:.0f}"]
                  for label, m in methods.items()]
     beta = f"beta = {metrics['beta']:g}"
@@ -474,7 +475,7 @@ def _tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str], list[
     if metrics.get("optimality"):
         tables.append((GAUGE_CAPTION, GAUGE_HEADER, gauge_rows(metrics["optimality"])))
     tables.append(("Cost per image (mean over the method's cells; KL measurement apart)",
-                   ["method", "seconds", "UNet rows", "reward calls (images)", "KL seconds",
+                   ["method", "seconds", "UNet rows", "reward calls (images)", "of them with gradient", "KL seconds",
                     "KL UNet rows"], cost_rows))
     return tables
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from msdda.errors import UserError
 from msdda.fuse.config import SamplingConfig
 from msdda.fuse.methods import method_names
+from msdda.fuse.methods.rgg import check_rgg_scale
 from msdda.prompts import check_prompts_spec, load_prompts
 
 __all__ = ["SweepConfig"]
@@ -61,6 +62,7 @@ class SweepConfig(SamplingConfig):
                              "per adapter, or leave it out to use the rewards the adapters were trained on")
         check_prompts_spec(self.prompts)
         parse_seeds(self.seeds)
+        check_rgg_scale(self.rgg_scale)
         for name, value in (("batch_size", self.batch_size), ("code_candidates", self.code_candidates),
                             ("code_block", self.code_block)):
             if value < 1:

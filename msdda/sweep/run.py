@@ -46,8 +46,10 @@ SUMMARY = "summary.csv"
 MANIFEST = "manifest.json"
 """What a sweep folder holds, for readers (the report): its rewards, tables and each cell's files."""
 SAMPLE_SETTINGS = ("base", "adapters", "betas", "beta", "rewards", "prompts", "num_prompts", "seeds",
-                   "num_inference_steps", "guidance_scale", "eta", "batch_size", "code_candidates", "code_block")
-"""Settings that decide the samples: a sweep folder can only be resumed with the same ones."""
+                   "num_inference_steps", "guidance_scale", "eta", "batch_size", "code_candidates", "code_block",
+                   "rgg_scale")
+"""Settings that decide the samples: a sweep folder can only be resumed with the same ones (a setting its saved
+config predates counts as its default)."""
 KL_TO_BASE, KL_TO_ORACLE = "kl_to_base", "kl_to_oracle"
 """Per-sample path KLs, sum over steps of KL(method's kernel || other kernel) at the method's own x_t."""
 OBJECTIVE, REGULARISED = "objective", "regularised_objective"
@@ -56,9 +58,10 @@ objective: terminal rewards minus path KL)."""
 STEP_OBJECTIVE = "step_objective"
 """Per-sample sum_i w_i sum_t r_i,t - beta * kl_to_base, with the ``tweedie`` step rewards r_i,t (the
 step-level objective; NaN where the adapters were not trained with that step reward, or for CoDe)."""
-COSTS = ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image", "kl_seconds_per_image",
-         "kl_unet_rows_per_image")
-"""Per-image costs: the method's own, then the KL measurement's (extra forwards), kept apart."""
+COSTS = ("seconds_per_image", "unet_rows_per_image", "reward_images_per_image", "reward_gradient_images_per_image",
+         "kl_seconds_per_image", "kl_unet_rows_per_image")
+"""Per-image costs: the method's own (UNet rows include the forwards a reward gradient runs back through; reward
+calls, and those of them differentiated), then the KL measurement's (extra forwards), kept apart."""
 
 
 def weight_column(reward: str) -> str:
@@ -103,9 +106,12 @@ def plan_cells(config: SweepConfig, count: int) -> list[Cell]:
 
 
 @contextmanager
-def _counting(modules: list[torch.nn.Module], counter: dict, key: str):
-    """Count the batch rows that go through ``modules`` (UNet evaluations, images scored)."""
+def _counting(modules: list[torch.nn.Module], counter: dict, key: str, differentiated_only: bool = False):
+    """Count the batch rows that go through ``modules`` (UNet evaluations, images scored); ``differentiated_only``:
+    only the calls that ask for a gradient (``grad=True``, rewards)."""
     def hook(_module, args, kwargs):
+        if differentiated_only and not kwargs.get("grad", False):
+            return
         first = args[0] if args else next(iter(kwargs.values()))
         counter[key] += int(first.shape[0])
 
@@ -143,6 +149,8 @@ class Sweep:
                    else [self._trained_reward(adapter) for adapter in self.pipeline.adapters])
         self.rewards = [reward.to(self.device) for reward in rewards]
         self.reward_names = [reward.name for reward in self.rewards]
+        for method in config.methods:  # e.g. rgg with a reward that has no gradient: refused before any cell
+            get_method(method).check_rewards(self.rewards)
         self.cells = plan_cells(config, len(config.adapters))
         self.step_level = all(adapter.metadata is not None and adapter.metadata.step_reward == "tweedie"
                               for adapter in self.pipeline.adapters)
@@ -160,8 +168,8 @@ class Sweep:
         if not saved.is_file():
             return
         previous = yaml.safe_load(saved.read_text()) or {}
-        current = config_to_dict(self.config)
-        changed = [key for key in SAMPLE_SETTINGS if previous.get(key) != current.get(key)]
+        current, defaults = config_to_dict(self.config), config_to_dict(SweepConfig())
+        changed = [key for key in SAMPLE_SETTINGS if previous.get(key, defaults[key]) != current.get(key)]
         if changed:
             raise UserError(f"output_dir {self.folder} holds a sweep with other {changed} "
                              f"(was {[previous.get(k) for k in changed]}); resume it with the same settings or choose "
@@ -189,7 +197,8 @@ class Sweep:
         rows, strip = [], []
         call = dict(weights=weights, method=method, beta=config.beta, num_inference_steps=config.num_inference_steps,
                     guidance_scale=config.guidance_scale, eta=config.eta, code_candidates=config.code_candidates,
-                    code_block=config.code_block, rewards=self.rewards if get_method(method).needs_rewards else None,
+                    code_block=config.code_block, rgg_scale=config.rgg_scale,
+                    rewards=self.rewards if get_method(method).needs_rewards else None,
                     output_type="pt", return_kl=True, kl_to=[oracle] if oracle else [],
                     return_reference_x0=self.step_level)
         for seed in self.seeds:
@@ -197,7 +206,8 @@ class Sweep:
                 prompts = self.prompts[start:start + config.batch_size]
                 started = time.perf_counter()
                 with _counting([denoiser_of(pipeline)], counts, "unet_rows_per_image"), \
-                        _counting(self.rewards, counts, "reward_images_per_image"):
+                        _counting(self.rewards, counts, "reward_images_per_image"), \
+                        _counting(self.rewards, counts, "reward_gradient_images_per_image", differentiated_only=True):
                     output = pipeline(prompts, generator=torch.Generator().manual_seed(seed), **call)
                 if self.device.type == "cuda":  # the GPU may still be computing the images
                     torch.cuda.synchronize(self.device)
@@ -318,6 +328,8 @@ def write_tables(folder: Path, cells: list[Cell], reward_names: list[str], beta:
     import pandas as pd
 
     table = pd.concat([pd.read_csv(folder / cell.rows_file) for cell in cells], ignore_index=True)
+    for name in COSTS:  # cells written before a cost was counted (reward gradients) took none of it
+        table[name] = table[name].fillna(0.0) if name in table else 0.0
     weight_columns = [weight_column(n) for n in reward_names]
     table[OBJECTIVE] = (table[weight_columns].to_numpy() * table[reward_names].to_numpy()).sum(axis=1)
     table[REGULARISED] = table[OBJECTIVE] - beta * table[KL_TO_BASE]

@@ -18,6 +18,6 @@ from msdda.fuse.methods.base import (
 )
 
 # the built-in methods register on import, in this order: the order the CLI, sweeps and reports list them
-from msdda.fuse.methods import msdda, soup, output_average, diffusion_blend, code, single, reference  # noqa: E402,F401  # isort: skip
+from msdda.fuse.methods import msdda, soup, output_average, diffusion_blend, code, rgg, single, reference  # noqa: E402,F401  # isort: skip
 
 __all__ = ["FusionContext", "FusionMethod", "PathKL", "register", "unregister", "get_method", "method_names"]

@@ -18,7 +18,10 @@ from msdda.kernels import StepKernel, kernel_kl
 from msdda.sampling import Step, denoise
 
 __all__ = ["FusionContext", "FusionMethod", "PathKL", "entering_kernels", "register", "unregister", "get_method",
-           "method_names"]
+           "method_names", "OPTIMAL_SCALE"]
+
+OPTIMAL_SCALE = "optimal"
+"""The ``rgg_scale`` that moves each step by s_t^2 / beta times the step reward's gradient (msdda.fuse.methods.rgg)."""
 
 
 @dataclass
@@ -124,10 +127,17 @@ class FusionContext:
     generator: torch.Generator
     prompts: Sequence[str] = ()
     reward: Callable | None = None
-    """The weighted reward sum_i w_i r_i of decoded images, for methods that score while sampling."""
+    """``reward(images, prompts, grad=False)``: the weighted reward sum_i w_i r_i of decoded images (with the shares
+    w_i / sum(w) for a method that normalises the weights), for methods that score while sampling; ``grad=True``
+    keeps it differentiable in the images."""
     decode: Callable | None = None
+    """``decode(latents, grad=False)``: images in [0, 1], differentiable in the latents with ``grad=True``."""
     code_candidates: int = 20
     code_block: int = 5
+    beta: float | None = None
+    """The fused objective's KL weight (sum_i w_i r_i - beta KL)."""
+    rgg_scale: float | str = OPTIMAL_SCALE
+    """RGG's step scale: a number, or ``"optimal"`` (s_t^2 / beta)."""
     path_kl: PathKL | None = None
     """Where :meth:`record` sums the path KL to the targets (None: no KL is measured)."""
 
@@ -207,6 +217,8 @@ class FusionMethod:
     """Samples through at least one adapter (the base model alone does not)."""
     needs_rewards: ClassVar[bool] = False
     """Calls the rewards while sampling."""
+    needs_reward_gradients: ClassVar[bool] = False
+    """Differentiates the rewards while sampling (so they must be differentiable)."""
     gaussian: ClassVar[bool] = True
     """Each step samples from one Gaussian kernel (so its KL to another kernel is defined)."""
     sweeps_weights: ClassVar[bool] = True
@@ -218,6 +230,18 @@ class FusionMethod:
     def exponents(self, weights: Sequence[float], betas: Sequence[float], beta: float | None) -> list[float]:
         """Each adapter's exponent; validated the one way for every method (non-negative, not all zero)."""
         return exponents(weights)
+
+    def check_rewards(self, rewards: Sequence) -> None:
+        """Refuse, in one message naming them, rewards this method cannot use while sampling: without gradients, for a
+        method that follows them."""
+        if not self.needs_reward_gradients:
+            return
+        flat = [getattr(reward, "name", repr(reward)) for reward in rewards
+                if not getattr(reward, "differentiable", False)]
+        if flat:
+            raise UserError(f"method {self.name!r} follows the rewards' gradients while sampling, but {flat} are not "
+                            "differentiable (their Reward class does not set differentiable = True); use "
+                            "differentiable rewards, or method 'code', which only scores samples")
 
     def reference_exponent(self, context: FusionContext) -> float:
         """The reference kernel's exponent; a method whose kernel involves the reference says so."""
