@@ -16,11 +16,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from msdda.errors import InputNotFound, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "resolve_adapter", "weights_hash",
            "METADATA_FILE", "WEIGHTS_FILE", "SHIPPED_PREFIX", "shipped_adapters"]
@@ -90,6 +91,8 @@ class AdapterMetadata:
 
 def weights_hash(module: torch.nn.Module) -> str:
     """sha256 over the module's base weights (names, dtypes, shapes, bytes), LoRA parameters excluded."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         if "lora_" in name:

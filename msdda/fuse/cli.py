@@ -6,10 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from msdda.config import config_to_dict
-from msdda.fuse.config import FuseConfig
+from msdda.fuse.config import BUILTIN_METHODS, FuseConfig
 from msdda.prompts import load_prompts
 from msdda.utils import parse_floats, parse_seeds
 
@@ -36,7 +33,9 @@ def _config_from_args(args: argparse.Namespace) -> FuseConfig:
 
 def _fuse(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
+    from msdda.config import config_to_dict
     from msdda.diffusion import resolve_device
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward
@@ -76,8 +75,6 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
-    from msdda.fuse.methods import method_names
-
     parser = subparsers.add_parser("fuse", help="sample K reward adapters fused with MSDDA (or a baseline)")
     parser.add_argument("--config", default=None, help="YAML of FuseConfig keys, e.g. configs/fuse/world.yaml; flags "
                         "given on the command line override it")
@@ -86,7 +83,7 @@ def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", default=None, help="one weight per adapter, e.g. 0.3,0.7")
     parser.add_argument("--betas", default=None, help="adapters' KL weights when their metadata lacks them")
     parser.add_argument("--beta", type=float, default=None, help="KL weight of the fused objective")
-    parser.add_argument("--method", default=None, choices=method_names(), help="default msdda")
+    parser.add_argument("--method", default=None, choices=BUILTIN_METHODS, help="default msdda")
     parser.add_argument("--reward", action="append", default=[], help="rewards for --method code (one per adapter)")
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or table")
