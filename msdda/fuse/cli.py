@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from msdda.fuse.config import BUILTIN_METHODS, FuseConfig
-from msdda.prompts import load_prompts
+from msdda.prompts import check_prompts_spec, load_prompts
 from msdda.utils import parse_floats, parse_seeds
 
 
@@ -24,6 +24,8 @@ def _config_from_args(args: argparse.Namespace) -> FuseConfig:
         value = getattr(args, flag)
         if value not in (None, []):
             overrides[key] = convert(value) if convert else value
+    if args.prompts_file:
+        check_prompts_spec(args.prompts_file, "--prompts-file")
     if args.prompt or args.prompts_file:
         overrides["prompts"] = list(args.prompt) + (load_prompts(args.prompts_file) if args.prompts_file else [])
     config = load_config(FuseConfig, args.config, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from msdda.errors import UserError
+
 
 def _train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
@@ -33,9 +35,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from msdda.prompts import check_prompts_spec
     from msdda.utils import parse_seeds
     from msdda.train.evaluate import evaluate_adapter
 
+    check_prompts_spec(args.prompts, "--prompts")
+    if args.num_prompts < 1:
+        raise UserError(f"--num-prompts must be 1 or more, got {args.num_prompts}")
     report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,
                               seeds=parse_seeds(args.seeds), out=args.out, device=args.device)
     print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
