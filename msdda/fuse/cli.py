@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from msdda.errors import UserError
 from msdda.fuse.config import BUILTIN_METHODS, FuseConfig
 from msdda.prompts import check_prompts_spec, load_prompts
 from msdda.utils import parse_floats, parse_seeds
@@ -33,6 +34,29 @@ def _config_from_args(args: argparse.Namespace) -> FuseConfig:
     return config
 
 
+FUSE_OUTPUTS = ("settings.json", "grid.png", "p[0-9][0-9][0-9]_s[0-9][0-9][0-9][0-9].png")
+"""What ``msdda fuse`` writes into its --out folder (globs)."""
+
+
+def _clear_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out folder that holds files, so that no earlier run's images stay beside this run's under a
+    settings.json that does not describe them; with --overwrite, remove what an earlier ``msdda fuse`` wrote there."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a folder")
+    held = sorted(child.name for child in out.iterdir())
+    if not held:
+        return
+    if not overwrite:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise UserError(f"--out {str(out)!r} already holds files ({shown}); give a new --out, or pass --overwrite to "
+                        "replace an earlier fuse's images and settings.json there")
+    for pattern in FUSE_OUTPUTS:
+        for stale in out.glob(pattern):
+            stale.unlink()
+
+
 def _fuse(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -45,11 +69,12 @@ def _fuse(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     seeds, prompts = parse_seeds(config.seeds), load_prompts(config.prompts, config.num_prompts)
+    out = Path(config.out)
+    _clear_out(out, args.overwrite)
     device = resolve_device(config.device)
     pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters, betas=config.betas).to(device)
     pipeline.set_progress_bar_config(disable=True)
     rewards = [load_reward(name).to(device) for name in config.rewards] if config.rewards else None
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     images, files = [], []
     call = dict(weights=config.weights, method=config.method, beta=config.beta,
@@ -94,5 +119,8 @@ def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--device", default=None, help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--eta", type=float, default=None)
-    parser.add_argument("--out", default=None, help="folder for the PNGs, grid.png and settings.json")
+    parser.add_argument("--out", default=None, help="folder for the PNGs, grid.png and settings.json (default "
+                        "runs/fuse); refused when it holds files, unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the images and settings.json an earlier "
+                        "fuse wrote in --out")
     parser.set_defaults(handler=_fuse)
