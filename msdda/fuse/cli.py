@@ -102,11 +102,19 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("fuse", help="sample K reward adapters fused with MSDDA (or a baseline)")
+    parser = subparsers.add_parser(
+        "fuse", help="sample K reward adapters fused with MSDDA (or a baseline)",
+        description="Sample reward adapters fused at sampling time with MSDDA (the exact step-optimal kernel of the "
+        "weighted reward) or a baseline, on the base they were trained on: one PNG per prompt and seed, grid.png and "
+        "settings.json in --out. Example: msdda fuse --adapter world:aesthetic --adapter world:thirds --weights "
+        "0.3,0.7 --prompt 'a red circle' --seeds 0-3 --out runs/fused")
     parser.add_argument("--config", default=None, help="YAML of FuseConfig keys, e.g. configs/fuse/world.yaml; flags "
                         "given on the command line override it")
-    parser.add_argument("--base", default=None, help="base pipeline folder or Hub id ('world': the embedded one)")
-    parser.add_argument("--adapter", action="append", default=[], help="adapter folder or Hub id (repeat)")
+    parser.add_argument("--base", default=None, help="base pipeline folder or Hub id the adapters were trained on "
+                        "(default 'world', the embedded one; 'world-flow' and 'world-lv' are its twins)")
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder, Hub id or world:<name> (a "
+                        "reference adapter shipped with the world: world:aesthetic, world:consistency, world:thirds); "
+                        "repeat")
     parser.add_argument("--weights", default=None, help="one weight per adapter, e.g. 0.3,0.7")
     parser.add_argument("--betas", default=None, help="adapters' KL weights when their metadata lacks them")
     parser.add_argument("--beta", type=float, default=None, help="KL weight of the fused objective")
@@ -116,9 +124,12 @@ def add_fuse_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or table")
     parser.add_argument("--seeds", default=None, help="'0-15' or '1,4,9' (default 0-7)")
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the adapters')")
-    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the adapters')")
     parser.add_argument("--device", default=None, help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
-    parser.add_argument("--eta", type=float, default=None)
+    parser.add_argument("--eta", type=float, default=None, help="DDIM's eta, the step noise: 1 fully stochastic, "
+                        "0 deterministic (default: the adapters'; flow adapters take none: their step noise is the noise level they "
+                        "record)")
     parser.add_argument("--out", default=None, help="folder for the PNGs, grid.png and settings.json (default "
                         "runs/fuse); refused when it holds files, unless --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="replace the images and settings.json an earlier "

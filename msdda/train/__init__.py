@@ -14,7 +14,17 @@ def __getattr__(name: str):
 
 
 def train(config):
-    """Train one adapter as ``config`` (a ``TrainConfig``) says; returns the final adapter folder."""
+    """Train one adapter as ``config`` (a ``TrainConfig``) says; returns the final adapter folder.
+
+    A resume of a run that has trained all its epochs and exported ``final/`` returns that folder as it is: there is
+    nothing left to train, and re-exporting would only rewrite it."""
+    from pathlib import Path
+
+    from msdda.train.checkpoint import finished_run
+
+    finished = finished_run(Path(config.output_dir), config.resume, config.epochs)
+    if finished is not None:
+        return finished[0]
     from msdda.train.trainer import train as run
 
     return run(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from msdda.errors import UserError
 
@@ -12,11 +13,18 @@ def _train(args: argparse.Namespace) -> int:
 
     from msdda.config import load_config
     from msdda.train import TrainConfig, train
+    from msdda.train.checkpoint import finished_run
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=latest")
     config = load_config(TrainConfig, args.config, overrides)
+    finished = finished_run(Path(config.output_dir), config.resume, config.epochs)
+    if finished is not None:
+        final, trained = finished
+        print(f"nothing left to train: {config.output_dir} has trained {trained} of epochs={config.epochs}, and its "
+              f"adapter {final} is left as it is; to train on, resume with a larger epochs=")
+        return 0
     final = train(config)
     if PartialState().is_main_process:  # one line, however many processes were launched
         print(f"adapter written to {final}")
