@@ -43,6 +43,9 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
                          "or choose another output_dir")
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise UserError(f"resume={resume!r}: no such checkpoint folder; use 'latest' or a path")
+    if resume == "latest" and latest_checkpoint(output_dir) is None:
+        raise UserError(f"resume=latest (--resume) but {output_dir / 'checkpoints'} holds no complete checkpoint "
+                        "to continue from; start the run in a new output_dir (or without --resume where none ran)")
 
 
 def resume_folder(output_dir: Path, resume: str) -> Path:
