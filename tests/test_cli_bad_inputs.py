@@ -184,6 +184,9 @@ CASES = [
     ("studio-rewards-count", nothing, ["studio", "--reward", "world-aesthetic"], ["1 --reward", "3 adapters"]),
     ("studio-missing-sweep", nothing, ["studio", "--sweep", "runs/sweep_nope"], ["runs/sweep_nope"]),
     ("studio-bad-device", nothing, ["studio", "--device", "gpu0"], ["'gpu0'"]),
+    # push
+    ("push-truncated-adapter", truncated_adapter, ["push", "bad_adapter", "user/warmth"], ["bad_adapter", "truncated"]),
+    ("push-not-an-adapter", file("notes/a.txt", "x"), ["push", "notes", "user/warmth"], ["notes"]),
     # world
     ("world-pretrain-out-not-empty", file("w/x.txt", "x"), ["world", "pretrain", "--out", "w"], ["w", "--overwrite"]),
     ("world-pretrain-negative-steps", nothing, ["world", "pretrain", "--out", "w", "--layout-steps", "-1"], ["-1"]),
@@ -222,4 +225,4 @@ def test_bad_input_is_one_line_naming_it_before_any_model_loads(setup, argv, nam
 
 def test_every_command_has_cases() -> None:
     commands = {case[2][0] for case in CASES}
-    assert commands >= {"fuse", "train", "evaluate", "sweep", "report", "studio", "world"}
+    assert commands >= {"fuse", "train", "evaluate", "sweep", "report", "studio", "world", "push"}
