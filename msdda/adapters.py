@@ -16,14 +16,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from msdda.errors import InputNotFound, UserError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "resolve_adapter", "weights_hash",
-           "METADATA_FILE", "WEIGHTS_FILE", "SHIPPED_PREFIX", "shipped_adapters"]
+           "check_adapter_weights", "METADATA_FILE", "WEIGHTS_FILE", "SHIPPED_PREFIX", "shipped_adapters"]
 
 METADATA_FILE = "msdda_adapter.json"
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -98,6 +99,8 @@ class AdapterMetadata:
 
 def weights_hash(module: torch.nn.Module) -> str:
     """sha256 over the module's base weights (names, dtypes, shapes, bytes), LoRA parameters excluded."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         if "lora_" in name:
@@ -217,7 +220,34 @@ def shipped_adapters() -> dict[str, Path]:
 
 def resolve_adapter(source: str) -> Path:
     """A shipped reference adapter (``world:<name>``), a local adapter folder, or a Hub repo id downloaded (or
-    taken from the cache) with huggingface_hub."""
+    taken from the cache) with huggingface_hub; its weights file checked by :func:`check_adapter_weights`."""
+    folder = _adapter_folder(source)
+    check_adapter_weights(folder, source)
+    return folder
+
+
+def check_adapter_weights(folder: Path, source: str) -> None:
+    """Refuse a weights file that is truncated, corrupted or holds no LoRA, reading only its header and tensor table.
+
+    safetensors checks that the header parses and that its tensors' byte ranges cover the file exactly, so a cut or
+    overwritten file fails here, before any model loads, rather than inside ``load_lora_weights`` after the base
+    has loaded. The tensors' bytes are not read (that would cost what loading does)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            names = list(weights.keys())
+    except SafetensorError as error:
+        raise UserError(f"adapter {source!r}: {path} is not a whole safetensors file ({error}); it is truncated or "
+                        "corrupted: copy the adapter folder again, or use another copy (each checkpoint's adapter/ "
+                        "folder holds one)") from error
+    if not any("lora_" in name for name in names):
+        raise UserError(f"adapter {source!r}: {path} holds no LoRA weights ({len(names)} tensors, none named lora_*); "
+                        "give the final/ (or a checkpoint's adapter/) folder that msdda train wrote")
+
+
+def _adapter_folder(source: str) -> Path:
     if source.startswith(SHIPPED_PREFIX):
         shipped = shipped_adapters()
         if source not in shipped:
@@ -246,7 +276,13 @@ def load_adapter_metadata(folder: str | Path) -> AdapterMetadata:
     path = Path(folder) / METADATA_FILE
     if not path.is_file():
         raise InputNotFound(f"{folder} has no {METADATA_FILE}: it is not an msdda adapter folder")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}); restore the "
+                        "file from a copy of the adapter, or re-save the adapter") from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object of adapter fields, got {type(data).__name__}")
     names = {field.name for field in dataclasses.fields(AdapterMetadata)}
     optional = {field.name for field in dataclasses.fields(AdapterMetadata)
                 if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING}

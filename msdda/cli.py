@@ -17,8 +17,16 @@ from msdda.train.cli import add_evaluate_parser, add_train_parser
 from msdda.world.cli import add_world_parser
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's parser whose errors (a mistyped flag, a value of the wrong type, a missing argument) are one
+    line, as every other bad input is: the message and where the usage is, instead of the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="msdda",
         description="Align text-to-image diffusion models with several rewards: train one LoRA per reward, "
         "fuse them at sampling time with MSDDA.",

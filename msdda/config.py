@@ -118,8 +118,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {part} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(error)}); fix it "
+                              f"({YAML_FIX}), or quote the whole value to pass it as a string") from error
     return data
+
+
+YAML_FIX = "close a [ or {, quote a value holding ': ', indent with spaces"
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Why the parser stopped, with where the construct it was inside began (an unclosed [ is found lines later)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, opened = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and opened is not None:
+        return f"{context} from line {opened.line + 1}, column {opened.column + 1}: {problem}"
+    return f"{context}: {problem}" if context else problem
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the file, the line and column (1-based) where the parser stopped, and why."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    return f"{where}: not valid YAML ({_yaml_problem(error)}); fix the syntax there ({YAML_FIX})"
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -129,7 +152,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(_yaml_error(path, error)) from error
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded

@@ -32,7 +32,7 @@ def check_prompts_spec(spec: list[str] | str, key: str = "prompts") -> None:
         return
     path = Path(spec.partition("#")[0])
     if not path.is_file():
-        raise UserError(f"{key} file {path} does not exist; give a text file with one prompt per line, a table "
+        raise UserError(f"{key} {str(path)!r} does not exist; give a text file with one prompt per line, a table "
                          "(.csv/.json/.jsonl/.parquet), 'hub:<dataset id>', a list of prompts, or 'world'")
 
 
@@ -59,6 +59,9 @@ def _from_dataset(spec: str) -> list[str]:
 
 def load_prompts(spec: list[str] | str, count: int | None = None) -> list[str]:
     """The prompts ``spec`` names; ``count`` keeps that many, evenly spaced through the list."""
+    check_prompts_spec(spec)
+    if count is not None and count < 1:
+        raise UserError(f"the number of prompts must be 1 or more, got {count}")
     if isinstance(spec, list):
         prompts = spec
     elif spec == "world":
@@ -71,7 +74,7 @@ def load_prompts(spec: list[str] | str, count: int | None = None) -> list[str]:
         prompts = Path(spec).read_text().splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
-        raise UserError(f"prompts {spec!r} holds no prompts")
+        raise UserError(f"prompts {spec!r} holds no prompts; give a file with one prompt per line")
     if count is not None and count < len(prompts):
         step = len(prompts) / count
         prompts = [prompts[int(i * step)] for i in range(count)]

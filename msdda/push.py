@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from msdda.adapters import WEIGHTS_FILE, load_adapter_metadata
+from msdda.adapters import WEIGHTS_FILE, check_adapter_weights, load_adapter_metadata
 from msdda.errors import InputNotFound, UserError
 
 __all__ = ["push_adapter"]
@@ -22,6 +22,7 @@ def push_adapter(folder: str | Path, repo_id: str, private: bool = False, token:
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise InputNotFound(f"{folder} has no {WEIGHTS_FILE}: push the final/ folder that msdda train wrote")
+    check_adapter_weights(folder, str(folder))  # a truncated file is refused here, not half-uploaded
     load_adapter_metadata(folder)  # refuses a folder whose metadata is missing or malformed
     api = HfApi(token=token)
     try:

@@ -7,6 +7,7 @@ import torch
 
 from msdda.errors import UserError
 from msdda.fuse import MSDDAPipeline
+from msdda.fuse.config import BUILTIN_METHODS
 from msdda.fuse.methods import FusionMethod, get_method, method_names, register, unregister
 from msdda.kernels import StepKernel
 from msdda.testing import random_world_adapter
@@ -16,6 +17,7 @@ PROMPT = "a blue square at the top"
 
 def test_the_built_in_methods_in_their_listing_order_with_what_they_need() -> None:
     assert method_names() == ["msdda", "soup", "output-average", "diffusion-blend", "code", "rgg", "single", "base"]
+    assert tuple(method_names()) == BUILTIN_METHODS  # what msdda fuse --help lists without importing the registry
     assert [m for m in method_names() if get_method(m).uses_betas] == ["msdda"]
     assert [m for m in method_names() if get_method(m).needs_rewards] == ["code", "rgg"]
     assert [m for m in method_names() if get_method(m).needs_reward_gradients] == ["rgg"]

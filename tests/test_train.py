@@ -22,6 +22,7 @@ from msdda.adapters import (
     load_adapter_metadata,
     weights_hash,
 )
+from msdda.cli import main
 from msdda.config import ConfigError, load_config
 from msdda.diffusion import adapter_kernels, decode_latents, encode_prompts, load_base_pipeline
 from msdda.errors import UserError
@@ -220,7 +221,7 @@ def test_step_rewards_are_what_they_say(tmp_path) -> None:
     assert tweedie.log_probs.shape == (2, 4) and tweedie.reference_means.shape == (2, 4, 4, 16, 16)
 
 
-def test_one_epoch_exports_an_adapter_stock_diffusers_loads(tmp_path) -> None:
+def test_one_epoch_exports_an_adapter_stock_diffusers_loads(tmp_path, capsys) -> None:
     config = _config(tmp_path, "log_with=tensorboard")
     final = Trainer(config).run()
     assert {WEIGHTS_FILE, METADATA_FILE, "README.md"} <= {p.name for p in final.iterdir()}
@@ -239,6 +240,13 @@ def test_one_epoch_exports_an_adapter_stock_diffusers_loads(tmp_path) -> None:
     pipeline.load_lora_weights(final)
     after = pipeline(**call, generator=torch.Generator().manual_seed(0)).images
     assert not torch.equal(before, after)
+
+    # resuming the finished run: nothing left to train, and final/ is not written again
+    written = {path.name: path.stat().st_mtime_ns for path in final.iterdir()}
+    arguments = [f"output_dir={tmp_path / 'run'}", "log_with=tensorboard", *TINY]
+    assert main(["train", "--config", str(ROOT / "configs/train/world_aesthetic.yaml"), "--resume", *arguments]) == 0
+    assert "nothing left to train" in capsys.readouterr().out
+    assert {path.name: path.stat().st_mtime_ns for path in final.iterdir()} == written
 
 
 def test_pathwise_update_follows_the_step_reward_gradient(tmp_path) -> None:
@@ -395,7 +403,6 @@ def test_samples_the_reward_cannot_score_are_dropped_and_counted_each_epoch(tmp_
 
 def test_a_reward_that_scores_no_sample_stops_the_run_with_one_line_naming_it(tmp_path, capsys) -> None:
     """A user error, not a crash: the CLI prints one line with the reward, the count and what to do."""
-    from msdda.cli import main
 
     overrides = [*TINY, f"output_dir={tmp_path / 'run'}", "reward.name=tests.test_train:EveryImageFails",
                  *POLICY_GRADIENT, "epochs=3", "max_bad_epochs=2"]

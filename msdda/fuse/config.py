@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from msdda.errors import UserError
-from msdda.fuse.closed_form import exponents
-from msdda.fuse.methods import get_method
-from msdda.fuse.methods.rgg import check_rgg_scale
 from msdda.prompts import check_prompts_spec
 from msdda.utils import parse_seeds
 
-__all__ = ["SamplingConfig", "FuseConfig"]
+__all__ = ["SamplingConfig", "FuseConfig", "BUILTIN_METHODS"]
+
+BUILTIN_METHODS = ("msdda", "soup", "output-average", "diffusion-blend", "code", "rgg", "single", "base")
+"""The built-in fusion methods, in the order msdda.fuse.methods registers them: what ``msdda fuse --help`` lists
+without importing the registry (which imports torch); tests/test_fuse_methods.py checks that the two agree."""
 
 
 @dataclass
@@ -65,6 +66,10 @@ class FuseConfig(SamplingConfig):
 
     def validate(self) -> None:
         """Refuse bad settings before any model loads; each message names the key and the fix."""
+        from msdda.fuse.closed_form import exponents
+        from msdda.fuse.methods import get_method
+        from msdda.fuse.methods.rgg import check_rgg_scale
+
         method = get_method(self.method)
         if not self.prompts:
             raise UserError("give at least one --prompt (or --prompts-file, or prompts: in --config)")

@@ -140,6 +140,17 @@ def _weighted_reward(rewards: Sequence, weights: Sequence[float]):
     return reward
 
 
+def _check_pipeline_class(adapters: list[LoadedAdapter], base: str, declared: str) -> None:
+    """Refuse, before the base loads, adapters trained on a base of another pipeline class (a flow world adapter
+    on the UNet world), naming the base each records so that the fix is one flag."""
+    for adapter in adapters:
+        metadata = adapter.metadata
+        if metadata is not None and metadata.pipeline_class != declared:
+            raise UserError(f"adapter {adapter.source} was trained on base {metadata.base_model!r} (a "
+                            f"{metadata.pipeline_class}), not on {base!r} (a {declared}): fuse it on its own base, "
+                            f"--base {metadata.base_model} (base={metadata.base_model!r} in Python)")
+
+
 @contextmanager
 def _expected_lora_notices_silenced():
     """Loading K reward adapters makes diffusers and PEFT say two things that are true of every msdda fusion: the
@@ -177,7 +188,9 @@ class _Fusing:
         """The base with ``adapters`` loaded, as the class its ``model_index.json`` names: an ``MSDDAPipeline`` for
         Stable Diffusion, an ``MSDDA3Pipeline`` for Stable Diffusion 3, an ``MSDDAFluxPipeline`` for FLUX."""
         checked = read_adapters(list(adapters), betas)  # bad adapter input fails before the base loads
-        target = _FUSING_PIPELINES[pipeline_class_name(base)]
+        declared = pipeline_class_name(base)
+        _check_pipeline_class(checked, base, declared)
+        target = _FUSING_PIPELINES[declared]
         location = resolve_base(base)
         kwargs.setdefault("local_files_only", Path(location).is_dir())
         # adapters record the hash of the stored weights: hash them as stored, then cast (torch_dtype=float16 works)
@@ -234,7 +247,8 @@ class _Fusing:
             if metadata is not None and metadata.base_model_hash != self.base_hash:
                 raise UserError(f"adapter {adapter.source}: base_model_hash {metadata.base_model_hash[:12]}… "
                                 f"(trained on {metadata.base_model}) differs from this base's {self.base_hash[:12]}… "
-                                f"({self.base_model}); MSDDA needs one reference model")
+                                f"({self.base_model}); MSDDA needs one reference model: fuse on the base it was "
+                                f"trained on (--base {metadata.base_model})")
         unchecked = [adapter.source for adapter in adapters if adapter.metadata is None]
         if unchecked:
             warnings.warn(f"adapters {unchecked} carry no msdda metadata: their base model, scheduler and step "

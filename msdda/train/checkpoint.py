@@ -20,7 +20,7 @@ from msdda.adapters import AdapterMetadata, save_adapter
 from msdda.errors import UserError
 from msdda.train.distributed import uses_deepspeed
 
-__all__ = ["latest_checkpoint", "check_output_dir", "resume_folder", "lora_state", "save_checkpoint",
+__all__ = ["latest_checkpoint", "check_output_dir", "resume_folder", "finished_run", "lora_state", "save_checkpoint",
            "load_checkpoint", "optimizer_to_files", "optimizer_from_files", "RUN_CONFIG", "STATE_FILE"]
 
 RUN_CONFIG = "run_config.yaml"
@@ -43,6 +43,9 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
                          "or choose another output_dir")
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise UserError(f"resume={resume!r}: no such checkpoint folder; use 'latest' or a path")
+    if resume == "latest" and latest_checkpoint(output_dir) is None:
+        raise UserError(f"resume=latest (--resume) but {output_dir / 'checkpoints'} holds no complete checkpoint "
+                        "to continue from; start the run in a new output_dir (or without --resume where none ran)")
 
 
 def resume_folder(output_dir: Path, resume: str) -> Path:
@@ -51,6 +54,22 @@ def resume_folder(output_dir: Path, resume: str) -> Path:
     if checkpoint is None:
         raise UserError(f"resume=latest but {output_dir}/checkpoints holds no complete checkpoint")
     return checkpoint
+
+
+def finished_run(output_dir: Path, resume: str | None, epochs: int) -> tuple[Path, int] | None:
+    """For a resume with nothing left to train, the final adapter and the epochs its checkpoint trained; else None.
+
+    That is a checkpoint that trained ``epochs`` or more and a ``final/`` folder beside it: resuming it would train
+    no epoch and write ``final`` again from the checkpoint's LoRA. Without ``final/`` (a run stopped before its
+    export) the resume still exports it."""
+    final = output_dir / "final"
+    if resume is None or not final.is_dir():
+        return None
+    checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+    if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+        return None
+    trained = json.loads((checkpoint / STATE_FILE).read_text())["epoch"]
+    return (final, trained) if trained >= epochs else None
 
 
 def lora_state(accelerator, model) -> dict[str, torch.Tensor]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from msdda.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -10,11 +13,18 @@ def _train(args: argparse.Namespace) -> int:
 
     from msdda.config import load_config
     from msdda.train import TrainConfig, train
+    from msdda.train.checkpoint import finished_run
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=latest")
     config = load_config(TrainConfig, args.config, overrides)
+    finished = finished_run(Path(config.output_dir), config.resume, config.epochs)
+    if finished is not None:
+        final, trained = finished
+        print(f"nothing left to train: {config.output_dir} has trained {trained} of epochs={config.epochs}, and its "
+              f"adapter {final} is left as it is; to train on, resume with a larger epochs=")
+        return 0
     final = train(config)
     if PartialState().is_main_process:  # one line, however many processes were launched
         print(f"adapter written to {final}")
@@ -33,16 +43,23 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from msdda.prompts import check_prompts_spec
     from msdda.train.evaluate import evaluate_adapter
     from msdda.train.gauge import gauge_lines
     from msdda.utils import parse_seeds
 
+    check_prompts_spec(args.prompts, "--prompts")
+    if args.num_prompts < 1:
+        raise UserError(f"--num-prompts must be 1 or more, got {args.num_prompts}")
     report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,
                               seeds=parse_seeds(args.seeds), out=args.out, device=args.device,
-                              gauge_prompts=args.gauge_prompts, gauge_beta=args.gauge_beta)
+                              reward_kwargs=_reward_kwargs(args.reward_kwargs), gauge_prompts=args.gauge_prompts,
+                              gauge_beta=args.gauge_beta)
     print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
           f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
     for name, values in report["rewards"].items():
+        used = report["reward_kwargs"][name]
+        print(f"  {name} scored with kwargs {used['kwargs']} ({used['from']})")
         print(f"  {name}: base {values['base_mean']:.4f} ± {values['base_std']:.4f} -> adapter "
               f"{values['adapter_mean']:.4f} ± {values['adapter_std']:.4f} (paired difference "
               f"{values['paired_difference']:+.4f} ± {values['paired_difference_sem']:.4f} s.e.)")
@@ -53,19 +70,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_kwargs(text: str | None) -> dict | None:
+    """``--reward-kwargs`` as a mapping: YAML flow syntax, e.g. '{strength: 1.0}'."""
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"--reward-kwargs {text!r} is not valid YAML ({error.__class__.__name__}); give a mapping "
+                        "such as '{strength: 1.0}'") from error
+    if not isinstance(value, dict):
+        raise UserError(f"--reward-kwargs {text!r} is not a mapping; give one such as '{{strength: 1.0}}'")
+    return value
+
+
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="an adapter against its base: rewards before/after and its KL")
     parser.add_argument("adapter", help="an adapter folder (or Hub id) written by msdda train")
     parser.add_argument("--reward", action="append", default=None,
-                        help="a reward to score (repeatable; default: the one the adapter was trained on)")
+                        help="a reward to score: a registered name or 'module:attribute' (repeatable; default: "
+                        "the one the adapter was trained on, scored with the constructor arguments it recorded)")
+    parser.add_argument("--reward-kwargs", default=None,
+                        help="constructor arguments for the adapter's own reward, over the ones it recorded, as a YAML "
+                        "mapping, e.g. '{strength: 1.0}' (default: the recorded ones)")
     parser.add_argument("--prompts", default="world", help="'world' or a text file with one prompt per line")
     parser.add_argument("--num-prompts", type=int, default=32, help="prompts used, evenly spaced (default 32)")
     parser.add_argument("--seeds", default="0-3", help="seeds per prompt, e.g. 0-3")
     parser.add_argument("--out", default=None, help="folder for evaluation.json and before_after.png")
     parser.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--gauge-prompts", type=int, default=16,
-                        help="prompts whose held-out states the optimality gauge of the trained reward reads (default 16; "
-                        "0: no gauge; not with --reward)")
+                        help="prompts whose held-out states the optimality gauge of the trained reward reads, when it is "
+                        "scored (default 16; 0: no gauge)")
     parser.add_argument("--gauge-beta", type=float, default=None,
                         help="the KL weight to gauge the adapter's step optimum at (default: its trained beta)")
     parser.set_defaults(handler=_evaluate)

@@ -32,7 +32,7 @@ from msdda.prompts import load_prompts
 from msdda.sampling import denoise
 from msdda.train.gauge import GaugeSettings, gauge_adapter
 
-__all__ = ["evaluate_adapter"]
+__all__ = ["evaluate_adapter", "reward_arguments"]
 
 
 @torch.no_grad()
@@ -80,30 +80,52 @@ def _variance_report(ratios: dict[int, list[float]]) -> dict[str, dict[str, floa
     return report
 
 
+def reward_arguments(metadata: AdapterMetadata, spec: str, given: dict | None = None) -> tuple[dict, str]:
+    """The constructor arguments to score reward ``spec`` with, and where they came from in words.
+
+    For the reward the adapter was trained on (named by its import path ``reward_spec`` or its name), the ones
+    training recorded (``reward_kwargs``) with ``given`` over them: scoring a user reward at its defaults when it
+    was trained with other arguments measures another reward. Another reward gets ``given`` (or its defaults)."""
+    given = dict(given or {})
+    if spec not in {metadata.reward_spec, metadata.reward_name} - {""}:
+        return given, "given" if given else "the reward's defaults"
+    recorded = dict(metadata.reward_kwargs)
+    if not given:
+        return recorded, "recorded in the adapter" if recorded else "the reward's defaults (the adapter records none)"
+    return recorded | given, "recorded in the adapter, with the given ones over them" if recorded else "given"
+
+
 def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: list[str] | str = "world",
                      num_prompts: int | None = 32, seeds: list[int] = (0, 1, 2, 3), batch_size: int = 16,
                      out: str | Path | None = None, grid_prompts: int = 8, device: str = "auto",
-                     gauge_prompts: int = 16, gauge_draws: int = 2, gauge_beta: float | None = None) -> dict:
+                     reward_kwargs: dict | None = None, gauge_prompts: int = 16, gauge_draws: int = 2,
+                     gauge_beta: float | None = None) -> dict:
     """Rewards (mean, std, paired difference with its standard error) of base and adapter, the KL, and the
-    optimality gauge (msdda.train.gauge) for the reward it was trained on (when ``rewards`` is not given).
+    optimality gauge (msdda.train.gauge) for the reward it was trained on.
 
-    ``rewards`` default to the one the adapter was trained on. With ``out``, writes ``evaluation.json`` and
-    ``before_after.png`` (rows: prompts; each row the base's samples, then the adapter's) there. ``device``:
-    auto (the GPU when there is one), cpu, cuda or cuda:N. The gauge reads held-out states of ``gauge_prompts``
-    of the prompts (0: no gauge; it is skipped for a reward without gradients) at ``gauge_beta`` (default the
-    adapter's), with ``gauge_draws`` draws per state; its implied beta is the beta at which the adapter is
-    step-optimal, which calibrates an adapter trained at another or unknown beta for fusion (``--betas``).
+    ``rewards`` default to the one the adapter was trained on, which is scored with the constructor arguments
+    training recorded, ``reward_kwargs`` over them (:func:`reward_arguments`; the report's ``reward_kwargs`` says
+    which were used). With ``out``, writes ``evaluation.json`` and ``before_after.png`` (rows: prompts; each row the
+    base's samples, then the adapter's) there. ``device``: auto (the GPU when there is one), cpu, cuda or cuda:N.
+    The adapter, the rewards and the prompts are checked before the base loads.
+
+    The gauge reads held-out states of ``gauge_prompts`` of the prompts (0: no gauge; it is skipped where the trained
+    reward is not among those scored, or has no gradients) at ``gauge_beta`` (default the adapter's), with
+    ``gauge_draws`` draws per state; its implied beta is the beta at which the adapter is step-optimal, which
+    calibrates an adapter trained at another or unknown beta for fusion (``--betas``).
     """
+    from msdda.adapters import load_adapter_metadata, resolve_adapter
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward
 
     where = resolve_device(device)
-    pipeline = MSDDAPipeline.from_pretrained(_base_of(adapter), adapters=[adapter]).to(where)
-    metadata = pipeline.adapters[0].metadata
-    names = list(rewards) if rewards else [metadata.reward_name]
-    scorers = [load_reward(name) for name in rewards] if rewards else [metadata.trained_reward()]
-    scorers = [scorer.to(where) for scorer in scorers]
+    metadata = load_adapter_metadata(resolve_adapter(adapter))
+    specs = list(rewards) if rewards else [metadata.reward_spec or metadata.reward_name]
+    names = list(rewards) if rewards else [metadata.reward_name]  # the report's labels
+    arguments = {name: reward_arguments(metadata, spec, reward_kwargs) for name, spec in zip(names, specs)}
+    scorers = [load_reward(spec, **arguments[name][0]).to(where) for name, spec in zip(names, specs)]
     prompt_list = load_prompts(prompts, num_prompts)
+    pipeline = MSDDAPipeline.from_pretrained(metadata.base_model, adapters=[adapter]).to(where)
     scores = {side: {n: [] for n in names} for side in ("base", "adapter")}
     kls, pictures, variance_ratios = [], {"base": [], "adapter": []}, {}
     chunks = [(seed, start) for seed in seeds for start in range(0, len(prompt_list), batch_size)]
@@ -121,6 +143,7 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
                 pictures[side].append(images[:grid_prompts].cpu())
     report = {"adapter": str(adapter), "reward_trained": metadata.reward_name, "beta": metadata.beta,
               "samples": len(kls), "prompts": len(prompt_list), "seeds": list(seeds), "rewards": {},
+              "reward_kwargs": {name: {"kwargs": kwargs, "from": source} for name, (kwargs, source) in arguments.items()},
               "kl_to_base": {"mean": float(np.mean(kls)), "std": float(np.std(kls))}}
     for name in names:
         before, after = np.asarray(scores["base"][name]), np.asarray(scores["adapter"][name])
@@ -133,7 +156,8 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
         }
     if variance_ratios:
         report["variance_ratio_to_base"] = _variance_report(variance_ratios)
-    trained = None if rewards else scorers[0]  # the gauge is of the reward the adapter was trained on
+    own = {metadata.reward_spec, metadata.reward_name} - {""}
+    trained = next((scorer for spec, scorer in zip(specs, scorers) if spec in own), None)
     if gauge_prompts and trained is not None and trained.differentiable:
         shown = prompt_list[:: max(1, len(prompt_list) // gauge_prompts)][:gauge_prompts]
         report["optimality"] = gauge_adapter(pipeline, denoiser_of(pipeline), pipeline.adapters[0].name, trained,
@@ -145,12 +169,6 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
         (out / "evaluation.json").write_text(json.dumps(report, indent=2))
         _before_after_grid(pipeline, pictures, out / "before_after.png")
     return report
-
-
-def _base_of(adapter: str) -> str:
-    from msdda.adapters import load_adapter_metadata, resolve_adapter
-
-    return load_adapter_metadata(resolve_adapter(adapter)).base_model
 
 
 def _before_after_grid(pipeline, pictures: dict, path: Path) -> None:

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from msdda.errors import InputNotFound
 
 ASSETS = Path(__file__).parent / "assets"
@@ -57,6 +55,8 @@ def built_once(cache: Path, name: str, sources: list[Path], build: Callable[[], 
 
     Built in a temporary folder and renamed into place, so a process that finds the folder finds it whole; building
     draws random numbers (initialising the parts), so it runs on a forked random stream, leaving the caller's alone."""
+    import torch
+
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     target = cache / f"{name}-{digest[:16]}"
     if not (target / "pipeline" / "model_index.json").is_file():
