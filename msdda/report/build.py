@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from msdda.fuse.methods import get_method, method_names
 from msdda.sweep.grid import weight_key
 from msdda.sweep.run import COSTS, KL_TO_BASE, KL_TO_ORACLE, load_manifest, step_column, weight_column
 
-__all__ = ["Curve", "load_curves", "build_report"]
+__all__ = ["Curve", "load_curves", "build_report", "point_label"]
 
 ORACLE = "oracle"
 """The sweep's cells of adapters retrained on the weighted reward: not a fusion method, one adapter per weight."""
@@ -256,6 +257,14 @@ def step_optimum_check(curves: list[Curve], names: list[str], adapter_betas: lis
     return checks
 
 
+def point_label(weights: tuple[float, ...]) -> str:
+    """The text beside a Pareto plot's point: its first weight for two rewards on the simplex (the second is one
+    minus it), else the whole weight vector, so that (1, 1) and (1, 0) are told apart."""
+    if len(weights) == 2 and math.isclose(sum(weights), 1.0, abs_tol=1e-9):
+        return f"{weights[0]:g}"
+    return ",".join(f"{w:.2g}" for w in weights)
+
+
 def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -> list[list[tuple[float, float]]]:
     """Mean rewards per weight with standard-error bars; one curve per weight-sweeping method, one panel per pair
     of rewards (the first three pairs). MSDDA's and the oracles' points carry their weights (K = 2: the first).
@@ -285,7 +294,7 @@ def pareto_plot(curves: list[Curve], names: list[str], path: Path, title: str) -
                                   label=curve.label, **emphasis)
             if curve.method in ("msdda", ORACLE):  # the points the method is judged by, labelled with w
                 for weights, x, y in zip(curve.weights, means[:, x_index], means[:, y_index]):
-                    text = f"{weights[0]:g}" if len(names) == 2 else ",".join(f"{w:.2g}" for w in weights)
+                    text = point_label(weights)
                     axes.annotate(text, (x, y), xytext=(5, 5), textcoords="offset points", fontsize=7,
                                   color=drawn[0].get_color(), bbox=dict(boxstyle="round,pad=0.1", fc="white",
                                                                         ec="none", alpha=0.75), zorder=6)
