@@ -68,7 +68,7 @@ def test_simplex_grid() -> None:
 
 
 def test_a_pareto_point_off_the_simplex_is_labelled_by_its_whole_weight_vector() -> None:
-    from msdda.report.build import point_label
+    from msdda.report.plots import point_label
 
     assert point_label((0.25, 0.75)) == "0.25"  # on the simplex the first weight says it all
     assert point_label((1.0, 0.0)) == "1"
