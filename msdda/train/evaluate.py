@@ -26,6 +26,7 @@ from msdda.diffusion import (
     images_to_pil,
     prepare_sampling,
     resolve_device,
+    uses_guidance,
 )
 from msdda.kernels import StepKernel, kernel_kl, learns_variance
 from msdda.prompts import load_prompts
@@ -43,8 +44,9 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, metadata: Adapte
     guidance = metadata.guidance_scale
     noise_scale = metadata.eta if metadata.flow_noise_level is None else metadata.flow_noise_level
     positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device, guidance_scale=guidance,
-                                        max_sequence_length=metadata.max_sequence_length)
-    negative = negative if guidance > 1.0 else None
+                                        max_sequence_length=metadata.max_sequence_length,
+                                        size=(metadata.resolution, metadata.resolution))
+    negative = negative if uses_guidance(negative, guidance) else None
     scheduler, unet = pipeline.scheduler, denoiser_of(pipeline)
     generator = torch.Generator().manual_seed(seed)
     latents = prepare_sampling(pipeline, metadata.num_inference_steps, len(prompts), generator, positive,

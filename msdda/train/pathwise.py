@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.diffusion import decode_latents
 from msdda.train.config import TrainConfig
 from msdda.train.loss import StepLoss, pathwise_step_loss
-from msdda.train.rollout import reference_continuation
+from msdda.train.rollout import Sampler, reference_continuation
 from msdda.train.updates import KernelFunction, Transitions
 
 __all__ = ["pathwise_loss", "reference_step_reward", "StepRewardFunction"]
@@ -37,17 +37,15 @@ def reference_step_reward(pipeline, unet, reward: Callable, config: TrainConfig)
     """The configured step reward of an action x_{t-1}, with grad flowing back to it through the reference (whose
     weights stay frozen: ``unet``'s adapter is routed off): r(x0_hat_ref(x_{t-1})) for ``tweedie``, r of the
     deterministic reference continuation from x_{t-1} for ``rollout``; r(x_0) at the last step."""
-    sampling = config.sampling
+    sampler = Sampler.of(pipeline, unet, config.sampling)
 
     def step_reward(action: torch.Tensor, batch: Transitions) -> torch.Tensor:
         clean, following = action, batch.timesteps[batch.step + 1:]
         if len(following) and config.reward.step_reward == "rollout":
-            clean = reference_continuation(pipeline, unet, None, action, following, batch.prompt_embeds,
-                                           batch.negative_embeds, sampling.guidance_scale)
+            clean = reference_continuation(sampler, action, following, batch.prompt_embeds, batch.negative_embeds)
         elif len(following):
-            clean = adapter_kernels(unet, pipeline.scheduler, action, following[0], batch.prompt_embeds,
-                                    batch.negative_embeds, [BASE], sampling.guidance_scale,
-                                    sampling.noise_scale)[0].pred_original_sample
+            clean = sampler.reference_kernel(action, following[0], batch.prompt_embeds, batch.negative_embeds,
+                                             sampler.noise_scale).pred_original_sample
         return reward(decode_latents(pipeline, clean, grad=True), batch.prompts, grad=True)
 
     return step_reward
