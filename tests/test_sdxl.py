@@ -95,7 +95,9 @@ def test_the_exported_adapter_loads_with_stock_load_lora_weights(models, trained
                                                                                 "DDIMScheduler", 1.0)
     assert metadata.flow_noise_level is None and metadata.training["last_kl"] is not None
     stock = StableDiffusionXLPipeline.from_pretrained(models["sdxl"], local_files_only=True)
-    flow_checks.assert_stock_loader_reproduces_the_trained_transformer(stock, final, unet, (4, 8, 8), timestep=751)
+    # the UNet's outputs are of order 1; its convolutions sum the LoRA in another order than PEFT's training layers
+    flow_checks.assert_stock_loader_reproduces_the_trained_transformer(stock, final, unet, (4, 8, 8), timestep=751,
+                                                                       atol=1e-5)
 
 
 def _fusing_pipeline(models, trained, *estimators: str):

@@ -29,6 +29,7 @@ from msdda.diffusion import (
     uses_guidance,
 )
 from msdda.kernels import StepKernel, kernel_kl, learns_variance
+from msdda.models import family_of
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
 
@@ -42,7 +43,7 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, metadata: Adapte
     adapter was trained (``metadata``: steps, guidance, the sampler's noise setting (DDIM's eta, or a flow noise
     level), resolution and T5 length)."""
     guidance = metadata.guidance_scale
-    noise_scale = metadata.eta if metadata.flow_noise_level is None else metadata.flow_noise_level
+    noise_scale = getattr(metadata, family_of(pipeline).noise_setting)  # eta, or a flow noise level
     positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device, guidance_scale=guidance,
                                         max_sequence_length=metadata.max_sequence_length,
                                         size=(metadata.resolution, metadata.resolution))

@@ -8,6 +8,9 @@ its x0 estimate at x_{t-1} (the next step's state) is the ``tweedie`` step rewar
 The policy and the reference run as two forwards, not one PEFT mixed-adapter batch: on the world's UNet the
 mixed batch's per-layer row routing costs more than the second forward's launch.
 
+The update's policy kernel (``Trainer.policy_kernel``) is :meth:`Sampler.policy_kernel` of the trained denoiser: one
+code path for pi_old here and pi_theta there, equal bit for bit on-policy.
+
 At ``graph_steps`` the policy's forward keeps its autograd graph, and the step's log-prob and KL to the
 reference come back differentiable: an on-policy update can backpropagate through them instead of running
 that forward again (``train.single_pass``).
