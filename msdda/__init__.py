@@ -38,3 +38,7 @@ class _DeepSpeedCpuNotice(logging.Filter):
 # both loggers are the standard library's, by name; this imports nothing from transformers or DeepSpeed
 logging.getLogger("transformers.utils.import_utils").addFilter(_DiffusersImageProcessorFallback())
 logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNotice())
+
+# the embedded worlds register their base names ("world", "world-lv", "world-flow") with msdda.bases, which the
+# loaders ask; importing them here, at the top, keeps the loaders free of any import of msdda.world
+from msdda import world as _world  # noqa: E402,F401

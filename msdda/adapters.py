@@ -77,11 +77,6 @@ class AdapterMetadata:
     optimum, and the beta it implies; None where it was not measured (no reward gradient, or older adapters)."""
 
     @property
-    def noise_scale(self) -> float | None:
-        """The sampler's one noise setting (msdda.diffusion.sampler_kernel): the flow noise level a, or DDIM's eta."""
-        return self.eta if self.flow_noise_level is None else self.flow_noise_level
-
-    @property
     def sampler_description(self) -> str:
         """The sampler in words, for the model card."""
         if self.flow_noise_level is not None:
@@ -174,10 +169,10 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     StableDiffusion3Pipeline or FluxPipeline). ``lora_state`` (PEFT keys) replaces its own LoRA values, e.g.
     DeepSpeed's float32 master copies.
     """
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     import msdda
+    from msdda.models import family_named
 
     folder = Path(folder)
     temporary = folder.with_name(folder.name + ".tmp")
@@ -187,15 +182,7 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     # ResNet convs', and load_lora_weights then reads the mixed file as PEFT format and drops the attention keys
     if lora_state is None:
         lora_state = get_peft_model_state_dict(unet)
-    transformer_pipelines = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
-    if metadata.pipeline_class in transformer_pipelines:
-        # with the LoRA config in the file's metadata, as diffusers' SD3 and FLUX LoRA scripts save it: without it,
-        # load_lora_weights takes lora_alpha = rank, which scales a LoRA trained at another alpha wrongly
-        transformer_pipelines[metadata.pipeline_class].save_lora_weights(
-            temporary, transformer_lora_layers=lora_state, safe_serialization=True,
-            transformer_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    else:
-        StableDiffusionPipeline.save_lora_weights(temporary, unet_lora_layers=lora_state, safe_serialization=True)
+    family_named(metadata.pipeline_class).save_lora(temporary, unet, lora_state)  # as its load_lora_weights reads it
     metadata = dataclasses.replace(metadata, msdda_version=msdda.__version__)
     (temporary / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))
     (temporary / "README.md").write_text(_model_card(metadata))

@@ -140,6 +140,37 @@ def tiny_stable_diffusion(folder: str | Path, prediction_type: str = "epsilon", 
     return folder
 
 
+def tiny_stable_diffusion_xl(folder: str | Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline of SDXL's classes and schedule at toy size (8x8 latents, 16 px images): a UNet with
+    SDXL's added text-and-time embedding (the pooled projection of the second text encoder and six time ids), a CLIP
+    text encoder and a CLIP text encoder with projection whose penultimate states are joined into the cross-attention
+    width, as SDXL joins 768 + 1280 into 2048."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    vocabulary = byte_vocabulary()
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(**_tiny_clip_text_config(len(vocabulary)), projection_dim=32)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                        norm_num_groups=16, sample_size=16, scaling_factor=0.13025)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    tokenizer = CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77)
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_config),
+                                         text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
 def character_t5_tokenizer():
     """A T5 tokenizer (T5's Unigram model and special tokens) whose pieces are the printable ASCII characters, each
     alone and word-initial, so that every English text tokenizes without a SentencePiece file or the Hub."""

@@ -27,7 +27,7 @@ def main() -> None:
     from msdda.world.data import prompt_for, sample_attributes
     from msdda.world.evaluate import _accuracy, _generate
     from msdda.world.models import build_scheduler
-    from msdda.world.pretrain import PretrainConfig, _layout_data, _layout_loss, _noised_batch
+    from msdda.world.pretrain import PretrainConfig, layout_data, layout_loss, noised_batch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=None, help="a world's pipeline folder (default: the shipped world)")
@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(config.threads)
     pipeline = StableDiffusionPipeline.from_pretrained(args.base or world_path(), local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
-    latents, token_ids, empty_ids = _layout_data(pipeline, config)  # pretraining's images and prompts
+    latents, token_ids, empty_ids = layout_data(pipeline, config)  # pretraining's images and prompts
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
     unet, text_encoder = pipeline.unet, pipeline.text_encoder
     text_encoder.eval().requires_grad_(False)
@@ -64,11 +64,11 @@ def main() -> None:
     generator = torch.Generator().manual_seed(config.seed + 5)
     report(0)
     for step in range(1, args.steps + 1):
-        clean, ids, _, timesteps, noisy = _noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
+        clean, ids, _, timesteps, noisy = noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
                                                         config, min_timestep=config.layout_min_timestep)
         with torch.no_grad():
             embeds = text_encoder(ids)[0]
-        loss = _layout_loss(unet, embeds, clean, timesteps, noisy, alphas_cumprod)
+        loss = layout_loss(unet, embeds, clean, timesteps, noisy, alphas_cumprod)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -65,3 +65,12 @@ def test_simplex_grid() -> None:
     assert len(set(triangle)) == 66
     with pytest.raises(ValueError, match="at least 2 points"):
         simplex_grid(2, 1)
+
+
+def test_a_pareto_point_off_the_simplex_is_labelled_by_its_whole_weight_vector() -> None:
+    from msdda.report.plots import point_label
+
+    assert point_label((0.25, 0.75)) == "0.25"  # on the simplex the first weight says it all
+    assert point_label((1.0, 0.0)) == "1"
+    assert point_label((1.0, 1.0)) == "1,1" and point_label((0.5, 0.2)) == "0.5,0.2"
+    assert point_label((0.2, 0.3, 0.5)) == "0.2,0.3,0.5"

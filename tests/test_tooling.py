@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from tests.launch_scripts import commands_of
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,19 +47,8 @@ def test_the_fast_tier_leaves_out_the_slow_deepspeed_and_browser_tiers_and_ci_ru
     assert {marker.split(":")[0] for marker in options["markers"]} == {"slow", "deepspeed", "browser"}
     ci = (ROOT / ".ci/run").read_text()
     assert "bash scripts/install.sh" in ci and "pytest -q -m deepspeed" in ci and "pytest -q -m browser" in ci
-
-
-def _commands_of(script: str, tmp_path: Path) -> list[list[str]]:
-    """The msdda commands a launch script runs, by running it with a stand-in msdda that only records them (and
-    no yardstick)."""
-    log = tmp_path / "commands.txt"
-    fake = tmp_path / "msdda"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\t" "$@" >> {log}\necho >> {log}\n')
-    fake.chmod(0o755)
-    result = subprocess.run(["bash", str(ROOT / script)], capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin", "MSDDA": str(fake), "PYTHON": "/bin/true"})
-    assert result.returncode == 0, result.stderr
-    return [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
+    # the README's two commands in the order a new user runs them: the demo fills runs/, then the tests run
+    assert ci.index("bash scripts/install.sh") < ci.index("bash launch/demo.sh") < ci.index("pytest -q")
 
 
 def test_the_demo_writes_where_the_recipes_and_the_world_configs_look(tmp_path) -> None:
@@ -68,7 +59,7 @@ def test_the_demo_writes_where_the_recipes_and_the_world_configs_look(tmp_path) 
     from msdda.sweep.config import SweepConfig
     from msdda.train import TrainConfig
 
-    commands = _commands_of("launch/demo.sh", tmp_path)
+    commands = commands_of("launch/demo.sh", tmp_path)
     assert [c[0] for c in commands] == ["train", "train", "sweep", "report"]
     adapters = []
     for command in commands[:2]:

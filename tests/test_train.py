@@ -137,6 +137,26 @@ def test_single_pass_trains_the_adapter_the_update_pass_trains(tmp_path, step_re
         assert single["kl"] == pytest.approx(update["kl"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("recipe", ["world_aesthetic", "world_lv_aesthetic", "world_flow_aesthetic"])
+def test_the_update_kernel_at_the_rollouts_weights_is_the_recorded_one_bit_for_bit(tmp_path, recipe, module_cache,
+                                                                                 fresh_accelerator_state) -> None:
+    """pi_old (the rollout's log-probs) and pi_theta (the update's policy kernel) come from one guided forward, so
+    on-policy the importance ratio is exactly 1 (as Flow-GRPO checks), at every step, for the whole batch and for a
+    shuffled subset of its rows (DDIM with CFG, DDPM with a learned variance, the flow SDE)."""
+    config = load_config(TrainConfig, ROOT / f"configs/train/{recipe}.yaml",
+                         [*TINY, f"output_dir={tmp_path / 'run'}", "train.estimator=policy-gradient"])
+    trainer = Trainer(config)
+    trajectories = trainer.sample(0)
+    advantages = torch.zeros(4, 4)
+    for step in trajectories.stochastic.nonzero()[:, 0].tolist():
+        for rows in (torch.arange(4), torch.tensor([2, 0])):
+            batch = transitions(trajectories, advantages, rows, step)
+            with torch.no_grad():
+                log_probs = trainer.policy_kernel(batch).log_prob(batch.next_latents)
+            assert torch.equal(log_probs, batch.log_probs), (recipe, step, rows)
+            assert torch.equal(torch.exp(log_probs - batch.log_probs), torch.ones(len(rows)))
+
+
 def test_single_pass_graphs_are_the_trained_steps_of_each_sampling_batch(tmp_path) -> None:
     """With timestep_fraction < 1 each sampling batch trains its own random steps; the differentiable log-probs
     and KLs must sit at those steps, and the KL must be the one the update pass computes there."""
@@ -198,7 +218,7 @@ def test_output_dir_holding_another_run_is_refused(tmp_path) -> None:
 
 def test_step_rewards_are_what_they_say(tmp_path) -> None:
     """terminal: r(x_0) at every step; tweedie: r of the reference's x0 estimate at x_{t-1}; last: r(x_0)."""
-    from msdda.train.rollout import sample_trajectories
+    from msdda.train.rollout import Conditioning, Sampler, sample_trajectories
 
     pipeline = load_base_pipeline("world")
     reward = load_reward("world-aesthetic")
@@ -210,8 +230,9 @@ def test_step_rewards_are_what_they_say(tmp_path) -> None:
 
         if not getattr(pipeline.unet, "peft_config", None):
             pipeline.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
-        results[name] = sample_trajectories(pipeline, pipeline.unet, reward, prompts, positive, negative, 4, 1.0, 3.0,
-                                            name, need_reference=True, generator=torch.Generator().manual_seed(0))
+        results[name] = sample_trajectories(Sampler(pipeline, pipeline.unet, 4, 1.0, 3.0), reward,
+                                            Conditioning(prompts, positive, negative), name,
+                                            torch.Generator().manual_seed(0), need_reference=True)
     terminal, tweedie, rollout = results["terminal"], results["tweedie"], results["rollout"]
     torch.testing.assert_close(terminal.latents, tweedie.latents)  # same seed, same trajectory
     assert terminal.step_rewards.shape == (2, 4) and bool((terminal.step_rewards == terminal.final_rewards[:, None]).all())

@@ -13,34 +13,22 @@ from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import weight_key
 from msdda.train import TrainConfig
 from msdda.world.evaluate import _selection
-from tests.test_tooling import _commands_of
+from tests.launch_scripts import budget, commands_of, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train_config(command: list[str]) -> TrainConfig:
-    """The config a recorded ``msdda train`` command would run (without --resume)."""
-    start = command.index("--config") + 1
-    return load_config(TrainConfig, ROOT / command[start], [a for a in command[start + 1:] if a != "--resume"])
-
-
-def _budget(config: TrainConfig) -> tuple:
-    """What the recipes' shared rule fixes: estimator, step reward and training budget."""
-    return (config.train.estimator, config.reward.step_reward, config.epochs, config.sampling.batch_size,
-            config.sampling.batches_per_epoch, config.train.learning_rate, config.train.batch_size)
-
-
 def test_world3_trains_three_betas_and_oracles_on_the_sweeps_objective(tmp_path: Path) -> None:
-    commands = _commands_of("launch/world3.sh", tmp_path)
+    commands = commands_of("launch/world3.sh", tmp_path)
     assert [c[0] for c in commands] == ["train"] * 6 + ["sweep", "report"]
-    singles = [_train_config(c) for c in commands[:3]]
-    oracles = [_train_config(c) for c in commands[3:6]]
+    singles = [train_config(c) for c in commands[:3]]
+    oracles = [train_config(c) for c in commands[3:6]]
     assert [c.reward.name for c in singles] == ["world-aesthetic", "world-consistency", "world-thirds"]
     assert [c.beta for c in singles] == [0.001, 0.0005, 0.002]  # the recipes' own betas, no overrides
     # the demo trains the aesthetic and thirds adapters into the same folders, so world3 after the demo reuses them
     (tmp_path / "demo").mkdir()
-    demo = [_train_config(c) for c in _commands_of("launch/demo.sh", tmp_path / "demo")[:2]]
-    assert [(c.output_dir, c.beta, _budget(c)) for c in demo] == [(c.output_dir, c.beta, _budget(c))
+    demo = [train_config(c) for c in commands_of("launch/demo.sh", tmp_path / "demo")[:2]]
+    assert [(c.output_dir, c.beta, budget(c)) for c in demo] == [(c.output_dir, c.beta, budget(c))
                                                                    for c in (singles[0], singles[2])]
     start = commands[6].index("--config") + 1
     sweep = load_config(SweepConfig, ROOT / commands[6][start], commands[6][start + 1:])
@@ -55,7 +43,7 @@ def test_world3_trains_three_betas_and_oracles_on_the_sweeps_objective(tmp_path:
         assert oracle.beta == sweep.beta and folder == f"{oracle.output_dir}/final"
         assert oracle.reward.kwargs == {"rewards": sweep.rewards, "weights": list(SweepConfig.parse_weight_key(key))}
     # one estimator, step reward and budget for every adapter and oracle (#19: oracles trained as the adapters)
-    assert len({_budget(c) for c in singles + oracles}) == 1
+    assert len({budget(c) for c in singles + oracles}) == 1
     assert commands[7] == ["report", sweep.output_dir]
 
 

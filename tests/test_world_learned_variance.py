@@ -167,17 +167,16 @@ def test_the_continuation_trains_only_the_variance_and_records_its_bound(tmp_pat
 def test_the_learned_variance_job_trains_by_the_world_recipes_rule_and_sweeps_what_it_trained(tmp_path) -> None:
     from msdda.sweep.config import SweepConfig
     from msdda.train import TrainConfig
-    from tests.test_tooling import _commands_of
-    from tests.test_world3 import _budget, _train_config
+    from tests.launch_scripts import budget, commands_of, train_config
 
-    commands = _commands_of("launch/world_lv.sh", tmp_path)
+    commands = commands_of("launch/world_lv.sh", tmp_path)
     assert [c[0] for c in commands] == ["train", "evaluate", "train", "evaluate", "train", "sweep", "report"]
-    trained = [_train_config(commands[0]), _train_config(commands[2])]
-    oracle = _train_config(commands[4])
-    assert _budget(oracle) == _budget(trained[0]) and (oracle.base, oracle.beta) == ("world-lv", 0.001)
+    trained = [train_config(commands[0]), train_config(commands[2])]
+    oracle = train_config(commands[4])
+    assert budget(oracle) == budget(trained[0]) and (oracle.base, oracle.beta) == ("world-lv", 0.001)
     assert oracle.reward.kwargs == {"rewards": [c.reward.name for c in trained], "weights": [0.5, 0.5]}
     fixed_world = load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml")
-    assert {_budget(c) for c in trained} == {_budget(fixed_world)}  # the world recipes' shared rule
+    assert {budget(c) for c in trained} == {budget(fixed_world)}  # the world recipes' shared rule
     assert [(c.base, c.sampling.scheduler, c.beta) for c in trained] == [("world-lv", "ddpm", 0.001)] * 2
     start = commands[5].index("--config") + 1
     sweep = load_config(SweepConfig, ROOT / commands[5][start], commands[5][start + 1:])

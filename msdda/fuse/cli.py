@@ -91,10 +91,10 @@ def _fuse(args: argparse.Namespace) -> int:
     image_grid(images, columns=len(seeds)).save(out / "grid.png")
     settings = {
         **config_to_dict(config), "prompts": prompts, "betas": pipeline.betas,
-        "num_inference_steps": config.num_inference_steps or pipeline._default("num_inference_steps", 50),
+        "num_inference_steps": config.num_inference_steps or pipeline.recorded("num_inference_steps", 50),
         "guidance_scale": config.guidance_scale if config.guidance_scale is not None
-        else pipeline._default("guidance_scale", 7.5),
-        "eta": config.eta if config.eta is not None else pipeline._default("eta", 1.0),
+        else pipeline.recorded("guidance_scale", 7.5),
+        "eta": config.eta if config.eta is not None else pipeline.recorded("eta", 1.0),
         "scheduler": type(pipeline.scheduler).__name__, "images": files,
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2))

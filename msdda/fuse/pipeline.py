@@ -31,14 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-)
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from msdda.adapters import METADATA_FILE, AdapterMetadata, load_adapter_metadata, resolve_adapter, weights_hash
@@ -49,22 +42,22 @@ from msdda.diffusion import (
     denoiser_of,
     dynamic_shift_mu,
     encode_prompts,
-    is_flow_pipeline,
     latent_shape,
     pipeline_class_name,
     resolve_base,
+    uses_guidance,
 )
 from msdda.errors import InputNotFound, UserError
-from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
 from msdda.fuse.closed_form import objective_beta
 from msdda.fuse.methods import FusionContext, PathKL, get_method
 from msdda.fuse.methods.base import OPTIMAL_SCALE
 from msdda.fuse.methods.rgg import check_rgg_scale
 from msdda.fuse.optimality import warn_far_from_optimum
 from msdda.fuse.sampler import sample_latents
+from msdda.models import ModelFamily, family_named
 
 __all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline", "MSDDAPipelineOutput", "LoadedAdapter",
-           "read_adapters"]
+           "read_adapters", "fusing_class"]
 
 _SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler,
                "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler}
@@ -168,19 +161,19 @@ def _expected_lora_notices_silenced():
 
 
 class _Fusing:
-    """The fusing half of ``MSDDAPipeline``, ``MSDDA3Pipeline`` and ``MSDDAFluxPipeline``, mixed into a stock diffusers
-    pipeline class.
+    """The fusing half of ``MSDDAPipeline``, ``MSDDA3Pipeline``, ``MSDDAFluxPipeline`` (and every family's fusing
+    pipeline, :func:`fusing_class`), mixed into a stock diffusers pipeline class.
 
     Beside the stock components it holds ``base_model`` (the name it was loaded from), ``base_hash`` (of the
     stored denoiser weights, which adapters record) and ``adapters`` (the loaded :class:`LoadedAdapter`s).
     """
 
+    family: ModelFamily
+    """The model family of the stock class (set by :func:`fusing_class`)."""
     base_model: str = ""
     base_hash: str = ""
     adapters: list[LoadedAdapter] = []
     comparison_adapters: dict[str, LoadedAdapter] = {}
-    _default_guidance_scale = 7.5
-    """Without adapters' metadata: Stable Diffusion's default (FLUX.1-dev's is 3.5)."""
 
     @classmethod
     def from_pretrained(cls, base: str, adapters: list[str] | tuple[str, ...] = (), betas: list[float] | None = None,
@@ -190,13 +183,13 @@ class _Fusing:
         checked = read_adapters(list(adapters), betas)  # bad adapter input fails before the base loads
         declared = pipeline_class_name(base)
         _check_pipeline_class(checked, base, declared)
-        target = _FUSING_PIPELINES[declared]
+        target = fusing_class(family_named(declared))
         location = resolve_base(base)
         kwargs.setdefault("local_files_only", Path(location).is_dir())
         # adapters record the hash of the stored weights: hash them as stored, then cast (torch_dtype=float16 works)
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
         pipeline = super(_Fusing, target).from_pretrained(
-            location, **(target._loading_kwargs | absent_components(location) | kwargs))
+            location, **(target.family.loading_kwargs | absent_components(location) | kwargs))
         denoiser = denoiser_of(pipeline)
         pipeline.base_model = base
         pipeline.base_hash = weights_hash(denoiser)
@@ -256,9 +249,9 @@ class _Fusing:
         warn_far_from_optimum([adapter.source for adapter in adapters], [adapter.metadata for adapter in adapters],
                               stacklevel=4)
         trained_on = {adapter.metadata.pipeline_class for adapter in adapters if adapter.metadata is not None}
-        if trained_on - {self._stock_class.__name__}:
-            raise UserError(f"adapters trained on a {sorted(trained_on - {self._stock_class.__name__})[0]} base "
-                            f"cannot be fused on this {self._stock_class.__name__} base ({self.base_model})")
+        if trained_on - {self.family.name}:
+            raise UserError(f"adapters trained on a {sorted(trained_on - {self.family.name})[0]} base "
+                            f"cannot be fused on this {self.family.name} base ({self.base_model})")
 
     def _load_lora(self, adapters: list[LoadedAdapter]) -> None:
         with _expected_lora_notices_silenced():
@@ -269,7 +262,9 @@ class _Fusing:
     def betas(self) -> list[float]:
         return [adapter.beta for adapter in self.adapters]
 
-    def _default(self, field: str, fallback):
+    def recorded(self, field: str, fallback):
+        """The first adapter's recorded metadata ``field`` (a sampler default: steps, guidance, eta, ...), or
+        ``fallback`` where no adapter carries metadata."""
         for adapter in self.adapters:
             if adapter.metadata is not None:
                 return getattr(adapter.metadata, field)
@@ -312,11 +307,11 @@ class _Fusing:
         if len(weights) != count:
             raise UserError(f"got {len(weights)} weights for {count} adapters; give one weight per adapter")
         powers = fusion.exponents(weights, self.betas, beta) if count else []
-        num_inference_steps = num_inference_steps or self._default("num_inference_steps", 50)
-        guidance_scale = (self._default("guidance_scale", self._default_guidance_scale) if guidance_scale is None
+        num_inference_steps = num_inference_steps or self.recorded("num_inference_steps", 50)
+        guidance_scale = (self.recorded("guidance_scale", self.family.default_guidance_scale) if guidance_scale is None
                           else guidance_scale)
-        height = height or self._default("resolution", None)
-        width = width or self._default("resolution", None)
+        height = height or self.recorded("resolution", None)
+        width = width or self.recorded("resolution", None)
         self._warn_if_the_shift_moves(latents, height, width)
         noise, noise_name = self._noise_scale(eta, flow_noise_level)
         if noise == 0:
@@ -334,8 +329,9 @@ class _Fusing:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         positive, negative = encode_prompts(self, prompts, self._execution_device, negative_prompt, guidance_scale,
-                                            max_sequence_length or self._default("max_sequence_length", None))
-        negative = negative if guidance_scale > 1.0 else None
+                                            max_sequence_length or self.recorded("max_sequence_length", None),
+                                            (height, width))
+        negative = negative if uses_guidance(negative, guidance_scale) else None
         names = [a.name for a in self.adapters]
         path_kl = self._path_kl(fusion, len(prompts), return_kl, kl_to, return_reference_x0, defer_kl)
         context = FusionContext(
@@ -356,28 +352,18 @@ class _Fusing:
     def _warn_if_the_shift_moves(self, latents: torch.Tensor | None, height: int | None, width: int | None) -> None:
         """FLUX's dynamic shift depends on the image size: sampled at another size than the adapters were trained
         at, every step's kernel is one they were not trained for, so the fusion is no longer exact for them."""
-        trained = self._default("flow_mu", None)
+        trained = self.recorded("flow_mu", None)
         shape = tuple(latents.shape) if latents is not None else latent_shape(self, 1, height, width)
         mu = dynamic_shift_mu(self, shape)
         if trained is not None and mu is not None and not math.isclose(mu, trained, rel_tol=1e-6):
             warnings.warn(f"sampling {shape[-2]}x{shape[-1]} latents shifts FLUX's schedule by mu = {mu:.4f}, but the "
-                          f"adapters were trained at mu = {trained:.4f} (resolution {self._default('resolution', None)}"
+                          f"adapters were trained at mu = {trained:.4f} (resolution {self.recorded('resolution', None)}"
                           "): their step kernels are fused on steps they were not trained for", stacklevel=3)
 
     def _noise_scale(self, eta: float | None, flow_noise_level: float | None) -> tuple[float | None, str]:
         """The sampler's noise setting (msdda.diffusion.sampler_kernel) and its name: a flow sampler's noise level,
         DDIM's eta, or None for DDPM; defaults from the adapters' metadata."""
-        if is_flow_pipeline(self):
-            if eta is not None:
-                raise UserError(f"eta={eta} is DDIM's setting; a flow (SD3, FLUX) sampler's noise is flow_noise_level")
-            default = self._default("flow_noise_level", DEFAULT_FLOW_NOISE_LEVEL)
-            return (default if flow_noise_level is None else flow_noise_level), "flow_noise_level"
-        if flow_noise_level is not None:
-            raise UserError(f"flow_noise_level={flow_noise_level} is a setting of flow (SD3, FLUX) samplers; this "
-                            f"{type(self.scheduler).__name__} takes eta")
-        if isinstance(self.scheduler, DDPMScheduler):
-            return None, "eta"
-        return (self._default("eta", 1.0) if eta is None else eta), "eta"
+        return self.family.sampler_noise(self.scheduler, eta, flow_noise_level, self.recorded)
 
     def _path_kl(self, fusion, batch: int, return_kl: bool, kl_to: Sequence[str], return_reference_x0: bool,
                  defer_kl: bool) -> PathKL | None:
@@ -401,31 +387,17 @@ class _Fusing:
         return PathKL.zeros(targets, batch, keeps_reference_x0=return_reference_x0, defers=defer_kl)
 
 
-class MSDDAPipeline(_Fusing, StableDiffusionPipeline):
-    """Stable Diffusion (or the embedded world) with K reward LoRAs, fused per step with MSDDA. Its
-    ``from_pretrained`` gives an :class:`MSDDA3Pipeline` for a Stable Diffusion 3 base."""
-
-    _stock_class = StableDiffusionPipeline
-    _loading_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+_FUSING_CLASSES: dict[str, type] = {}
 
 
-class MSDDA3Pipeline(_Fusing, StableDiffusion3Pipeline):
-    """Stable Diffusion 3 with K reward LoRAs on its transformer, fused per step with MSDDA on Flow-GRPO's SDE
-    kernels (the adapters' own noise level and shift), SD3's classifier-free guidance per adapter."""
-
-    _stock_class = StableDiffusion3Pipeline
-    _loading_kwargs: dict = {}
-
-
-class MSDDAFluxPipeline(_Fusing, FluxPipeline):
-    """FLUX.1 with K reward LoRAs on its transformer, fused per step with MSDDA on Flow-GRPO's SDE kernels over
-    FluxPipeline's own schedule (the dynamic shift of the adapters' resolution). FLUX.1-dev's distilled guidance is
-    an input of every adapter's forward (no negative rows), so each step is one forward of K rows per image."""
-
-    _stock_class = FluxPipeline
-    _loading_kwargs: dict = {}
-    _default_guidance_scale = 3.5
+def fusing_class(family: ModelFamily) -> type:
+    """The fusing pipeline of ``family``: its stock pipeline class with ``_Fusing`` mixed in, made once."""
+    if family.name not in _FUSING_CLASSES:
+        _FUSING_CLASSES[family.name] = type(family.fusing_class_name, (_Fusing, family.pipeline_class),
+                                            {"__module__": __name__, "__doc__": family.fusing_doc, "family": family})
+    return _FUSING_CLASSES[family.name]
 
 
-_FUSING_PIPELINES = {"StableDiffusionPipeline": MSDDAPipeline, "StableDiffusion3Pipeline": MSDDA3Pipeline,
-                     "FluxPipeline": MSDDAFluxPipeline}
+MSDDAPipeline = fusing_class(family_named("StableDiffusionPipeline"))
+MSDDA3Pipeline = fusing_class(family_named("StableDiffusion3Pipeline"))
+MSDDAFluxPipeline = fusing_class(family_named("FluxPipeline"))

@@ -144,7 +144,7 @@ class Studio:
 
     def default(self, field: str, fallback: float) -> float:
         """A sampling setting as the adapters' metadata records it (steps, guidance, eta), for the controls."""
-        return self.pipeline._default(field, fallback)
+        return self.pipeline.recorded(field, fallback)
 
     def check(self, weights: Sequence[float], method: str, beta: float | None, steps: int, guidance: float,
               prompts: Sequence[str]) -> None:

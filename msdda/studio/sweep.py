@@ -1,6 +1,6 @@
 """A finished ``msdda sweep`` folder as the studio shows it: the report's Pareto plot and each cell's image strip.
 
-The plot is the report's own PNG (:func:`msdda.report.build.pareto_plot`), which also says where each point was
+The plot is the report's own PNG (:func:`msdda.report.plots.pareto_plot`), which also says where each point was
 drawn, in the PNG's pixels; a click on the image (Gradio gives its pixel coordinates) then picks the nearest cell.
 That keeps one plotting code for report and studio and a click that names a cell exactly, which an interactive
 Gradio plot does not: its select events give ranges of data, not the point clicked.
@@ -46,7 +46,8 @@ class SweepView:
     """A sweep folder's cells and its Pareto plot, drawn once into ``plot`` (a PNG beside nothing of the sweep's)."""
 
     def __init__(self, folder: str | Path, plot: str | Path) -> None:
-        from msdda.report.build import load_curves, pareto_plot
+        from msdda.report.load import load_curves
+        from msdda.report.plots import pareto_plot
 
         self.folder = Path(folder)
         curves, self.reward_names, _ = load_curves(self.folder)

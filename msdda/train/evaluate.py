@@ -26,8 +26,10 @@ from msdda.diffusion import (
     images_to_pil,
     prepare_sampling,
     resolve_device,
+    uses_guidance,
 )
 from msdda.kernels import StepKernel, kernel_kl, learns_variance
+from msdda.models import family_of
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
 from msdda.train.gauge import GaugeSettings, gauge_adapter
@@ -42,10 +44,11 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, metadata: Adapte
     adapter was trained (``metadata``: steps, guidance, the sampler's noise setting (DDIM's eta, or a flow noise
     level), resolution and T5 length)."""
     guidance = metadata.guidance_scale
-    noise_scale = metadata.noise_scale
+    noise_scale = getattr(metadata, family_of(pipeline).noise_setting)  # eta, or a flow noise level
     positive, negative = encode_prompts(pipeline, prompts, pipeline._execution_device, guidance_scale=guidance,
-                                        max_sequence_length=metadata.max_sequence_length)
-    negative = negative if guidance > 1.0 else None
+                                        max_sequence_length=metadata.max_sequence_length,
+                                        size=(metadata.resolution, metadata.resolution))
+    negative = negative if uses_guidance(negative, guidance) else None
     scheduler, unet = pipeline.scheduler, denoiser_of(pipeline)
     generator = torch.Generator().manual_seed(seed)
     latents = prepare_sampling(pipeline, metadata.num_inference_steps, len(prompts), generator, positive,

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from msdda.adapters import AdapterMetadata
-from msdda.diffusion import BASE, adapter_kernels, encode_prompts, prepare_sampling
+from msdda.diffusion import BASE, adapter_kernels, encode_prompts, prepare_sampling, uses_guidance
 from msdda.kernels import StepKernel, standard_normal
+from msdda.models import family_of
 from msdda.sampling import denoise
 from msdda.train.pathwise import reference_step_reward
+from msdda.train.rollout import Sampler
 from msdda.train.stationarity import Stationarity, implied_beta, ratio_and_cosine, scale_beta, stationarity
 from msdda.train.updates import Transitions
 
@@ -166,27 +168,28 @@ def gauge_adapter(pipeline, unet, adapter: str, reward, metadata: AdapterMetadat
     beta = metadata.beta if beta is None else beta
     rule = step_reward or metadata.step_reward
     rule = "tweedie" if rule == "terminal" else rule
-    guidance, noise_scale = metadata.guidance_scale, metadata.noise_scale
-    scheduler, device = pipeline.scheduler, next(unet.parameters()).device
-    rewarded = reference_step_reward(pipeline, unet, reward, rule, guidance, noise_scale)
-    prompts = list(settings.prompts)
+    sampler = Sampler(pipeline, unet, metadata.num_inference_steps,
+                      getattr(metadata, family_of(pipeline).noise_setting), metadata.guidance_scale,
+                      metadata.resolution)
+    rewarded = reference_step_reward(sampler, reward, rule)
+    device, prompts = next(unet.parameters()).device, list(settings.prompts)
     checks: dict[str, dict[int, list[Stationarity]]] = {source: {} for source in settings.sources}
     timesteps = None
     for seed in settings.seeds:
         for start in range(0, len(prompts), settings.batch_size):
             batch = prompts[start:start + settings.batch_size]
-            positive, negative = encode_prompts(pipeline, batch, device, guidance_scale=guidance,
-                                                max_sequence_length=metadata.max_sequence_length)
-            negative = negative if guidance > 1.0 else None
+            positive, negative = encode_prompts(pipeline, batch, device, guidance_scale=sampler.guidance_scale,
+                                                max_sequence_length=metadata.max_sequence_length,
+                                                size=(metadata.resolution, metadata.resolution))
+            negative = negative if uses_guidance(negative, sampler.guidance_scale) else None
             for source in settings.sources:
                 generator = torch.Generator().manual_seed(seed * 100_003 + start)
-                states = _states(pipeline, unet, adapter if source == "adapter" else BASE, batch, positive, negative,
-                                 metadata, generator)
-                timesteps = scheduler.timesteps
+                states = _states(sampler, adapter if source == "adapter" else BASE, positive, negative, generator)
+                timesteps = pipeline.scheduler.timesteps
 
-                def kernels(_step: int, x_t: torch.Tensor, timesteps=timesteps, positive=positive, negative=negative):
-                    return tuple(adapter_kernels(unet, scheduler, x_t, timesteps[_step], positive, negative,
-                                                 [adapter, BASE], guidance, noise_scale))
+                def kernels(step: int, x_t: torch.Tensor, timesteps=timesteps, positive=positive, negative=negative):
+                    return tuple(adapter_kernels(unet, pipeline.scheduler, x_t, timesteps[step], positive, negative,
+                                                 [adapter, BASE], sampler.guidance_scale, sampler.noise_scale))
 
                 def scored(step: int, action: torch.Tensor, timesteps=timesteps, batch=batch, positive=positive,
                            negative=negative) -> torch.Tensor:
@@ -206,20 +209,20 @@ def gauge_adapter(pipeline, unet, adapter: str, reward, metadata: AdapterMetadat
 
 
 @torch.no_grad()
-def _states(pipeline, unet, name: str, prompts: list[str], positive, negative, metadata: AdapterMetadata,
+def _states(sampler: Sampler, name: str, positive: torch.Tensor, negative: torch.Tensor | None,
             generator: torch.Generator) -> dict[int, torch.Tensor]:
     """Step index -> x_t along trajectories of ``name`` (an adapter, or ``BASE``: the reference)."""
-    scheduler = pipeline.scheduler
-    latents = prepare_sampling(pipeline, metadata.num_inference_steps, len(prompts), generator, positive,
-                               metadata.resolution, metadata.resolution)
+    pipeline = sampler.pipeline
+    latents = prepare_sampling(pipeline, sampler.num_inference_steps, len(positive), generator, positive,
+                               sampler.resolution, sampler.resolution)
     states = {}
 
     def kernel_at(index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         states[index] = x_t
-        return adapter_kernels(unet, scheduler, x_t, timestep, positive, negative, [name],
-                               metadata.guidance_scale, metadata.noise_scale)[0]
+        return adapter_kernels(sampler.unet, pipeline.scheduler, x_t, timestep, positive, negative, [name],
+                               sampler.guidance_scale, sampler.noise_scale)[0]
 
-    denoise(scheduler.timesteps, latents, kernel_at, generator, positive)
+    denoise(pipeline.scheduler.timesteps, latents, kernel_at, generator, positive)
     return states
 
 

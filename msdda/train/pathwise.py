@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels, decode_latents
+from msdda.diffusion import decode_latents
 from msdda.train.config import TrainConfig
 from msdda.train.loss import StepLoss, pathwise_step_loss
-from msdda.train.rollout import reference_continuation
+from msdda.train.rollout import Sampler, reference_continuation
 from msdda.train.updates import KernelFunction, Transitions
 
 __all__ = ["pathwise_loss", "reference_step_reward", "StepRewardFunction"]
@@ -33,21 +33,18 @@ def pathwise_loss(policy: KernelFunction, batch: Transitions, config: TrainConfi
     return pathwise_step_loss(step_reward(action, batch), kl, config.beta)
 
 
-def reference_step_reward(pipeline, unet, reward: Callable, step_reward: str, guidance_scale: float,
-                          noise_scale: float | None) -> StepRewardFunction:
+def reference_step_reward(sampler: Sampler, reward: Callable, step_reward: str) -> StepRewardFunction:
     """The step reward ``step_reward`` of an action x_{t-1}, with grad flowing back to it through the reference (whose
-    weights stay frozen: ``unet``'s adapter is routed off): r(x0_hat_ref(x_{t-1})) for ``tweedie``, r of the
-    deterministic reference continuation from x_{t-1} for ``rollout``; r(x_0) at the last step. ``guidance_scale`` and
-    ``noise_scale`` are the sampler's (msdda.diffusion.sampler_kernel)."""
+    weights stay frozen: ``sampler``'s adapter is routed off): r(x0_hat_ref(x_{t-1})) for ``tweedie``, r of the
+    deterministic reference continuation from x_{t-1} for ``rollout``; r(x_0) at the last step."""
 
     def step_reward_of(action: torch.Tensor, batch: Transitions) -> torch.Tensor:
         clean, following = action, batch.timesteps[batch.step + 1:]
         if len(following) and step_reward == "rollout":
-            clean = reference_continuation(pipeline, unet, None, action, following, batch.prompt_embeds,
-                                           batch.negative_embeds, guidance_scale)
+            clean = reference_continuation(sampler, action, following, batch.prompt_embeds, batch.negative_embeds)
         elif len(following):
-            clean = adapter_kernels(unet, pipeline.scheduler, action, following[0], batch.prompt_embeds,
-                                    batch.negative_embeds, [BASE], guidance_scale, noise_scale)[0].pred_original_sample
-        return reward(decode_latents(pipeline, clean, grad=True), batch.prompts, grad=True)
+            clean = sampler.reference_kernel(action, following[0], batch.prompt_embeds, batch.negative_embeds,
+                                             sampler.noise_scale).pred_original_sample
+        return reward(decode_latents(sampler.pipeline, clean, grad=True), batch.prompts, grad=True)
 
     return step_reward_of

@@ -8,6 +8,9 @@ its x0 estimate at x_{t-1} (the next step's state) is the ``tweedie`` step rewar
 The policy and the reference run as two forwards, not one PEFT mixed-adapter batch: on the world's UNet the
 mixed batch's per-layer row routing costs more than the second forward's launch.
 
+The update's policy kernel (``Trainer.policy_kernel``) is :meth:`Sampler.policy_kernel` of the trained denoiser: one
+code path for pi_old here and pi_theta there, equal bit for bit on-policy.
+
 At ``graph_steps`` the policy's forward keeps its autograd graph, and the step's log-prob and KL to the
 reference come back differentiable: an on-policy update can backpropagate through them instead of running
 that forward again (``train.single_pass``).
@@ -25,11 +28,60 @@ from msdda.diffusion import BASE, adapter_kernels, decode_latents, prepare_sampl
 from msdda.errors import UserError
 from msdda.kernels import StepKernel, kernel_kl
 from msdda.sampling import Step, denoise
+from msdda.train.config import SamplingSettings
 
-__all__ = ["Trajectories", "sample_trajectories", "reference_continuation", "StepRewardName", "STEP_REWARDS"]
+__all__ = ["Sampler", "Conditioning", "Trajectories", "sample_trajectories", "reference_continuation",
+           "StepRewardName", "STEP_REWARDS"]
 
 StepRewardName = Literal["terminal", "tweedie", "rollout"]
 STEP_REWARDS = ("terminal", "tweedie", "rollout")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What a rollout samples with: the pipeline (its scheduler and VAE), the denoiser carrying the adapter
+    (``unet``: a UNet or a flow transformer), the base denoiser where it runs apart from it (``reference_unet``, e.g.
+    compiled; None: ``unet`` with its adapter routed off), and the sampler's settings."""
+
+    pipeline: object
+    unet: torch.nn.Module
+    num_inference_steps: int
+    noise_scale: float | None
+    """The sampler's noise setting (msdda.diffusion.sampler_kernel): DDIM's eta, or the flow SDE's noise level."""
+    guidance_scale: float
+    resolution: int | None = None
+    """The images' side in pixels (None: the pipeline's default)."""
+    reference_unet: torch.nn.Module | None = None
+
+    @classmethod
+    def of(cls, pipeline, unet: torch.nn.Module, sampling: SamplingSettings,
+           reference_unet: torch.nn.Module | None = None) -> Sampler:
+        """The sampler a training config's ``sampling`` settings describe."""
+        return cls(pipeline, unet, sampling.num_inference_steps, sampling.noise_scale, sampling.guidance_scale,
+                   sampling.resolution, reference_unet)
+
+    def policy_kernel(self, latents: torch.Tensor, timestep: torch.Tensor, positive: torch.Tensor,
+                      negative: torch.Tensor | None) -> StepKernel:
+        """pi(.|x_t): the denoiser as configured (its adapter on), through the one guided forward."""
+        return adapter_kernels(self.unet, self.pipeline.scheduler, latents, timestep, positive, negative, None,
+                               self.guidance_scale, self.noise_scale)[0]
+
+    def reference_kernel(self, latents: torch.Tensor, timestep: torch.Tensor, positive: torch.Tensor,
+                         negative: torch.Tensor | None, noise_scale: float | None) -> StepKernel:
+        """p_ref(.|x_t) at ``noise_scale``: ``reference_unet`` as it is, or else ``unet`` with its adapter routed
+        off."""
+        unet, names = (self.reference_unet, None) if self.reference_unet is not None else (self.unet, [BASE])
+        return adapter_kernels(unet, self.pipeline.scheduler, latents, timestep, positive, negative, names,
+                               self.guidance_scale, noise_scale)[0]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A batch's prompts and their encodings (msdda.diffusion.encode_prompts)."""
+
+    prompts: list[str]
+    positive: torch.Tensor  # [B, L, D]
+    negative: torch.Tensor | None  # [B, L, D]; None where guidance is distilled (FLUX)
 
 
 @dataclass
@@ -75,41 +127,23 @@ def _reward_of_latents(pipeline, reward: Callable, latents: torch.Tensor, prompt
 
 
 @torch.no_grad()
-def sample_trajectories(
-    pipeline,
-    unet,
-    reward: Callable,
-    prompts: list[str],
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
-    num_inference_steps: int,
-    noise_scale: float,
-    guidance_scale: float,
-    step_reward: StepRewardName,
-    need_reference: bool,
-    generator: torch.Generator,
-    keep_noises: bool = False,
-    graph_steps: torch.Tensor | None = None,
-    reference_unet=None,
-    resolution: int | None = None,
-) -> Trajectories:
+def sample_trajectories(sampler: Sampler, reward: Callable, conditioning: Conditioning, step_reward: StepRewardName,
+                        generator: torch.Generator, need_reference: bool = False, keep_noises: bool = False,
+                        graph_steps: torch.Tensor | None = None) -> Trajectories:
     """Sample with the adapter on; score each step with ``step_reward``; see the module docstring.
 
-    ``noise_scale`` is the sampler's noise setting (msdda.diffusion.sampler_kernel): DDIM's eta, or the flow SDE's
-    noise level. ``unet`` is the denoiser (a UNet, or SD3's transformer).
-
+    ``need_reference`` records the reference's kernel at every step (the KL's target; ``tweedie`` needs it anyway).
     ``keep_noises`` stores each step's noise draw (as large as the latents), which only the pathwise update reads.
     ``graph_steps`` (``[T]`` bool) marks the steps whose log-prob and KL keep their graph.
-    ``reference_unet``, when given, is the base UNet without any adapter (e.g. compiled), run for the reference
-    instead of ``unet`` with its adapter routed off. ``resolution`` is the images' side in pixels (None: the
-    pipeline's default).
     """
     if step_reward not in STEP_REWARDS:
         raise UserError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
-    scheduler = pipeline.scheduler
+    pipeline, prompts = sampler.pipeline, conditioning.prompts
+    prompt_embeds, negative_embeds = conditioning.positive, conditioning.negative
     batch = len(prompts)
-    latents = prepare_sampling(pipeline, num_inference_steps, batch, generator, prompt_embeds, resolution, resolution)
-    timesteps = scheduler.timesteps
+    latents = prepare_sampling(pipeline, sampler.num_inference_steps, batch, generator, prompt_embeds,
+                               sampler.resolution, sampler.resolution)
+    timesteps = pipeline.scheduler.timesteps
     need_reference = need_reference or step_reward == "tweedie"
     graph_steps = torch.zeros(len(timesteps), dtype=torch.bool) if graph_steps is None else graph_steps.cpu()
     keeps_graph = graph_steps.tolist()
@@ -117,11 +151,10 @@ def sample_trajectories(
 
     def kernel_at(index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
         if need_reference:
-            recording.reference = _reference_kernel(unet, reference_unet, scheduler, x_t, timestep, prompt_embeds,
-                                                    negative_embeds, guidance_scale, noise_scale)
-        with torch.set_grad_enabled(keeps_graph[index]):  # names=None: the UNet as configured, the adapter on
-            kernel = adapter_kernels(unet, scheduler, x_t, timestep, prompt_embeds, negative_embeds, None,
-                                     guidance_scale, noise_scale)[0]
+            recording.reference = sampler.reference_kernel(x_t, timestep, prompt_embeds, negative_embeds,
+                                                           sampler.noise_scale)
+        with torch.set_grad_enabled(keeps_graph[index]):
+            kernel = sampler.policy_kernel(x_t, timestep, prompt_embeds, negative_embeds)
         if not keeps_graph[index]:
             return kernel
         recording.graph_kernel = kernel  # the loop samples from a detached copy: no graph runs across steps
@@ -141,9 +174,9 @@ def sample_trajectories(
             # the estimator at every state x_T ... x_1 is r(x0_hat_ref(state)); at x_0 it is r(x_0)
             values = [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in recording.reference_x0]
         else:  # r of the deterministic reference continuation from every state x_T ... x_1
-            values = [_rollout_reward(pipeline, unet, reference_unet, reward, prompts, recording.states[i],
-                                      timesteps[i:], prompt_embeds, negative_embeds, guidance_scale)
-                      for i in range(len(timesteps))]
+            values = [_reward_of_latents(pipeline, reward, reference_continuation(
+                sampler, recording.states[i], timesteps[i:], prompt_embeds, negative_embeds), prompts)
+                for i in range(len(timesteps))]
         values.append(final_reward)
         state_values = torch.stack(values[:-1], dim=1)  # V(x_t) for the step leaving x_t
         step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
@@ -213,32 +246,12 @@ class _Recording:
         return ~deterministic
 
 
-def _reference_kernel(unet, reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds,
-                      guidance_scale, noise_scale):
-    """The reference's step kernel: ``reference_unet`` as it is, or else ``unet`` with its adapter routed off."""
-    if reference_unet is not None:
-        return adapter_kernels(reference_unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, None,
-                               guidance_scale, noise_scale)[0]
-    return adapter_kernels(unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, [BASE],
-                           guidance_scale, noise_scale)[0]
-
-
-def _rollout_reward(pipeline, unet, reference_unet, reward, prompts, latents, remaining_timesteps, prompt_embeds,
-                    negative_embeds, guidance_scale) -> torch.Tensor:
-    """r of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents``
-    over the remaining steps."""
-    latents = reference_continuation(pipeline, unet, reference_unet, latents, remaining_timesteps, prompt_embeds,
-                                     negative_embeds, guidance_scale)
-    return _reward_of_latents(pipeline, reward, latents, prompts)
-
-
-def reference_continuation(pipeline, unet, reference_unet, latents: torch.Tensor, remaining_timesteps,
-                           prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                           guidance_scale: float) -> torch.Tensor:
+def reference_continuation(sampler: Sampler, latents: torch.Tensor, remaining_timesteps: torch.Tensor,
+                           prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None) -> torch.Tensor:
     """x_0 of the deterministic (noise 0: DDIM's eta = 0, the flow ODE) reference continuation from ``latents``
-    over ``remaining_timesteps``: the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is enabled (the pathwise update)."""
+    over ``remaining_timesteps``: the ``rollout`` step reward's image. Differentiable in ``latents`` when grad is
+    enabled (the pathwise update)."""
     def reference_kernel(_index: int, timestep: torch.Tensor, x_t: torch.Tensor) -> StepKernel:
-        return _reference_kernel(unet, reference_unet, pipeline.scheduler, x_t, timestep, prompt_embeds,
-                                 negative_embeds, guidance_scale, 0.0)
+        return sampler.reference_kernel(x_t, timestep, prompt_embeds, negative_embeds, 0.0)
 
     return denoise(remaining_timesteps, latents, reference_kernel)

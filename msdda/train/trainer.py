@@ -25,18 +25,10 @@ from tqdm.auto import tqdm
 
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 from msdda.config import config_to_dict
-from msdda.diffusion import (
-    denoiser_of,
-    dynamic_shift_mu,
-    encode_prompts,
-    guided_output,
-    images_to_pil,
-    is_flow_pipeline,
-    latent_shape,
-    sampler_kernel,
-)
+from msdda.diffusion import denoiser_of, encode_prompts, images_to_pil, latent_shape
 from msdda.errors import UserError
 from msdda.kernels import StepKernel
+from msdda.models import family_of
 from msdda.rewards import Reward, load_reward
 from msdda.train.advantages import PerPromptStatTracker, per_prompt_advantages
 from msdda.train.checkpoint import (
@@ -62,7 +54,7 @@ from msdda.train.loss import StepLoss
 from msdda.train.pathwise import StepRewardFunction, pathwise_loss, reference_step_reward
 from msdda.train.policy import load_policy
 from msdda.train.policy_gradient import policy_gradient_loss
-from msdda.train.rollout import Trajectories, sample_trajectories
+from msdda.train.rollout import Conditioning, Sampler, Trajectories, sample_trajectories
 from msdda.train.single_pass import single_pass_update
 from msdda.train.updates import Learner, Transitions, update_pass
 
@@ -166,6 +158,8 @@ class Trainer:
         config, device, process = self.config, self.accelerator.device, self.accelerator.process_index
         pathwise, pipeline = config.train.estimator == "pathwise", self.policy.pipeline
         reference_batches = round(config.train.reference_states * config.sampling.batches_per_epoch)
+        sampler = Sampler.of(pipeline, self.policy.sampling_unet, config.sampling, self.policy.reference_unet)
+        reference_sampler = dataclasses.replace(sampler, unet=self.unwrapped)  # its adapter off (_adapter_off)
         batches = []
         self.unwrapped.eval()
         for batch_index in range(config.sampling.batches_per_epoch):
@@ -174,17 +168,15 @@ class Trainer:
             prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), config.sampling.batch_size)]
             positive, negative = encode_prompts(pipeline, prompts, device,
                                                 guidance_scale=config.sampling.guidance_scale,
-                                                max_sequence_length=config.sampling.max_sequence_length)
+                                                max_sequence_length=config.sampling.max_sequence_length,
+                                                size=(config.sampling.resolution, config.sampling.resolution))
             generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
             with self._adapter_off() if from_reference else nullcontext():
                 batches.append(sample_trajectories(
-                    pipeline, self.unwrapped if from_reference else self.policy.sampling_unet, self.reward, prompts,
-                    positive, negative, config.sampling.num_inference_steps, config.sampling.noise_scale,
-                    config.sampling.guidance_scale, "terminal" if pathwise else config.reward.step_reward,
-                    need_reference=config.beta > 0, generator=generator,
-                    keep_noises=pathwise and not config.train.fresh_noise,
-                    graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None,
-                    reference_unet=self.policy.reference_unet, resolution=config.sampling.resolution))
+                    reference_sampler if from_reference else sampler, self.reward,
+                    Conditioning(prompts, positive, negative), "terminal" if pathwise else config.reward.step_reward,
+                    generator, need_reference=config.beta > 0, keep_noises=pathwise and not config.train.fresh_noise,
+                    graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None))
         return _concatenate(batches)
 
     @contextmanager
@@ -258,19 +250,14 @@ class Trainer:
     def step_reward(self, step_reward: str | None = None) -> StepRewardFunction:
         """The step reward R_t(x_{t-1}) of the configured rule (or ``step_reward``), differentiable in the action
         through the frozen reference."""
-        sampling = self.config.sampling
-        return reference_step_reward(self.policy.pipeline, self.unwrapped, self.reward,
-                                     step_reward or self.config.reward.step_reward, sampling.guidance_scale,
-                                     sampling.noise_scale)
+        return reference_step_reward(Sampler.of(self.policy.pipeline, self.unwrapped, self.config.sampling),
+                                     self.reward, step_reward or self.config.reward.step_reward)
 
     def policy_kernel(self, batch: Transitions) -> StepKernel:
-        """pi_theta(. | x_t) at the batch's x_t (with grad): the adapter's guided denoiser output through the
-        scheduler's step kernel."""
-        sampling = self.config.sampling
-        output = guided_output(self.learner.model, batch.latents, batch.timestep, batch.prompt_embeds,
-                               batch.negative_embeds, sampling.guidance_scale)
-        return sampler_kernel(self.policy.pipeline.scheduler, output.float(), batch.timestep, batch.latents.float(),
-                              sampling.noise_scale)
+        """pi_theta(. | x_t) at the batch's x_t (with grad): the trained denoiser through the rollout's own
+        ``Sampler.policy_kernel``, so that on-policy pi_theta is the recorded pi_old bit for bit."""
+        sampler = Sampler.of(self.policy.pipeline, self.learner.model, self.config.sampling)
+        return sampler.policy_kernel(batch.latents, batch.timestep, batch.prompt_embeds, batch.negative_embeds)
 
     # ------------------------------------------------------------------------------------------ the epoch's parts
     def _graph_steps(self, epoch: int, batch_index: int) -> torch.Tensor:
@@ -354,20 +341,19 @@ class Trainer:
 
     def _metadata(self) -> AdapterMetadata:
         config, pipeline = self.config, self.policy.pipeline
-        scheduler, flow = pipeline.scheduler, is_flow_pipeline(pipeline)
+        scheduler, family = pipeline.scheduler, family_of(pipeline)
         resolution = config.sampling.resolution
-        mu = dynamic_shift_mu(pipeline, latent_shape(pipeline, 1, resolution, resolution))
+        sampler = family.sampler_metadata(pipeline, config.sampling.noise_scale,
+                                          latent_shape(pipeline, 1, resolution, resolution))
         last = self.history[-1] if self.history else {}
         return AdapterMetadata(
-            pipeline_class=type(pipeline).__name__, resolution=resolution,
-            max_sequence_length=config.sampling.max_sequence_length,
-            flow_noise_level=config.sampling.flow_noise_level if flow else None,
-            flow_shift=float(scheduler.config.shift) if flow and mu is None else None, flow_mu=mu,
+            pipeline_class=family.name, resolution=resolution,
+            max_sequence_length=config.sampling.max_sequence_length, **sampler,
             reward_name=self.reward.name, reward_version=self.reward.version, reward_spec=config.reward.name,
             reward_kwargs=dict(config.reward.kwargs), beta=config.beta,
             step_reward=config.reward.step_reward, base_model=config.base, base_model_hash=self.policy.base_hash,
             scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
-            num_inference_steps=config.sampling.num_inference_steps, eta=None if flow else config.sampling.eta,
+            num_inference_steps=config.sampling.num_inference_steps,
             guidance_scale=config.sampling.guidance_scale, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
             lora_target_modules=list(config.lora.target_modules),
             training={"epochs": len(self.history), "seed": config.seed, "processes": self.accelerator.num_processes,
@@ -385,12 +371,12 @@ class Trainer:
         sampling = self.config.sampling
         positive, negative = encode_prompts(pipeline, prompts, self.accelerator.device,
                                             guidance_scale=sampling.guidance_scale,
-                                            max_sequence_length=sampling.max_sequence_length)
+                                            max_sequence_length=sampling.max_sequence_length,
+                                            size=(sampling.resolution, sampling.resolution))
         self.unwrapped.eval()
-        images = sample_trajectories(
-            pipeline, self.unwrapped, self.reward, prompts, positive, negative, sampling.num_inference_steps,
-            sampling.noise_scale, sampling.guidance_scale, "terminal", need_reference=False,
-            generator=torch.Generator().manual_seed(self.config.seed), resolution=sampling.resolution).images
+        images = sample_trajectories(Sampler.of(pipeline, self.unwrapped, sampling), self.reward,
+                                     Conditioning(prompts, positive, negative), "terminal",
+                                     torch.Generator().manual_seed(self.config.seed)).images
         pil = images_to_pil(pipeline, images)
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)

@@ -11,17 +11,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from msdda.bases import register_local_base
 from msdda.errors import InputNotFound
+from msdda.world.cache import cache_dir
 
 ASSETS = Path(__file__).parent / "assets"
+
+WORLD = "world"
+"""The base name of the embedded default world."""
+WORLD_LEARNED_VARIANCE = "world-lv"
+"""The base name of the embedded world whose UNet predicts its step variance (sample it with ``ddpm``)."""
+WORLD_FLOW = "world-flow"
+"""The base name of the embedded flow world: a tiny SD3 transformer on the world's data (sample it with ``flow``)."""
 
 
 LEARNED_VARIANCE = ASSETS / "learned_variance"
@@ -41,35 +44,6 @@ def world_path() -> Path:
         raise InputNotFound(f"the shipped world is missing from {path}; reinstall msdda or run "
                                 "`msdda world pretrain --out DIR` and pass DIR/pipeline as the base")
     return path
-
-
-def cache_dir() -> Path:
-    """Where msdda writes what it builds from its shipped files: ``$MSDDA_CACHE``, else ``~/.cache/msdda``."""
-    return Path(os.environ.get("MSDDA_CACHE") or Path.home() / ".cache" / "msdda")
-
-
-def built_once(cache: Path, name: str, sources: list[Path], build: Callable[[], Any]) -> Path:
-    """``cache/<name>-<digest>/pipeline``: the pipeline ``build()`` returns, saved there the first time and reused
-    after, where the digest is that of the bytes of every file in ``sources`` (what it is built from), so a changed
-    source builds anew.
-
-    Built in a temporary folder and renamed into place, so a process that finds the folder finds it whole; building
-    draws random numbers (initialising the parts), so it runs on a forked random stream, leaving the caller's alone."""
-    import torch
-
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
-    target = cache / f"{name}-{digest[:16]}"
-    if not (target / "pipeline" / "model_index.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
-        with torch.random.fork_rng():
-            pipeline = build()
-        pipeline.save_pretrained(building / "pipeline", safe_serialization=True)
-        try:
-            os.rename(building, target)
-        except OSError:  # another process built it first: theirs is the same
-            shutil.rmtree(building)
-    return target / "pipeline"
 
 
 def learned_variance_world_path() -> Path:
@@ -104,3 +78,8 @@ def flow_world_path() -> Path:
 def classifier_path() -> Path:
     """The folder of the shipped attribute classifier."""
     return ASSETS / "classifier"
+
+
+register_local_base(WORLD, world_path)
+register_local_base(WORLD_LEARNED_VARIANCE, learned_variance_world_path)
+register_local_base(WORLD_FLOW, flow_world_path)

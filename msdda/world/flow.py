@@ -35,20 +35,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from msdda.world import built_once
+from msdda.world.cache import built_once
 from msdda.world.data import prompt_for, sample_attributes
 from msdda.world.models import TEXT_DIM
 from msdda.world.pretrain import (
     PretrainConfig,
-    _cosine_lr,
-    _descend,
-    _layout_data,
-    _load_pipeline,
-    _reproducible,
-    _write_record,
     continued_record,
     continued_settings,
+    cosine_lr,
+    descend,
+    layout_data,
+    load_world_pipeline,
     repeated_measurements,
+    reproducible,
+    write_record,
 )
 
 __all__ = ["FlowWorldConfig", "build_transformer", "build_flow_scheduler", "flow_pipeline", "assembled_flow_world",
@@ -135,7 +135,7 @@ def assembled_flow_world(world_pipeline: Path, parts: Path, cache: Path) -> Path
     sources = [parts / "transformer/diffusion_pytorch_model.safetensors", parts / "transformer/config.json",
                parts / "scheduler/scheduler_config.json", world_pipeline / "vae/diffusion_pytorch_model.safetensors",
                world_pipeline / "text_encoder/model.safetensors"]
-    return built_once(cache, "world-flow", sources, lambda: flow_pipeline(_load_pipeline(world_pipeline),
+    return built_once(cache, "world-flow", sources, lambda: flow_pipeline(load_world_pipeline(world_pipeline),
                                                                           *_load_parts(parts)))
 
 
@@ -183,7 +183,7 @@ def _train_transformer(pipeline, latents: torch.Tensor, prompts: list[str], conf
     progress = tqdm(range(config.steps), desc="flow transformer", mininterval=2)
     for step in progress:
         for group in optimiser.param_groups:
-            group["lr"] = _cosine_lr(step, config.steps, config.lr)
+            group["lr"] = cosine_lr(step, config.steps, config.lr)
         index = torch.randint(0, len(latents), (config.batch,), generator=generator)
         batch_conditioning = conditioning[rows[index]].clone()
         batch_conditioning[torch.rand(config.batch, generator=generator) < config.prompt_dropout] = empty
@@ -191,7 +191,7 @@ def _train_transformer(pipeline, latents: torch.Tensor, prompts: list[str], conf
         noise = torch.randn(clean.shape, generator=generator)
         sigmas = shifted_sigmas(torch.rand(config.batch, generator=generator), config.shift)
         loss = rectified_flow_loss(transformer, clean, noise, sigmas, batch_conditioning)
-        _descend(loss, optimiser, parameters, [(ema, transformer)])
+        descend(loss, optimiser, parameters, [(ema, transformer)])
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(transformer.parameters())
@@ -210,16 +210,16 @@ def pretrain_flow_world(world_dir: str | Path, output_dir: str | Path, steps: in
     settings = continued_settings(earlier)
     config = FlowWorldConfig(**(settings | ({} if threads is None else {"threads": threads})), steps=steps)
     started = time.time()
-    world = _load_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
-    with _reproducible(config):
+    world = load_world_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
+    with reproducible(config):
         pipeline = flow_pipeline(world, build_transformer(), build_flow_scheduler(config.shift))
-        latents, _, _ = _layout_data(world, PretrainConfig(seed=config.seed, num_images=config.num_images))
+        latents, _, _ = layout_data(world, PretrainConfig(seed=config.seed, num_images=config.num_images))
         prompts = [prompt_for(a) for a in sample_attributes(config.num_images, config.seed, "train")]
         _train_transformer(pipeline, latents, prompts, config)
     pipeline.save_pretrained(output_dir / "pipeline", safe_serialization=True)
     shutil.copytree(world_dir / "classifier", output_dir / "classifier", dirs_exist_ok=True)
     parameters = sum(p.numel() for p in pipeline.transformer.parameters())
     unchanged = repeated_measurements(earlier)
-    _write_record(output_dir, "pretrain_flow_world()", config, started, **unchanged, flow=True,
+    write_record(output_dir, "pretrain_flow_world()", config, started, **unchanged, flow=True,
                   transformer_parameters=parameters, continued_from=earlier)
     return output_dir

@@ -41,20 +41,20 @@ from tqdm.auto import tqdm
 
 from msdda.errors import UserError
 from msdda.kernels import kernel_kl, step_kernel
-from msdda.world import built_once
+from msdda.world.cache import built_once
 from msdda.world.models import build_scheduler, build_unet
 from msdda.world.pretrain import (
     PretrainConfig,
-    _assemble_pipeline,
-    _cosine_lr,
-    _layout_data,
-    _load_pipeline,
-    _noised_batch,
-    _reproducible,
-    _write_record,
+    assemble_pipeline,
     continued_record,
     continued_settings,
+    cosine_lr,
+    layout_data,
+    load_world_pipeline,
+    noised_batch,
     repeated_measurements,
+    reproducible,
+    write_record,
 )
 
 __all__ = ["LearnedVarianceConfig", "learned_variance_scheduler", "step_vlb", "continue_learned_variance",
@@ -145,7 +145,7 @@ def _widened_unet(unet, head: dict[str, torch.Tensor]):
 
 def _learned_variance_pipeline(pipeline, head: dict[str, torch.Tensor]):
     """``pipeline``'s parts around its UNet widened by ``head``, with the ``learned_range`` DDPM scheduler."""
-    return _assemble_pipeline(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+    return assemble_pipeline(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
                               _widened_unet(pipeline.unet, head), scheduler=learned_variance_scheduler())
 
 
@@ -155,7 +155,7 @@ def assembled_world(world_pipeline: Path, head_file: Path, cache: Path) -> Path:
     from safetensors.torch import load_file
 
     def build():
-        return _learned_variance_pipeline(_load_pipeline(world_pipeline), load_file(head_file))
+        return _learned_variance_pipeline(load_world_pipeline(world_pipeline), load_file(head_file))
 
     return built_once(cache, "world-lv", [head_file, world_pipeline / "unet/diffusion_pytorch_model.safetensors"],
                       build)
@@ -197,8 +197,8 @@ def _train_head(unet, text_encoder, data: tuple, config: LearnedVarianceConfig) 
     progress = tqdm(range(config.steps), desc="variance head", mininterval=2)
     for step in progress:
         for group in optimiser.param_groups:
-            group["lr"] = _cosine_lr(step, config.steps, config.lr)
-        _, ids, noise, timesteps, noisy = _noised_batch(latents, token_ids, empty_ids, scheduler, generator,
+            group["lr"] = cosine_lr(step, config.steps, config.lr)
+        _, ids, noise, timesteps, noisy = noised_batch(latents, token_ids, empty_ids, scheduler, generator,
                                                         batch_settings, timestep_choices=stochastic)
         with torch.no_grad():
             embeds = text_encoder(ids)[0]
@@ -227,9 +227,9 @@ def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, ste
     settings = continued_settings(earlier)
     config = LearnedVarianceConfig(**settings, steps=steps, sampler_steps=sampler_steps, bound_samples=bound_samples)
     started = time.time()
-    pipeline = _load_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
-    with _reproducible(config):
-        data = _layout_data(pipeline, PretrainConfig(seed=config.seed, num_images=config.num_images))
+    pipeline = load_world_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
+    with reproducible(config):
+        data = layout_data(pipeline, PretrainConfig(seed=config.seed, num_images=config.num_images))
         head = _train_head(pipeline.unet, pipeline.text_encoder, data, config)
         bounds = {f"{count}_steps": _bound_by_step(pipeline.unet, head, pipeline.text_encoder, data, count, config)
                   for count in (sampler_steps, 2 * sampler_steps)}
@@ -237,6 +237,6 @@ def continue_learned_variance(world_dir: str | Path, output_dir: str | Path, ste
     _learned_variance_pipeline(pipeline, weights).save_pretrained(output_dir / "pipeline", safe_serialization=True)
     save_file(weights, output_dir / HEAD_FILE)
     unchanged = repeated_measurements(earlier)
-    _write_record(output_dir, "continue_learned_variance()", config, started, **unchanged,
+    write_record(output_dir, "continue_learned_variance()", config, started, **unchanged,
                   learned_variance_bound_bits_per_dim=bounds, continued_from=earlier)
     return output_dir

@@ -70,7 +70,7 @@ def _labels(attributes: list[Attributes]) -> torch.Tensor:
     return torch.tensor([a.indices for a in attributes])
 
 
-def _cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -83,7 +83,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Pretrai
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     for step in tqdm(range(config.classifier_steps), desc="classifier", mininterval=2):
         for group in optimiser.param_groups:
-            group["lr"] = _cosine_lr(step, config.classifier_steps, 2e-3)
+            group["lr"] = cosine_lr(step, config.classifier_steps, 2e-3)
         index = torch.randint(0, len(images), (config.classifier_batch,), generator=generator)
         batch = images[index]
         noise_level = torch.rand(len(batch), 1, 1, 1, generator=generator) * 0.1
@@ -111,7 +111,7 @@ def train_vae(images: torch.Tensor, config: PretrainConfig):
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     for step in tqdm(range(config.vae_steps), desc="vae", mininterval=2):
         for group in optimiser.param_groups:
-            group["lr"] = _cosine_lr(step, config.vae_steps, 1e-3)
+            group["lr"] = cosine_lr(step, config.vae_steps, 1e-3)
         index = torch.randint(0, len(images), (config.vae_batch,), generator=generator)
         target = images[index] * 2 - 1
         posterior = vae.encode(target).latent_dist
@@ -124,7 +124,7 @@ def train_vae(images: torch.Tensor, config: PretrainConfig):
     return vae.eval()
 
 
-def _descend(loss: torch.Tensor, optimiser: torch.optim.Optimizer, parameters: list, emas: list) -> None:
+def descend(loss: torch.Tensor, optimiser: torch.optim.Optimizer, parameters: list, emas: list) -> None:
     """One clipped optimiser step, then each (EMA, module) pair's EMA step."""
     optimiser.zero_grad()
     loss.backward()
@@ -134,7 +134,7 @@ def _descend(loss: torch.Tensor, optimiser: torch.optim.Optimizer, parameters: l
         ema.step(module.parameters())
 
 
-def _noised_batch(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, noise_scheduler,
+def noised_batch(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, noise_scheduler,
                   generator: torch.Generator, config: PretrainConfig, min_timestep: int = 0,
                   timestep_choices: torch.Tensor | None = None):
     """One training batch: (clean latents, prompt ids with CFG dropout, noise, timesteps >= min_timestep (or drawn
@@ -165,7 +165,7 @@ def _prompt_ids(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
     return token_ids[:-1], token_ids[-1]
 
 
-def _layout_loss(unet, embeds: torch.Tensor, clean: torch.Tensor, timesteps: torch.Tensor, noisy: torch.Tensor,
+def layout_loss(unet, embeds: torch.Tensor, clean: torch.Tensor, timesteps: torch.Tensor, noisy: torch.Tensor,
                 alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The layout phase's loss: the error of the x0 the epsilon-predicting ``unet`` implies at ``noisy``."""
     alpha_prod = alphas_cumprod[timesteps][:, None, None, None]
@@ -181,7 +181,7 @@ class Seeded(Protocol):
 
 
 @contextmanager
-def _reproducible(config: Seeded) -> Iterator[None]:
+def reproducible(config: Seeded) -> Iterator[None]:
     """Seed, thread count and deterministic algorithms for bit-identical weights from one seed; the process's
     deterministic-algorithms setting is restored afterwards, also when training fails."""
     torch.manual_seed(config.seed)
@@ -194,7 +194,7 @@ def _reproducible(config: Seeded) -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _layout_data(pipeline, config: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layout_data(pipeline, config: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scaled latents, prompt token ids, empty-prompt ids) of pretraining's images, encoded by a saved world's VAE
     and tokenizer: the layout phase's inputs, as ``pretrain_world`` has them in memory."""
     attributes = sample_attributes(config.num_images, config.seed, "train")
@@ -220,12 +220,12 @@ def train_unet(latents: torch.Tensor, prompts: list[str], tokenizer, config: Pre
     progress = tqdm(range(config.unet_steps), desc="unet", mininterval=2)
     for step in progress:
         for group in optimiser.param_groups:
-            group["lr"] = _cosine_lr(step, config.unet_steps, config.unet_lr)
-        _, ids, noise, timesteps, noisy = _noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
+            group["lr"] = cosine_lr(step, config.unet_steps, config.unet_lr)
+        _, ids, noise, timesteps, noisy = noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
                                                         config)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
-        _descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
+        descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
     ema_unet.copy_to(unet.parameters())
@@ -247,10 +247,10 @@ def _train_layout(unet, text_encoder, latents: torch.Tensor, token_ids: torch.Te
     ema_text = EMAModel(text_encoder.parameters(), decay=config.ema_decay)
     alphas_cumprod = noise_scheduler.alphas_cumprod
     for _ in tqdm(range(config.layout_steps), desc="unet layout", mininterval=2):
-        clean, ids, _, timesteps, noisy = _noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
+        clean, ids, _, timesteps, noisy = noised_batch(latents, token_ids, empty_ids, noise_scheduler, generator,
                                                         config, min_timestep=config.layout_min_timestep)
-        loss = _layout_loss(unet, text_encoder(ids)[0], clean, timesteps, noisy, alphas_cumprod)
-        _descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
+        loss = layout_loss(unet, text_encoder(ids)[0], clean, timesteps, noisy, alphas_cumprod)
+        descend(loss, optimiser, parameters, [(ema_unet, unet), (ema_text, text_encoder)])
     ema_unet.copy_to(unet.parameters())
     ema_text.copy_to(text_encoder.parameters())
 
@@ -260,7 +260,7 @@ def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None)
     config = config or PretrainConfig()
     output_dir = Path(output_dir)
     started = time.time()
-    with _reproducible(config):
+    with reproducible(config):
         attributes = sample_attributes(config.num_images, config.seed, "train")
         images = _to_tensor(render_images(attributes, config.seed + 100))
         labels = _labels(attributes)
@@ -286,9 +286,9 @@ def pretrain_world(output_dir: str | Path, config: PretrainConfig | None = None)
         unet, text_encoder = train_unet(moments * scaling_factor, [prompt_for(a) for a in attributes], tokenizer,
                                         config)
 
-        _assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(output_dir / "pipeline",
+        assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(output_dir / "pipeline",
                                                                               safe_serialization=True)
-        _write_record(output_dir, "pretrain_world()", config, started,
+        write_record(output_dir, "pretrain_world()", config, started,
                       classifier_test_accuracy=classifier_test_accuracy, vae_scaling_factor=scaling_factor,
                       vae_mean_abs_error=vae_error)
     return output_dir
@@ -315,10 +315,10 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     settings = {k: v for k, v in earlier["config"].items() if k in known and k != "layout_steps"}
     config = PretrainConfig(**settings, layout_steps=layout_steps)
     started = time.time()
-    pipeline = _load_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
-    with _reproducible(config):
+    pipeline = load_world_pipeline(world_dir / "pipeline")  # before seeding: building the parts draws random numbers
+    with reproducible(config):
         unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
-        _train_layout(unet, text_encoder, *_layout_data(pipeline, config),
+        _train_layout(unet, text_encoder, *layout_data(pipeline, config),
                       DDPMScheduler.from_config(build_scheduler().config), config)
         unet.eval()
         text_encoder.eval()
@@ -326,11 +326,11 @@ def continue_layout(world_dir: str | Path, output_dir: str | Path, layout_steps:
     shutil.copytree(world_dir / "classifier", output_dir / "classifier", dirs_exist_ok=True)
     unchanged = {k: earlier[k] for k in ("classifier_test_accuracy", "vae_scaling_factor", "vae_mean_abs_error")
                  if k in earlier}  # the classifier and the VAE are the earlier world's
-    _write_record(output_dir, "continue_layout()", config, started, **unchanged, continued_from=earlier)
+    write_record(output_dir, "continue_layout()", config, started, **unchanged, continued_from=earlier)
     return output_dir
 
 
-def _assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
     """The world's stock StableDiffusionPipeline around its trained parts (no safety checker); ``scheduler``
     defaults to the world's DDIM schedule."""
     from diffusers import StableDiffusionPipeline
@@ -341,7 +341,7 @@ def _assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
                                    requires_safety_checker=False)
 
 
-def _load_pipeline(pipeline_dir: Path):
+def load_world_pipeline(pipeline_dir: Path):
     """A saved world's pipeline: its weights in parts built here, so that saving it again writes the configs
     ``pretrain_world`` writes (``from_pretrained`` would add its load path and the tokenizer's defaults to them)."""
     from safetensors.torch import load_file
@@ -354,7 +354,7 @@ def _load_pipeline(pipeline_dir: Path):
                             (unet, "unet/diffusion_pytorch_model.safetensors"),
                             (text_encoder, "text_encoder/model.safetensors")):
         module.load_state_dict(load_file(pipeline_dir / weights))
-    return _assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
+    return assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
 
 
 CONTINUED_SETTINGS = ("seed", "num_images", "threads")
@@ -389,7 +389,7 @@ def continued_record(world_dir: Path, flag: str, steps: int) -> dict:
     return earlier
 
 
-def _write_record(output_dir: Path, call: str, config: Seeded, started: float, **measured) -> None:
+def write_record(output_dir: Path, call: str, config: Seeded, started: float, **measured) -> None:
     """``pretraining.json``: the command (or library call), config (a dataclass), torch version, wall time and
     ``measured``."""
     record = {

@@ -1,4 +1,4 @@
-"""Sample grids from the embedded worlds (or any StableDiffusionPipeline or StableDiffusion3Pipeline folder)."""
+"""Sample grids from the embedded worlds (or any pipeline folder of a family msdda supports)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,11 @@ from pathlib import Path
 
 import torch
 
-from msdda.diffusion import (
-    PIPELINES,
-    WORLD,
-    WORLD_FLOW,
-    WORLD_LEARNED_VARIANCE,
-    absent_components,
-    is_flow_pipeline,
-    pipeline_class_name,
-    resolve_base,
-)
+from msdda.diffusion import absent_components, pipeline_class_name, resolve_base
 from msdda.errors import InputNotFound, UserError
+from msdda.models import family_named, family_of
 from msdda.utils import image_grid
+from msdda.world import WORLD, WORLD_FLOW, WORLD_LEARNED_VARIANCE
 from msdda.world.data import parse_prompt
 
 SHIPPED_WORLDS = (WORLD, WORLD_LEARNED_VARIANCE, WORLD_FLOW)
@@ -32,8 +25,8 @@ def load_pipeline(base: str | Path | None = None):
     folder = Path(resolve_base(name))
     if not (folder / "model_index.json").is_file():
         raise InputNotFound(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    pipeline = PIPELINES[pipeline_class_name(name)].from_pretrained(folder, local_files_only=True,
-                                                                     **absent_components(str(folder)))
+    pipeline = family_named(pipeline_class_name(name)).pipeline_class.from_pretrained(
+        folder, local_files_only=True, **absent_components(str(folder)))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -42,9 +35,7 @@ def sampler_arguments(pipeline, eta: float) -> dict:
     """The stock ``__call__``'s sampler keywords for ``pipeline``: DDIM's ``eta`` for a UNet world; for a flow world
     (which samples with its Euler ODE step) none, but ``max_sequence_length=0`` where it has no T5, as msdda encodes
     its prompts (``msdda.diffusion.encode_prompts``)."""
-    if not is_flow_pipeline(pipeline):
-        return {"eta": eta}
-    return {} if pipeline.text_encoder_3 is not None else {"max_sequence_length": 0}
+    return family_of(pipeline).stock_sampler_arguments(pipeline, eta)
 
 
 def sample_grid(prompt: str, num_images: int, seed: int, out: str | Path, base: str | Path | None = None,

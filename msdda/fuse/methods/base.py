@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from msdda.diffusion import BASE, adapter_kernels
+from msdda.diffusion import BASE, adapter_kernels, uses_guidance
 from msdda.errors import UserError
 from msdda.fuse.closed_form import exponents
 from msdda.kernels import StepKernel, kernel_kl
@@ -177,7 +177,7 @@ class FusionContext:
         missing = [name for name in wanted if name not in targets]
         if missing:
             targets.update(zip(missing, self.kernels(step.latents, step.timestep, missing)))
-            halves = 2 if self.negative is not None and self.guidance_scale > 1.0 else 1
+            halves = 2 if uses_guidance(self.negative, self.guidance_scale) else 1
             meter.unet_rows += len(step.latents) * len(missing) * halves
         if meter.keeps_reference_x0:
             meter.reference_x0.append(targets[BASE].pred_original_sample)

@@ -1,0 +1,17 @@
+"""The model families msdda trains and fuses, one module each (msdda.models.base says what a family declares):
+``StableDiffusionPipeline`` (msdda.models.sd: SD 1.x/2.x, the embedded ``world`` and ``world-lv``),
+``StableDiffusionXLPipeline`` (msdda.models.sdxl), ``StableDiffusion3Pipeline`` (msdda.models.sd3: SD 3 and 3.5, the
+embedded ``world-flow``) and ``FluxPipeline`` (msdda.models.flux: FLUX.1). Importing this package registers them;
+docs/model-families.md says how to add one."""
+
+from msdda.models import flux, sd, sd3, sdxl  # noqa: F401  (each registers its family)
+from msdda.models.base import (
+    ModelFamily,
+    family_named,
+    family_of,
+    family_of_denoiser,
+    pipeline_classes,
+    register_family,
+)
+
+__all__ = ["ModelFamily", "register_family", "family_of", "family_named", "family_of_denoiser", "pipeline_classes"]
