@@ -35,7 +35,8 @@ from msdda.world import world_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["epochs=1", "sampling.num_inference_steps=4", "sampling.batch_size=4", "sampling.batches_per_epoch=1",
-        "train.batch_size=4", "sample_every=0", "log_with=null", "checkpoint.every=1"]
+        "train.batch_size=4", "sample_every=0", "log_with=null", "checkpoint.every=1", "train.gauge_prompts=0"]
+"""A run of a few seconds; without the final optimality gauge, which tests/test_replay.py and test_gauge.py test."""
 
 
 CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
