@@ -43,6 +43,14 @@ def test_replay_settings_are_refused_with_the_fix(tmp_path, overrides: list[str]
         _config(tmp_path, *overrides).validate()
 
 
+def test_stopping_near_the_optimum_is_refused_for_a_reward_without_gradients(tmp_path) -> None:
+    config = _config(tmp_path, "train.fresh_noise=false", "train.reference_states=0", "train.estimator=policy-gradient",
+                     "reward.name=jpeg-compressibility", "reward.step_reward=terminal", "train.gauge_every=1",
+                     "train.stop_near_optimum=0.1")
+    with pytest.raises(UserError, match="'jpeg-compressibility' is not differentiable: unset train.stop_near_optimum"):
+        Trainer(config)
+
+
 def test_state_replay_samples_reference_states_and_records_the_gauge_in_the_adapter(tmp_path) -> None:
     """The first half of the epoch's batches comes from the reference (its recorded log-probs are the reference
     kernel's), the second from the adapter; the adapter is switched back on after; the final adapter carries its

@@ -71,6 +71,9 @@ def _seed(*parts: int) -> int:
 def _training_reward(config: TrainConfig, device: torch.device) -> Reward:
     """The configured reward on ``device``, refused before any work where the estimator cannot use it."""
     reward = load_reward(config.reward.name, **config.reward.kwargs).to(device)
+    if config.train.stop_near_optimum is not None and not reward.differentiable:
+        raise UserError(f"train.stop_near_optimum reads the optimality gauge, which differentiates the reward; "
+                         f"{reward.name!r} is not differentiable: unset train.stop_near_optimum")
     if config.train.estimator == "pathwise" and not reward.differentiable:
         raise UserError(f"train.estimator=pathwise needs a differentiable reward; {reward.name!r} is not "
                          "(its class does not set differentiable = True): use train.estimator=policy-gradient")
