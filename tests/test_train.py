@@ -470,6 +470,18 @@ def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=CPU_ONLY)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_beginning(tmp_path) -> None:
+    """A run killed before it wrote a checkpoint left only its run config: --resume (as the launch scripts pass
+    whenever a run was started) trains it from the start, to the adapter an uninterrupted run writes."""
+    fresh = Trainer(_config(tmp_path / "fresh")).run()
+    stopped = _config(tmp_path / "stopped", "resume=latest")
+    Path(stopped.output_dir).mkdir(parents=True)
+    (Path(stopped.output_dir) / "run_config.yaml").write_text("epochs: 1\n")
+    restarted = Trainer(stopped).run()
+    a, b = load_file(fresh / WEIGHTS_FILE), load_file(restarted / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 STATE_REPLAY = ("train.fresh_noise=true", "train.reference_states=0.5", "sampling.batch_size=4",
                 "sampling.batches_per_epoch=2", "train.inner_epochs=2", "train.lr_schedule=cosine",
                 "train.lr_warmup_steps=1", "train.gauge_every=2", "train.gauge_prompts=2")

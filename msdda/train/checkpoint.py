@@ -43,17 +43,15 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
                          "or choose another output_dir")
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise UserError(f"resume={resume!r}: no such checkpoint folder; use 'latest' or a path")
-    if resume == "latest" and latest_checkpoint(output_dir) is None:
-        raise UserError(f"resume=latest (--resume) but {output_dir / 'checkpoints'} holds no complete checkpoint "
-                        "to continue from; start the run in a new output_dir (or without --resume where none ran)")
+    if resume == "latest" and latest_checkpoint(output_dir) is None and not (output_dir / RUN_CONFIG).is_file():
+        raise UserError(f"resume=latest (--resume) but {output_dir} holds no run to continue (no {RUN_CONFIG}, no "
+                        "complete checkpoint); check output_dir, or start without --resume")
 
 
-def resume_folder(output_dir: Path, resume: str) -> Path:
-    """The checkpoint ``resume`` ('latest' or a folder) names."""
-    checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-    if checkpoint is None:
-        raise UserError(f"resume=latest but {output_dir}/checkpoints holds no complete checkpoint")
-    return checkpoint
+def resume_folder(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint ``resume`` ('latest' or a folder) names; None for 'latest' where the run stopped before its
+    first complete checkpoint (it saved nothing, so it starts again from the beginning)."""
+    return latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
 
 
 def finished_run(output_dir: Path, resume: str | None, epochs: int) -> tuple[Path, int] | None:

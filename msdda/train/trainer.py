@@ -117,8 +117,12 @@ class Trainer:
     def run(self) -> Path:
         """Train (resuming if asked), checkpoint, and export the final adapter; returns its folder."""
         config, accelerator = self.config, self.accelerator
-        if config.resume is not None:
-            self._resume(resume_folder(self.output_dir, config.resume))
+        checkpoint = None if config.resume is None else resume_folder(self.output_dir, config.resume)
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        elif config.resume is not None:
+            logger.warning("%s stopped before its first complete checkpoint; training it from the beginning",
+                           self.output_dir)
         self._record_run()
         progress = tqdm(range(self.start_epoch, config.epochs), desc="epochs", initial=self.start_epoch,
                         total=config.epochs, disable=not accelerator.is_local_main_process)
