@@ -16,7 +16,7 @@ from msdda.kernels import StepKernel, step_kernel
 from msdda.train.config import TrainConfig
 from msdda.train.gauge import check_states, near_optimum, summarise
 from msdda.train.pathwise import pathwise_loss
-from msdda.train.stationarity import ratio_and_cosine, scale_beta, stationarity
+from msdda.train.stationarity import implied_beta, ratio_and_cosine, scale_beta, stationarity
 from msdda.train.updates import Learner, update_pass
 from msdda.world.analytic import GaussianWorld
 from tests.test_train_analytic import Denoiser, _kernel, _sample, _tweedie
@@ -153,3 +153,11 @@ def test_state_replay_with_fresh_noise_reaches_the_step_optimum_from_states_coll
         assert row["cosine"] > 0.99, row
     assert near_optimum(report, 0.02)
     assert report["implied_beta"] == pytest.approx(beta, rel=0.05)
+
+
+def test_no_implied_beta_where_the_reward_gradient_is_lost_in_its_noise() -> None:
+    """Bias-corrected, the gradient's energy can come out negative where its draws are mostly noise: no beta is
+    implied then (not a negative one)."""
+    check = stationarity(torch.ones(1, 2), torch.ones(1, 1), torch.tensor([[[1.0, 3.0]], [[1.0, -1.0]]]), 1.0)
+    assert float(check.gradient_energy.sum()) < 0 < float(check.shift_dot_gradient.sum())
+    assert implied_beta([check]) == float("inf")

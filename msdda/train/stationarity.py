@@ -115,7 +115,8 @@ def scale_beta(checks: Sequence[Stationarity]) -> float:
 
 def implied_beta(checks: Sequence[Stationarity]) -> float:
     """The beta at which the shifts of ``checks`` (any steps and states) best satisfy the first-order condition, in
-    the KL metric; ``inf`` where they do not move along the reward's gradient at all."""
+    the KL metric; ``inf`` where they do not move along the reward's gradient at all, or where the states show no
+    reward gradient above its noise (the bias-corrected energy is not positive)."""
     along = sum(float(check.shift_dot_gradient.sum()) for check in checks)
     energy = sum(float(check.gradient_energy.sum()) for check in checks)
-    return energy / along if along > 0 else float("inf")
+    return energy / along if along > 0 and energy > 0 else float("inf")
