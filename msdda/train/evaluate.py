@@ -162,7 +162,7 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     own = {metadata.reward_spec, metadata.reward_name} - {""}
     trained = next((scorer for spec, scorer in zip(specs, scorers) if spec in own), None)
     if gauge_prompts and trained is not None and trained.differentiable:
-        shown = prompt_list[:: max(1, len(prompt_list) // gauge_prompts)][:gauge_prompts]
+        shown = load_prompts(prompt_list, gauge_prompts)  # evenly spaced through the evaluation's
         report["optimality"] = gauge_adapter(pipeline, denoiser_of(pipeline), pipeline.adapters[0].name, trained,
                                              metadata, GaugeSettings(prompts=shown, draws=gauge_draws,
                                                                      batch_size=batch_size), beta=gauge_beta)

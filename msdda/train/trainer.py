@@ -29,6 +29,7 @@ from msdda.diffusion import denoiser_of, encode_prompts, images_to_pil, latent_s
 from msdda.errors import UserError
 from msdda.kernels import StepKernel
 from msdda.models import family_of
+from msdda.prompts import load_prompts
 from msdda.rewards import Reward, load_reward
 from msdda.train.advantages import PerPromptStatTracker, per_prompt_advantages
 from msdda.train.checkpoint import (
@@ -202,7 +203,7 @@ class Trainer:
         count = config.train.gauge_prompts
         if not count or not self.reward.differentiable:
             return None
-        prompts = self.prompts[:: max(1, len(self.prompts) // count)][:count]
+        prompts = load_prompts(self.prompts, count)  # evenly spaced through the training prompts
         adapter = next(iter(self.unwrapped.peft_config))
         self.unwrapped.eval()
         return gauge_adapter(self.policy.pipeline, self.unwrapped, adapter, self.reward, self._metadata(),
