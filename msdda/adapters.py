@@ -23,7 +23,7 @@ from msdda.errors import InputNotFound, UserError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AdapterMetadata", "save_adapter", "load_adapter_metadata", "resolve_adapter", "weights_hash",
+__all__ = ["AdapterMetadata", "save_adapter", "write_metadata", "copy_adapter", "load_adapter_metadata", "resolve_adapter", "weights_hash",
            "check_adapter_weights", "METADATA_FILE", "WEIGHTS_FILE", "SHIPPED_PREFIX", "shipped_adapters"]
 
 METADATA_FILE = "msdda_adapter.json"
@@ -75,6 +75,10 @@ class AdapterMetadata:
     optimality: dict[str, Any] | None = None
     """The optimality gauge (msdda.train.gauge) at the end of training: per step, how near the adapter is to its step
     optimum, and the beta it implies; None where it was not measured (no reward gradient, or older adapters)."""
+    step_scales: list[dict[str, float]] | None = None
+    """Per-step factors of the LoRA (msdda.step_scales: ``{"step", "timestep", "scale"}`` per step; 0 switches the
+    adapter off at that step), fitted to its restricted step optimum at ``beta``; None: the LoRA at scale 1 at every
+    step."""
 
     @property
     def sampler_description(self) -> str:
@@ -121,6 +125,33 @@ def _optimality_summary(gauge: dict[str, Any] | None) -> str:
             f"`optimality` in `{METADATA_FILE}`.")
 
 
+def _step_scales_section(metadata: AdapterMetadata) -> str:
+    """How to sample an adapter with per-step scales outside msdda (empty without them)."""
+    if not metadata.step_scales:
+        return ""
+    scales = [round(float(entry["scale"]), 4) for entry in metadata.step_scales]
+    off = [entry["step"] for entry in metadata.step_scales if float(entry["scale"]) == 0]
+    return f"""
+## Per-step scales
+The LoRA is applied at each of the {metadata.num_inference_steps} steps with its own factor, fitted so that each step
+sits at the adapter family's step optimum at beta = {metadata.beta} (`step_scales` in `{METADATA_FILE}`; off at steps
+{off or 'none'}): {scales}. msdda applies them whenever it samples the adapter; with stock diffusers, set them
+step by step:
+
+```python
+scales = {scales}
+pipe.set_adapters(["default_0"], [scales[0]])
+
+def per_step_scale(pipe, step, timestep, callback_kwargs):
+    if step + 1 < len(scales):
+        pipe.set_adapters(["default_0"], [scales[step + 1]])
+    return callback_kwargs
+
+images = pipe(prompt, num_inference_steps={metadata.num_inference_steps}, callback_on_step_end=per_step_scale).images
+```
+"""
+
+
 def _model_card(metadata: AdapterMetadata) -> str:
     summary = "\n".join(f"- {key}: {value}" for key, value in metadata.training.items())
     return f"""---
@@ -158,7 +189,7 @@ by their betas.
 
 ## Distance from the step optimum
 {_optimality_summary(metadata.optimality)}
-"""
+{_step_scales_section(metadata)}"""
 
 
 def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
@@ -171,7 +202,6 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     """
     from peft.utils import get_peft_model_state_dict
 
-    import msdda
     from msdda.models import family_named
 
     folder = Path(folder)
@@ -183,9 +213,31 @@ def save_adapter(folder: str | Path, unet, metadata: AdapterMetadata,
     if lora_state is None:
         lora_state = get_peft_model_state_dict(unet)
     family_named(metadata.pipeline_class).save_lora(temporary, unet, lora_state)  # as its load_lora_weights reads it
+    write_metadata(temporary, metadata)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(temporary, folder)
+    return folder
+
+
+def write_metadata(folder: Path, metadata: AdapterMetadata) -> None:
+    """``msdda_adapter.json`` and the model card of ``metadata`` (stamped with this msdda's version) into ``folder``."""
+    import msdda
+
     metadata = dataclasses.replace(metadata, msdda_version=msdda.__version__)
-    (temporary / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))
-    (temporary / "README.md").write_text(_model_card(metadata))
+    (folder / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))
+    (folder / "README.md").write_text(_model_card(metadata))
+
+
+def copy_adapter(source: Path, folder: str | Path, metadata: AdapterMetadata) -> Path:
+    """A copy of the adapter folder ``source`` with its LoRA weights' bytes as they are and ``metadata`` instead of
+    its own, written atomically (``folder.tmp``, then renamed over ``folder``)."""
+    folder = Path(folder)
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    shutil.copyfile(source / WEIGHTS_FILE, temporary / WEIGHTS_FILE)
+    write_metadata(temporary, metadata)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(temporary, folder)

@@ -13,7 +13,7 @@ from msdda.push import add_push_parser
 from msdda.report.cli import add_report_parser
 from msdda.studio.cli import add_studio_parser
 from msdda.sweep.cli import add_sweep_parser
-from msdda.train.cli import add_evaluate_parser, add_train_parser
+from msdda.train.cli import add_calibrate_parser, add_evaluate_parser, add_train_parser
 from msdda.world.cli import add_world_parser
 
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_calibrate_parser(subparsers)
     add_fuse_parser(subparsers)
     add_sweep_parser(subparsers)
     add_report_parser(subparsers)

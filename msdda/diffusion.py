@@ -38,6 +38,7 @@ from msdda.models import family_named, family_of, family_of_denoiser, pipeline_c
 from msdda.models.base import unwrapped
 from msdda.models.conditioning import pack_conditioning, unpack_conditioning
 from msdda.routing import BASE, checkpoint_keeping_adapter_routing, mixed_adapter_batch
+from msdda.step_scales import scaled_adapters
 
 __all__ = ["resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
            "is_flow_pipeline", "absent_components", "latent_shape", "dynamic_shift_mu", "prepare_sampling",
@@ -214,7 +215,8 @@ def _guided_outputs(unet, latents: torch.Tensor, timestep: torch.Tensor | int, p
                     negative: torch.Tensor | None, names: list[str] | None, guidance_scale: float
                     ) -> list[torch.Tensor]:
     """The guided denoiser output of each named adapter (``names=None``: the denoiser as configured), from ONE
-    batched forward of ``groups x halves x B`` rows (halves: the negative and positive conditioning under guidance)."""
+    batched forward of ``groups x halves x B`` rows (halves: the negative and positive conditioning under guidance),
+    each adapter at its per-step scale where it has one (msdda.step_scales)."""
     batch, groups = len(latents), len(names or [None])
     guided = uses_guidance(negative, guidance_scale)
     halves = 2 if guided else 1
@@ -222,11 +224,12 @@ def _guided_outputs(unet, latents: torch.Tensor, timestep: torch.Tensor | int, p
     embeds = torch.cat(([negative, positive] if guided else [positive]) * groups)
     if torch.is_tensor(timestep) and timestep.ndim:  # one timestep per row (the update's shuffled steps)
         timestep = timestep.repeat(groups * halves)
-    if names is None:
-        output = denoiser_forward(unet, rows, timestep, embeds)
-    else:
-        with mixed_adapter_batch(unet, [name for name in names for _ in range(batch * halves)]):
+    with scaled_adapters(unet, timestep):
+        if names is None:
             output = denoiser_forward(unet, rows, timestep, embeds)
+        else:
+            with mixed_adapter_batch(unet, [name for name in names for _ in range(batch * halves)]):
+                output = denoiser_forward(unet, rows, timestep, embeds)
     outputs = []
     for chunk in output.chunk(groups):
         if guided:

@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 
 from msdda.models.base import unwrapped
 
-__all__ = ["BASE", "mixed_adapter_batch", "checkpoint_keeping_adapter_routing"]
+__all__ = ["BASE", "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "lora_layers"]
 
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch: the reference model's rows."""
@@ -30,7 +30,7 @@ _active_routings: list[list[str]] = []
 _lora_layer_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _lora_layers(model: torch.nn.Module, layer_class: type) -> list[torch.nn.Module]:
+def lora_layers(model: torch.nn.Module, layer_class: type) -> list[torch.nn.Module]:
     """``model``'s PEFT LoRA layers, found once per set of loaded adapters: walking the UNet's modules on every
     step of a studio render costs it about a twentieth of its time."""
     adapters = tuple(getattr(unwrapped(model), "peft_config", {}))
@@ -92,7 +92,7 @@ def mixed_adapter_batch(unet, adapter_names: list[str]):
         return result
 
     handles = []
-    for module in _lora_layers(unet, LoraLayer):
+    for module in lora_layers(unet, LoraLayer):
         if isinstance(module, (Linear, _ConvNd)) and not module.lora_variant:
             handles += [module.register_forward_pre_hook(base_only, with_kwargs=True),
                         module.register_forward_hook(add_adapters, with_kwargs=True)]

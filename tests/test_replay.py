@@ -17,6 +17,7 @@ from msdda.fuse.optimality import far_from_optimum
 from msdda.kernels import StepKernel
 from msdda.report.optimality import gauge_rows, recorded_gauges
 from msdda.train import TrainConfig
+from msdda.step_scales import registered_step_scales
 from msdda.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ def _config(tmp_path: Path, *overrides: str) -> TrainConfig:
     (["train.gauge_draws=1"], "train.gauge_draws must be at least 2"),
     (["train.stop_near_optimum=0.1"], "needs a tolerance > 0 and gauges to read: set train.gauge_every >= 1"),
     (["train.lr_warmup_steps=-1"], "train.lr_warmup_steps must be at least 0, got -1"),
+    (["train.step_scale_rounds=1", "train.gauge_prompts=0"], "fits the per-step scales on the gauge's prompts"),
 ])
 def test_replay_settings_are_refused_with_the_fix(tmp_path, overrides: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -54,8 +56,9 @@ def test_stopping_near_the_optimum_is_refused_for_a_reward_without_gradients(tmp
 def test_state_replay_samples_reference_states_and_records_the_gauge_in_the_adapter(tmp_path) -> None:
     """The first half of the epoch's batches comes from the reference (its recorded log-probs are the reference
     kernel's), the second from the adapter; the adapter is switched back on after; the final adapter carries its
-    gauge (both sources, every stochastic step) in its metadata and model card."""
-    trainer = Trainer(_config(tmp_path))
+    gauge (both sources, every stochastic step) in its metadata and model card, and the per-step scales fitted after
+    the last epoch (``train.step_scale_rounds``), which the gauge recorded is of."""
+    trainer = Trainer(_config(tmp_path, "train.step_scale_rounds=1"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so that its kernels differ from the reference's
         for parameter in trainer.policy.lora_parameters:
@@ -76,7 +79,14 @@ def test_state_replay_samples_reference_states_and_records_the_gauge_in_the_adap
     assert [row["step"] for row in gauge["sources"]["adapter"]] == [0, 1, 2, 3]
     assert gauge["beta"] == trainer.config.beta and gauge["prompts"] == 2 and gauge["draws"] == 2
     assert all(row["ratio"] is not None and row["ratio"] > 0 for row in gauge["sources"]["adapter"])
-    assert "## Distance from the step optimum" in (final / "README.md").read_text()
+    card = (final / "README.md").read_text()
+    assert "## Distance from the step optimum" in card and "## Per-step scales" in card
+    scales = load_adapter_metadata(final).step_scales
+    assert [entry["step"] for entry in scales] == [0, 1, 2, 3]
+    assert [entry["timestep"] for entry in scales] == [row["timestep"] for row in gauge["sources"]["adapter"]]
+    assert all(entry["scale"] >= 0 for entry in scales) and any(entry["scale"] not in (0.0, 1.0) for entry in scales)
+    registered = registered_step_scales(trainer.unwrapped)  # the gauge recorded is of the adapter at its scales
+    assert list(registered.values()) == [scales]
 
 
 def _adapter_with_gauge(tmp_path: Path, worst: float | None, implied: float | None) -> Path:

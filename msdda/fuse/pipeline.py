@@ -55,6 +55,7 @@ from msdda.fuse.methods.rgg import check_rgg_scale
 from msdda.fuse.optimality import warn_far_from_optimum
 from msdda.fuse.sampler import sample_latents
 from msdda.models import ModelFamily, family_named
+from msdda.step_scales import register_step_scales
 
 __all__ = ["MSDDAPipeline", "MSDDA3Pipeline", "MSDDAFluxPipeline", "MSDDAPipelineOutput", "LoadedAdapter",
            "read_adapters", "fusing_class"]
@@ -257,6 +258,8 @@ class _Fusing:
         with _expected_lora_notices_silenced():
             for adapter in adapters:
                 self.load_lora_weights(adapter.folder, adapter_name=adapter.name)
+                if adapter.metadata is not None and adapter.metadata.step_scales is not None:
+                    register_step_scales(denoiser_of(self), adapter.name, adapter.metadata.step_scales)
 
     @property
     def betas(self) -> list[float]:

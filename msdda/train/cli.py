@@ -106,3 +106,48 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gauge-beta", type=float, default=None,
                         help="the KL weight to gauge the adapter's step optimum at (default: its trained beta)")
     parser.set_defaults(handler=_evaluate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from msdda.prompts import check_prompts_spec
+    from msdda.train.calibrate import calibrate_adapter
+    from msdda.train.gauge import gauge_lines
+
+    check_prompts_spec(args.prompts, "--prompts")
+
+    def progress(round_index: int, report: dict) -> None:
+        worst = report["max_scale_deviation"]
+        print(f"round {round_index}: the worst step's best multiple is off 1 by "
+              f"{'an unmeasured amount' if worst is None else f'{worst:.2f}'}", flush=True)
+
+    report = calibrate_adapter(args.adapter, args.out, beta=args.beta,
+                               reward_kwargs=_reward_kwargs(args.reward_kwargs), prompts=args.prompts,
+                               num_prompts=args.num_prompts, draws=args.draws, rounds=args.rounds,
+                               largest=args.largest, device=args.device, progress=progress)
+    print(gauge_lines(report))
+    print(f"calibrated adapter written to {args.out}")
+    return 0
+
+
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="fit an adapter's per-step scales to its step optimum (by the optimality gauge)",
+        description="Fit a factor per denoising step for an adapter's LoRA so that every step sits at the step optimum "
+        "the adapter's own direction allows, for the reward it was trained on; steps whose optimum spends next to no KL "
+        "are switched off. Writes a copy of the adapter with the factors in its metadata: msdda applies them wherever "
+        "it samples the adapter (fuse, evaluate, sweep, studio), and its model card says how to with stock diffusers.")
+    parser.add_argument("adapter", help="an adapter folder (or Hub id) written by msdda train")
+    parser.add_argument("--out", required=True, help="folder for the calibrated adapter (not the adapter's own)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="the KL weight to fit the step optimum at (default: the trained one); recorded as the "
+                        "calibrated adapter's beta, which fusion weights it by")
+    parser.add_argument("--reward-kwargs", default=None,
+                        help="constructor arguments for the adapter's reward over the recorded ones, as a YAML mapping")
+    parser.add_argument("--prompts", default="world", help="'world' or a text file with one prompt per line")
+    parser.add_argument("--num-prompts", type=int, default=16,
+                        help="prompts whose held-out states the gauge reads, evenly spaced (default 16)")
+    parser.add_argument("--draws", type=int, default=4, help="draws per state of the reward's gradient (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of gauge and refit (default 3)")
+    parser.add_argument("--largest", type=float, default=4.0, help="the largest factor allowed (default 4)")
+    parser.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, cuda:N")
+    parser.set_defaults(handler=_calibrate)

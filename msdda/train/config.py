@@ -104,6 +104,10 @@ class OptimSettings:
     stop_near_optimum: float | None = None
     """Stop at the first gauge (``gauge_every``) at which every step that carries KL has |d| / |d*| within this
     tolerance of 1 (e.g. 0.1); None: train all ``epochs``."""
+    step_scale_rounds: int = 0
+    """Rounds of per-step scale calibration (msdda.step_scales, as ``msdda calibrate``) after the last epoch, on the
+    gauge's prompts: the exported adapter carries a factor per step fitted to its restricted step optimum (0: none;
+    it needs a differentiable reward and ``gauge_prompts`` > 0)."""
     stat_buffer: int = 32
     stat_min_count: int = 8
     max_grad_norm: float = 1.0
@@ -208,7 +212,8 @@ class TrainConfig:
                              "with train.fresh_noise=true (the policy gradient and the rollout's own noise need the "
                              "adapter's samples)")
         for name, value in (("train.lr_warmup_steps", train.lr_warmup_steps), ("train.gauge_every", train.gauge_every),
-                            ("train.gauge_prompts", train.gauge_prompts)):
+                            ("train.gauge_prompts", train.gauge_prompts),
+                            ("train.step_scale_rounds", train.step_scale_rounds)):
             if value < 0:
                 raise UserError(f"{name} must be at least 0, got {value}")
         if train.gauge_draws < 2:
@@ -218,6 +223,9 @@ class TrainConfig:
                                                         and train.gauge_prompts > 0):
             raise UserError(f"train.stop_near_optimum={train.stop_near_optimum} needs a tolerance > 0 and gauges to "
                              "read: set train.gauge_every >= 1 and train.gauge_prompts >= 1")
+        if train.step_scale_rounds and not train.gauge_prompts:
+            raise UserError(f"train.step_scale_rounds={train.step_scale_rounds} fits the per-step scales on the gauge's "
+                             "prompts: set train.gauge_prompts >= 1")
 
     def _check_single_pass(self, per_epoch: int) -> None:
         train = self.train

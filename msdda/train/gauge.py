@@ -13,7 +13,9 @@ such step, from either source, is within it of 1.
 
 A LoRA is a restricted family: where it cannot hold d* (cos(d, d*) < 1) no member reaches ratio 1 with cosine 1, and
 its best member is the one whose shift is optimal in its own direction, where the *scale beta* (the step-reward gain
-over twice the KL, msdda.train.stationarity.scale_beta) equals the trained beta. The report gives both.
+over twice the KL, msdda.train.stationarity.scale_beta) equals the trained beta. The report gives both, and the worst
+step of each: ``max_ratio_deviation`` (|ratio - 1|) and ``max_scale_deviation`` (|scale beta / beta - 1|, 0 where
+each step is optimal in its own direction: what per-step scales, msdda.step_scales, can reach).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def summarise(checks: dict[str, dict[int, Stationarity]], timesteps: Sequence, b
                     "implied_beta": _finite(implied_beta([c for steps in checks.values() for c in steps.values()])),
                     "scale_beta": _finite(scale_beta([c for steps in checks.values() for c in steps.values()])),
                     "sources": {}}
-    deviations = []
+    deviations, scale_deviations = [], []
     for source, steps in checks.items():
         optimum_kl = {step: float(check.optimum_kl.mean()) for step, check in steps.items()}
         total = sum(max(value, 0.0) for value in optimum_kl.values()) or 1.0
@@ -119,13 +121,16 @@ def summarise(checks: dict[str, dict[int, Stationarity]], timesteps: Sequence, b
             carries = optimum_kl[step] >= CARRYING_SHARE * total
             if carries:
                 deviations.append(abs(ratio - 1) if np.isfinite(ratio) else float("inf"))
+                scale_deviations.append(abs(scale_beta([check]) / beta - 1))
             rows.append({"step": step, "timestep": float(timesteps[step]), "states": len(check.kl),
                          "ratio": _finite(ratio), "ratio_sem": _finite(ratio_sem), "cosine": _finite(cosine),
                          "cosine_sem": _finite(cosine_sem), "kl": float(check.kl.mean()),
                          "optimum_kl": optimum_kl[step], "carries_kl": carries,
+                         "gain": float(check.shift_dot_gradient.mean()),
                          "implied_beta": _finite(implied_beta([check])), "scale_beta": _finite(scale_beta([check]))})
         report["sources"][source] = rows
     report["max_ratio_deviation"] = _finite(max(deviations)) if deviations else None
+    report["max_scale_deviation"] = _finite(max(scale_deviations)) if scale_deviations else None
     return report
 
 

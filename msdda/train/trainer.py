@@ -50,6 +50,7 @@ from msdda.train.distributed import (
     own_rows,
     uses_deepspeed,
 )
+from msdda.train.calibrate import calibrate_step_scales
 from msdda.train.gauge import GaugeSettings, gauge_adapter, near_optimum
 from msdda.train.loss import StepLoss
 from msdda.train.pathwise import StepRewardFunction, pathwise_loss, reference_step_reward
@@ -72,9 +73,11 @@ def _seed(*parts: int) -> int:
 def _training_reward(config: TrainConfig, device: torch.device) -> Reward:
     """The configured reward on ``device``, refused before any work where the estimator cannot use it."""
     reward = load_reward(config.reward.name, **config.reward.kwargs).to(device)
-    if config.train.stop_near_optimum is not None and not reward.differentiable:
-        raise UserError(f"train.stop_near_optimum reads the optimality gauge, which differentiates the reward; "
-                         f"{reward.name!r} is not differentiable: unset train.stop_near_optimum")
+    for key, value in (("stop_near_optimum", config.train.stop_near_optimum),
+                       ("step_scale_rounds", config.train.step_scale_rounds or None)):
+        if value is not None and not reward.differentiable:
+            raise UserError(f"train.{key} reads the optimality gauge, which differentiates the reward; "
+                             f"{reward.name!r} is not differentiable: unset train.{key}")
     if config.train.estimator == "pathwise" and not reward.differentiable:
         raise UserError(f"train.estimator=pathwise needs a differentiable reward; {reward.name!r} is not "
                          "(its class does not set differentiable = True): use train.estimator=policy-gradient")
@@ -203,11 +206,16 @@ class Trainer:
         count = config.train.gauge_prompts
         if not count or not self.reward.differentiable:
             return None
-        prompts = load_prompts(self.prompts, count)  # evenly spaced through the training prompts
         adapter = next(iter(self.unwrapped.peft_config))
         self.unwrapped.eval()
         return gauge_adapter(self.policy.pipeline, self.unwrapped, adapter, self.reward, self._metadata(),
-                             GaugeSettings(prompts=prompts, draws=config.train.gauge_draws, batch_size=count))
+                             self._gauge_settings())
+
+    def _gauge_settings(self) -> GaugeSettings:
+        """The gauge's held-out states: ``train.gauge_prompts`` of the training prompts, evenly spaced."""
+        count = self.config.train.gauge_prompts
+        return GaugeSettings(prompts=load_prompts(self.prompts, count), draws=self.config.train.gauge_draws,
+                             batch_size=count)
 
     def _gauge_epoch(self, metrics: dict) -> bool:
         """Gauge the adapter into ``metrics``; whether it is near its optimum by ``train.stop_near_optimum``."""
@@ -341,8 +349,14 @@ class Trainer:
         lora = lora_state(self.accelerator, self.learner.model)
         gauged_now = self.history and "gauge_max_ratio_deviation" in self.history[-1] and self.last_gauge is not None
         optimality = self.last_gauge if gauged_now else self.gauge()
+        metadata = dataclasses.replace(self._metadata(), optimality=optimality)
+        if self.config.train.step_scale_rounds and optimality is not None:
+            scales, optimality = calibrate_step_scales(
+                self.policy.pipeline, self.unwrapped, next(iter(self.unwrapped.peft_config)), self.reward, metadata,
+                self._gauge_settings(), self.config.beta, self.config.train.step_scale_rounds)
+            metadata = dataclasses.replace(metadata, step_scales=scales, optimality=optimality)
         if self.accelerator.is_main_process:
-            save_adapter(final, self.unwrapped, dataclasses.replace(self._metadata(), optimality=optimality), lora)
+            save_adapter(final, self.unwrapped, metadata, lora)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return final
