@@ -4,7 +4,7 @@ One LoRA serves every denoising step, so its mean shift at step t is tied to its
 step optimum asks for much at the middle steps and nothing at the last (whose small variance makes every shift
 expensive in KL), the shared weights trade one against the other and meet neither. A factor per step restores the
 one degree of freedom per step that the step-level objective decouples: the best multiple c of the adapter's own
-shift d at a step is (msdda.train.stationarity.scale_beta)
+shift d at a step is (msdda.train.stationarity.scale_beta; to first order in the shift)
 
     c = sum <d, g> / (beta sum |d|^2 / s^2)        (g = E[grad R_t], summed over the step's states)
 
@@ -99,19 +99,17 @@ def scaled_adapters(denoiser: torch.nn.Module, timestep: torch.Tensor | float) -
             module.scaling[name] = scaling
 
 
-def rescaled_factors(current: Sequence[float], gains: Sequence[float], kls: Sequence[float], carries: Sequence[bool],
-                     beta: float, largest: float) -> list[float]:
+def rescaled_factors(current: Sequence[float], gains: Sequence[float], kls: Sequence[float], beta: float,
+                     largest: float) -> list[float]:
     """The next factor of every step from the gauge at the ``current`` factors: each multiplied by its step's best
     multiple c = gain / (2 beta KL) (``gains``: sum <d, g>, ``kls``: sum |d|^2 / (2 s^2) over the step's states),
-    0 where the step's optimum carries no KL (``carries``) or the shift goes against the reward's gradient (c <= 0),
-    at most ``largest``. A step that has not moved (KL 0) keeps its factor."""
+    0 where the shift goes against the reward's gradient (c <= 0), at most ``largest``. A step that has not moved
+    (KL 0, or switched off) keeps its factor. Steps whose optimum hardly moves are switched off by this rule itself:
+    there a shift is all cost, and its best multiple is near 0."""
     factors = []
-    for factor, gain, kl, carrying in zip(current, gains, kls, carries, strict=True):
-        if not carrying:
-            factors.append(0.0)
-        elif kl <= 0 or factor == 0:
+    for factor, gain, kl in zip(current, gains, kls, strict=True):
+        if kl <= 0 or factor == 0:
             factors.append(factor)
         else:
-            multiple = gain / (2 * beta * kl)
-            factors.append(min(max(factor * multiple, 0.0), largest))
+            factors.append(min(max(factor * gain / (2 * beta * kl), 0.0), largest))
     return factors

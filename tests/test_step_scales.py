@@ -47,25 +47,25 @@ def _gauge(world: GaussianWorld, fractions: list[float], beta: float) -> dict:
 
 def test_the_fitted_factors_undo_each_steps_fraction_of_the_way_to_the_closed_form_optimum() -> None:
     """A shift alpha_t of the way at step t (a LoRA that is short at some steps, too far at others) is fitted the factor
-    1 / alpha_t where the optimum carries KL, 0 where it does not (the first, nearly pure-noise step); the kernel at the
-    fitted factors reads ratio 1 at every step that carries KL."""
+    1 / alpha_t; the kernel at the fitted factors reads ratio 1 at every step."""
     world = GaussianWorld.default(dim=3, num_inference_steps=8, seed=0)
     beta = 0.2
     fractions = [0.3, 0.5, 0.8, 1.0, 1.5, 2.5, 4.0, 0.0]  # the last (DDPM's deterministic step) is not gauged
-    steps, _, gains, kls, carries = pooled_steps(_gauge(world, fractions, beta))
-    assert steps == list(range(7)) and sum(carries) >= 5
-    factors = rescaled_factors([1.0] * 7, gains, kls, carries, beta, largest=10.0)
-    for step, factor, carrying in zip(steps, factors, carries):
-        assert factor == (pytest.approx(1 / fractions[step], rel=1e-9) if carrying else 0.0)
+    steps, _, gains, kls = pooled_steps(_gauge(world, fractions, beta))
+    assert steps == list(range(7))
+    factors = rescaled_factors([1.0] * 7, gains, kls, beta, largest=10.0)
+    for step, factor in zip(steps, factors):
+        assert factor == pytest.approx(1 / fractions[step], rel=1e-9)
     fitted = [fraction * factor for fraction, factor in zip(fractions, factors)] + [0.0]
-    assert _gauge(world, fitted, beta)["max_ratio_deviation"] == pytest.approx(0.0, abs=1e-9)
+    report = _gauge(world, fitted, beta)
+    assert report["max_ratio_deviation"] == pytest.approx(0.0, abs=1e-9)
+    assert report["max_scale_deviation"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_factors_are_zero_where_the_optimum_carries_no_kl_or_the_shift_goes_against_the_gradient_and_capped() -> None:
-    factors = rescaled_factors(current=[1.0, 1.0, 1.0, 0.5, 0.0], gains=[2.0, -1.0, 5.0, 1.0, 1.0],
-                               kls=[1.0, 1.0, 1.0, 1.0, 0.0], carries=[True, True, False, True, True], beta=0.5,
-                               largest=1.5)
-    assert factors == [1.5, 0.0, 0.0, 0.5, 0.0]  # 2 / (2 * 0.5 * 1) = 2 capped; a step already off stays off
+def test_factors_are_zero_where_the_shift_goes_against_the_gradient_capped_and_kept_where_nothing_moved() -> None:
+    factors = rescaled_factors(current=[1.0, 1.0, 0.5, 0.0, 0.7], gains=[2.0, -1.0, 1.0, 1.0, 0.0],
+                               kls=[1.0, 1.0, 1.0, 1.0, 0.0], beta=0.5, largest=1.5)
+    assert factors == [1.5, 0.0, 0.5, 0.0, 0.7]  # 2 / (2 * 0.5 * 1) = 2 capped; a step switched off stays off
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,8 @@ def test_refusals(pipeline) -> None:
 
 
 def test_calibrate_writes_the_adapter_with_its_scales_beside_the_same_weights(tmp_path, capsys) -> None:
-    """``msdda calibrate`` on a shipped adapter: the LoRA's bytes unchanged, a factor per step (0 at the last two,
-    where the step's optimum carries no KL), the beta and the gauge at the factors recorded, and the copy sampled at its factors."""
+    """``msdda calibrate`` on a shipped adapter: the LoRA's bytes unchanged, a factor per step (near 0 at the last
+    two, where the step's optimum hardly moves), the beta and the gauge at the factors recorded, and the copy sampled at its factors."""
     from msdda.adapters import WEIGHTS_FILE, load_adapter_metadata, resolve_adapter
     from msdda.cli import main
 
@@ -170,8 +170,8 @@ def test_calibrate_writes_the_adapter_with_its_scales_beside_the_same_weights(tm
     assert metadata.optimality["beta"] == 0.004
     assert [entry["step"] for entry in metadata.step_scales] == list(range(10))
     scales = [entry["scale"] for entry in metadata.step_scales]
-    assert all(scale >= 0 for scale in scales) and max(scales) > 0
-    assert scales[8:] == [0.0, 0.0]  # t = 101 and t = 1, where the optimum spends next to no KL
+    assert all(scale >= 0 for scale in scales) and max(scales) > 0.5
+    assert max(scales[8:]) < 0.2  # t = 101 and t = 1: the optimum hardly moves there, and the LoRA moves far
     pipe = MSDDAPipeline.from_pretrained("world", adapters=[str(out)])
     assert list(registered_step_scales(pipe.unet).values()) == [metadata.step_scales]
 

@@ -1,9 +1,8 @@
 """Calibrate an adapter's per-step scales (msdda.step_scales) to its restricted step optimum, by the gauge.
 
 Each round gauges the adapter at its current factors (msdda.train.gauge, on held-out states from the reference and
-from the adapter) and multiplies each step's factor by the best multiple of that step's shift; a step whose optimum
-carries no KL (in the first gauge, at the adapter's own factors: which steps carry KL depends on the adapter only through
-the states it visits) is switched off. The map from factor to mean shift is linear to first order only, so a few rounds
+from the adapter) and multiplies each step's factor by the best multiple of that step's shift (0 where the shift goes
+against the reward's gradient). The map from factor to mean shift is linear to first order only, so a few rounds
 settle it; the last gauge is of the factors returned.
 """
 
@@ -21,19 +20,17 @@ from msdda.train.gauge import GaugeSettings, gauge_adapter
 __all__ = ["calibrate_step_scales", "calibrate_adapter", "pooled_steps"]
 
 
-def pooled_steps(report: dict) -> tuple[list[int], list[float], list[float], list[float], list[bool]]:
+def pooled_steps(report: dict) -> tuple[list[int], list[float], list[float], list[float]]:
     """Per step of a gauge report, over both sources' states: (step indices, timesteps, summed gain <d, g>, summed
-    KL, whether the optimum carries KL there from either source)."""
+    KL)."""
     steps: dict[int, list] = {}
     for rows in report["sources"].values():
         for row in rows:
-            pooled = steps.setdefault(row["step"], [row["timestep"], 0.0, 0.0, False])
+            pooled = steps.setdefault(row["step"], [row["timestep"], 0.0, 0.0])
             pooled[1] += row["gain"] * row["states"]
             pooled[2] += row["kl"] * row["states"]
-            pooled[3] = pooled[3] or row["carries_kl"]
     order = sorted(steps)
-    return (order, [steps[s][0] for s in order], [steps[s][1] for s in order], [steps[s][2] for s in order],
-            [steps[s][3] for s in order])
+    return order, [steps[s][0] for s in order], [steps[s][1] for s in order], [steps[s][2] for s in order]
 
 
 def calibrate_step_scales(pipeline, denoiser, adapter: str, reward, metadata: AdapterMetadata,
@@ -44,14 +41,12 @@ def calibrate_step_scales(pipeline, denoiser, adapter: str, reward, metadata: Ad
     ones (else 1) and stay within [0, ``largest``]. ``progress(round, report)`` is called after every gauge."""
     recorded = {entry["step"]: float(entry["scale"]) for entry in metadata.step_scales or []}
     report = gauge_adapter(pipeline, denoiser, adapter, reward, metadata, settings, beta=beta)
-    carrying = dict(zip(*[pooled_steps(report)[index] for index in (0, 4)]))  # decided once: it barely moves
     for round_index in range(rounds):
         if progress is not None:
             progress(round_index, report)
-        steps, _, gains, kls, _ = pooled_steps(report)
-        carries = [carrying[step] for step in steps]
+        steps, _, gains, kls = pooled_steps(report)
         current = [recorded.get(step, 1.0) for step in steps]
-        factors = rescaled_factors(current, gains, kls, carries, beta, largest)
+        factors = rescaled_factors(current, gains, kls, beta, largest)
         recorded.update(zip(steps, factors))
         # every step of the schedule gets a factor: one the gauge leaves out (deterministic) keeps its own
         scales = [{"step": step, "timestep": float(timestep), "scale": recorded.get(step, 1.0)}
