@@ -120,9 +120,18 @@ def _optimality_summary(gauge: dict[str, Any] | None) -> str:
     implied = "none (it does not move along the reward's gradient)" if implied is None else f"{implied:.3g}"
     return (f"On held-out states ({gauge['prompts']} prompts, from the reference and from the adapter, "
             f"{gauge['draws']} draws each), the adapter's mean shift against the step optimum's "
-            f"(|d| / |d*|, 1 at the optimum) is off by at most {worst} at the steps that carry KL; the beta at "
+            f"(|d| / |d*|, 1 at the optimum) is off by at most {worst} at the steps that carry KL"
+            f"{_scale_words(gauge.get('max_scale_deviation'))}; the beta at "
             f"which it is step-optimal is {implied} (trained at {gauge['beta']}). Per step: "
             f"`optimality` in `{METADATA_FILE}`.")
+
+
+def _scale_words(deviation: float | None) -> str:
+    """The scale condition in the model card's words (nothing for gauges that did not record it)."""
+    if deviation is None:
+        return ""
+    return (f", and each step's shift is off the best multiple of itself (the optimum its LoRA can reach at that step) "
+            f"by at most {deviation:.2f}")
 
 
 def _step_scales_section(metadata: AdapterMetadata) -> str:

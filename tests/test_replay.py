@@ -115,11 +115,24 @@ def test_fusion_warns_once_in_one_line_about_adapters_far_from_their_optimum(tmp
     assert "beta 0.001, implied 0.009, worst step off by 65%" in messages[0] and "--betas" in messages[0]
 
 
+def test_the_warning_reads_the_scale_condition_where_the_gauge_has_it(tmp_path) -> None:
+    """A LoRA at its restricted optimum (each step's shift at its best multiple) is not far from its optimum however
+    far its pointwise ratio is, and one whose steps are off their best multiple is."""
+    folder = _adapter_with_gauge(tmp_path, 0.75, 0.012)
+    data = json.loads((folder / METADATA_FILE).read_text())
+    data["optimality"]["max_scale_deviation"] = 0.2
+    (folder / METADATA_FILE).write_text(json.dumps(data))
+    assert not far_from_optimum(load_adapter_metadata(folder))
+    data["optimality"]["max_scale_deviation"] = 0.9
+    (folder / METADATA_FILE).write_text(json.dumps(data))
+    assert far_from_optimum(load_adapter_metadata(folder))
+
+
 def test_the_report_table_reads_each_adapters_recorded_gauge(tmp_path) -> None:
     far = _adapter_with_gauge(tmp_path, 0.65, None)
     gauges = recorded_gauges([str(far), "world:thirds"])
     assert list(gauges) == [str(far)]
-    assert gauge_rows(gauges) == [[str(far), "0.001", "none", "0.65", "0.35 n/a", "0.50 n/a"]]
+    assert gauge_rows(gauges) == [[str(far), "0.001", "none", "0.65", "n/a", "0.35 n/a", "0.50 n/a"]]
 
 
 def test_evaluate_prints_and_writes_the_gauge_of_the_trained_reward(tmp_path, capsys) -> None:

@@ -3,6 +3,12 @@
 MSDDA's exponents l_i = w_i beta_i / beta are exact for adapters at their step optimum (msdda.train.gauge). An
 adapter that stopped short behaves as one trained at a larger beta, its implied beta, and fusing it at its nominal
 beta over-weights it against adapters nearer their optimum.
+
+What the exponents scale is each adapter's shift, so what they need is the right size of shift at every step: the scale
+condition (``max_scale_deviation``: each step's shift at its best multiple), which a LoRA can meet (per-step scales,
+``msdda calibrate``) where the pointwise one (``max_ratio_deviation``, the shift equal to the optimum's) is out of the
+reach of a family that cannot point where the optimum points. Gauges recorded before the scale condition was are read
+by the pointwise one.
 """
 
 from __future__ import annotations
@@ -23,8 +29,13 @@ def far_from_optimum(metadata: AdapterMetadata | None) -> bool:
     gauge = metadata.optimality if metadata is not None else None
     if not gauge:
         return False
-    worst = gauge.get("max_ratio_deviation")
+    worst = _worst_deviation(gauge)
     return worst is None or worst > FAR_FROM_OPTIMUM
+
+
+def _worst_deviation(gauge: dict) -> float | None:
+    """The scale condition's worst step where the gauge has it, else the pointwise one's."""
+    return gauge["max_scale_deviation"] if "max_scale_deviation" in gauge else gauge.get("max_ratio_deviation")
 
 
 def warn_far_from_optimum(sources: Sequence[str], metadata: Sequence[AdapterMetadata | None], stacklevel: int = 2
@@ -38,8 +49,8 @@ def warn_far_from_optimum(sources: Sequence[str], metadata: Sequence[AdapterMeta
         f"{source} (beta {meta.beta:g}, implied {_implied(meta.optimality)}, worst step off by "
         f"{_worst(meta.optimality)})" for source, meta in far)
     warnings.warn(f"adapters far from their step optimum, so MSDDA's exponents w_i beta_i / beta do not fit them: "
-                  f"{described}. Retrain them to it (train.stop_near_optimum) or fuse with --betas set to the implied "
-                  "betas", stacklevel=stacklevel + 1)
+                  f"{described}. Fit their per-step scales (msdda calibrate), retrain them (train.stop_near_optimum) "
+                  "or fuse with --betas set to the implied betas", stacklevel=stacklevel + 1)
 
 
 def _implied(gauge: dict) -> str:
@@ -48,5 +59,5 @@ def _implied(gauge: dict) -> str:
 
 
 def _worst(gauge: dict) -> str:
-    value = gauge.get("max_ratio_deviation")
+    value = _worst_deviation(gauge)
     return "an unmeasured amount" if value is None else f"{value:.0%}"

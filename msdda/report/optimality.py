@@ -9,10 +9,12 @@ __all__ = ["recorded_gauges", "gauge_rows", "GAUGE_CAPTION", "GAUGE_HEADER"]
 
 GAUGE_CAPTION = ("Each adapter's distance from its step optimum, as its training gauged it on held-out states: "
                  "|d| / |d*| (its mean shift against the optimum's, 1 at the optimum) and cos(d, d*) per step, from "
-                 "the reference's states; the worst step that carries KL; and the beta at which it is step-optimal. "
-                 "MSDDA's exponents w_i beta_i / beta are exact for adapters at their optimum")
+                 "the reference's states; the worst step that carries KL, by that ratio and by the scale condition "
+                 "(|scale beta / beta - 1|: 0 where every step's shift is at its best multiple, which per-step scales "
+                 "reach); and the beta at which it is step-optimal. MSDDA's exponents w_i beta_i / beta are exact for "
+                 "adapters at their optimum")
 GAUGE_HEADER = ["adapter", "trained beta", "implied beta", "worst |ratio - 1| (steps with KL)",
-                "ratio per step", "cosine per step"]
+                "worst |scale beta / beta - 1|", "ratio per step", "cosine per step"]
 
 
 def recorded_gauges(adapters: Sequence[str]) -> dict[str, dict]:
@@ -37,7 +39,8 @@ def gauge_rows(gauges: dict[str, dict]) -> list[list[str]]:
     table = []
     for source, gauge in gauges.items():
         rows = gauge["sources"].get("reference") or next(iter(gauge["sources"].values()))
-        worst, implied = gauge["max_ratio_deviation"], gauge["implied_beta"]
+        worst, implied, scale = gauge["max_ratio_deviation"], gauge["implied_beta"], gauge.get("max_scale_deviation")
         table.append([source, f"{gauge['beta']:g}", "none" if implied is None else f"{implied:.3g}",
-                      "n/a" if worst is None else f"{worst:.2f}", numbers(rows, "ratio"), numbers(rows, "cosine")])
+                      "n/a" if worst is None else f"{worst:.2f}", "n/a" if scale is None else f"{scale:.2f}",
+                      numbers(rows, "ratio"), numbers(rows, "cosine")])
     return table

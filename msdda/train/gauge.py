@@ -145,7 +145,8 @@ def gauge_lines(report: dict) -> str:
     worst, implied = report["max_ratio_deviation"], report["implied_beta"]
     lines = [f"distance from the step optimum at beta {report['beta']:g} ({report['step_reward']} step reward, "
              f"{report['prompts']} prompts x {len(report['seeds'])} seed, {report['draws']} draws): |d| / |d*| is off 1 "
-             f"by at most {'an unmeasured amount' if worst is None else f'{worst:.2f}'} at the steps that carry KL; "
+             f"by at most {_amount(worst)} at the steps that carry KL "
+             f"(each step's shift off its best multiple by at most {_amount(report.get('max_scale_deviation'))}); "
              f"implied beta {'none' if implied is None else f'{implied:.3g}'}, scale beta "
              f"{'none' if report['scale_beta'] is None else format(report['scale_beta'], '.3g')}"]
     sources = list(report["sources"])
@@ -158,6 +159,10 @@ def gauge_lines(report: dict) -> str:
         carries = "" if row["carries_kl"] else " (carries little KL)"
         lines.append(f"  step {row['step']} (t={row['timestep']:g}){carries}: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def _amount(value: float | None) -> str:
+    return "an unmeasured amount" if value is None else f"{value:.2f}"
 
 
 def _text(value: float | None, error: float | None) -> str:
