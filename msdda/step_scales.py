@@ -29,7 +29,7 @@ from msdda.models.base import unwrapped
 from msdda.routing import lora_layers
 
 __all__ = ["StepScale", "register_step_scales", "registered_step_scales", "scaled_adapters", "scale_at",
-           "rescaled_factors"]
+           "rescaled_factors", "RESOLVED"]
 
 StepScale = Mapping[str, float]
 """One recorded factor: ``{"step": index, "timestep": t, "scale": g_t}`` (JSON in ``msdda_adapter.json``)."""
@@ -99,16 +99,24 @@ def scaled_adapters(denoiser: torch.nn.Module, timestep: torch.Tensor | float) -
             module.scaling[name] = scaling
 
 
-def rescaled_factors(current: Sequence[float], gains: Sequence[float], kls: Sequence[float], beta: float,
-                     largest: float) -> list[float]:
+RESOLVED = 0.5
+"""A step's best multiple is acted on only where its standard error is at most this (two errors span at most 1)."""
+
+
+def rescaled_factors(current: Sequence[float], gains: Sequence[float], gain_errors: Sequence[float],
+                     kls: Sequence[float], beta: float, largest: float) -> list[float]:
     """The next factor of every step from the gauge at the ``current`` factors: each multiplied by its step's best
-    multiple c = gain / (2 beta KL) (``gains``: sum <d, g>, ``kls``: sum |d|^2 / (2 s^2) over the step's states),
-    0 where the shift goes against the reward's gradient (c <= 0), at most ``largest``. A step that has not moved
-    (KL 0, or switched off) keeps its factor. Steps whose optimum hardly moves are switched off by this rule itself:
-    there a shift is all cost, and its best multiple is near 0."""
+    multiple c = gain / (2 beta KL) (``gains``: sum <d, g> over the step's states, with standard errors
+    ``gain_errors``; ``kls``: sum |d|^2 / (2 s^2)), 0 where the shift goes against the reward's gradient (c <= 0), at
+    most ``largest``.
+
+    A step keeps its factor where c is not resolved (its error above ``RESOLVED``: the step reward's gradient is lost
+    in its noise there, as the one-step clean estimate's at the first, noisiest steps can be, and a guess would undo
+    what training found), where nothing moved (KL 0), and once switched off. Steps whose optimum hardly moves but the
+    LoRA does (the last ones) get c near 0, measured well: there a shift is all cost."""
     factors = []
-    for factor, gain, kl in zip(current, gains, kls, strict=True):
-        if kl <= 0 or factor == 0:
+    for factor, gain, error, kl in zip(current, gains, gain_errors, kls, strict=True):
+        if kl <= 0 or factor == 0 or error / (2 * beta * kl) > RESOLVED:
             factors.append(factor)
         else:
             factors.append(min(max(factor * gain / (2 * beta * kl), 0.0), largest))

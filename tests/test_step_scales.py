@@ -51,9 +51,9 @@ def test_the_fitted_factors_undo_each_steps_fraction_of_the_way_to_the_closed_fo
     world = GaussianWorld.default(dim=3, num_inference_steps=8, seed=0)
     beta = 0.2
     fractions = [0.3, 0.5, 0.8, 1.0, 1.5, 2.5, 4.0, 0.0]  # the last (DDPM's deterministic step) is not gauged
-    steps, _, gains, kls = pooled_steps(_gauge(world, fractions, beta))
+    steps, _, gains, errors, kls = pooled_steps(_gauge(world, fractions, beta))
     assert steps == list(range(7))
-    factors = rescaled_factors([1.0] * 7, gains, kls, beta, largest=10.0)
+    factors = rescaled_factors([1.0] * 7, gains, errors, kls, beta, largest=10.0)
     for step, factor in zip(steps, factors):
         assert factor == pytest.approx(1 / fractions[step], rel=1e-9)
     fitted = [fraction * factor for fraction, factor in zip(fractions, factors)] + [0.0]
@@ -62,10 +62,12 @@ def test_the_fitted_factors_undo_each_steps_fraction_of_the_way_to_the_closed_fo
     assert report["max_scale_deviation"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_factors_are_zero_where_the_shift_goes_against_the_gradient_capped_and_kept_where_nothing_moved() -> None:
-    factors = rescaled_factors(current=[1.0, 1.0, 0.5, 0.0, 0.7], gains=[2.0, -1.0, 1.0, 1.0, 0.0],
-                               kls=[1.0, 1.0, 1.0, 1.0, 0.0], beta=0.5, largest=1.5)
-    assert factors == [1.5, 0.0, 0.5, 0.0, 0.7]  # 2 / (2 * 0.5 * 1) = 2 capped; a step switched off stays off
+def test_factors_are_zero_against_the_gradient_capped_and_kept_where_unresolved_or_nothing_moved() -> None:
+    factors = rescaled_factors(current=[1.0, 1.0, 0.5, 0.0, 0.7, 1.0], gains=[2.0, -1.0, 1.0, 1.0, 0.0, 0.1],
+                               gain_errors=[0.1, 0.1, 0.1, 0.1, 0.0, 2.0], kls=[1.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+                               beta=0.5, largest=1.5)
+    # 2 / (2 * 0.5 * 1) = 2 capped; against the gradient; 0.5 * 1; off stays off; nothing moved; c = 0.1 ± 2 unresolved
+    assert factors == [1.5, 0.0, 0.5, 0.0, 0.7, 1.0]
 
 
 @pytest.fixture(scope="module")

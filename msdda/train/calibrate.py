@@ -2,7 +2,7 @@
 
 Each round gauges the adapter at its current factors (msdda.train.gauge, on held-out states from the reference and
 from the adapter) and multiplies each step's factor by the best multiple of that step's shift (0 where the shift goes
-against the reward's gradient). The map from factor to mean shift is linear to first order only, so a few rounds
+against the reward's gradient), where the gauge measures that multiple well enough. The map from factor to mean shift is linear to first order only, so a few rounds
 settle it; the last gauge is of the factors returned.
 """
 
@@ -20,17 +20,19 @@ from msdda.train.gauge import GaugeSettings, gauge_adapter
 __all__ = ["calibrate_step_scales", "calibrate_adapter", "pooled_steps"]
 
 
-def pooled_steps(report: dict) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Per step of a gauge report, over both sources' states: (step indices, timesteps, summed gain <d, g>, summed
-    KL)."""
+def pooled_steps(report: dict) -> tuple[list[int], list[float], list[float], list[float], list[float]]:
+    """Per step of a gauge report, over both sources' states: (step indices, timesteps, summed gain <d, g>, its
+    standard error, summed KL)."""
     steps: dict[int, list] = {}
     for rows in report["sources"].values():
         for row in rows:
-            pooled = steps.setdefault(row["step"], [row["timestep"], 0.0, 0.0])
+            pooled = steps.setdefault(row["step"], [row["timestep"], 0.0, 0.0, 0.0])
             pooled[1] += row["gain"] * row["states"]
-            pooled[2] += row["kl"] * row["states"]
+            pooled[2] += (row["gain_sem"] * row["states"]) ** 2
+            pooled[3] += row["kl"] * row["states"]
     order = sorted(steps)
-    return order, [steps[s][0] for s in order], [steps[s][1] for s in order], [steps[s][2] for s in order]
+    return (order, [steps[s][0] for s in order], [steps[s][1] for s in order], [steps[s][2] ** 0.5 for s in order],
+            [steps[s][3] for s in order])
 
 
 def calibrate_step_scales(pipeline, denoiser, adapter: str, reward, metadata: AdapterMetadata,
@@ -44,9 +46,9 @@ def calibrate_step_scales(pipeline, denoiser, adapter: str, reward, metadata: Ad
     for round_index in range(rounds):
         if progress is not None:
             progress(round_index, report)
-        steps, _, gains, kls = pooled_steps(report)
+        steps, _, gains, errors, kls = pooled_steps(report)
         current = [recorded.get(step, 1.0) for step in steps]
-        factors = rescaled_factors(current, gains, kls, beta, largest)
+        factors = rescaled_factors(current, gains, errors, kls, beta, largest)
         recorded.update(zip(steps, factors))
         # every step of the schedule gets a factor: one the gauge leaves out (deterministic) keeps its own
         scales = [{"step": step, "timestep": float(timestep), "scale": recorded.get(step, 1.0)}

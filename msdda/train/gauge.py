@@ -126,7 +126,7 @@ def summarise(checks: dict[str, dict[int, Stationarity]], timesteps: Sequence, b
                          "ratio": _finite(ratio), "ratio_sem": _finite(ratio_sem), "cosine": _finite(cosine),
                          "cosine_sem": _finite(cosine_sem), "kl": float(check.kl.mean()),
                          "optimum_kl": optimum_kl[step], "carries_kl": carries,
-                         "gain": float(check.shift_dot_gradient.mean()),
+                         "gain": float(check.shift_dot_gradient.mean()), "gain_sem": _sem(check.shift_dot_gradient),
                          "implied_beta": _finite(implied_beta([check])), "scale_beta": _finite(scale_beta([check]))})
         report["sources"][source] = rows
     report["max_ratio_deviation"] = _finite(max(deviations)) if deviations else None
@@ -159,6 +159,11 @@ def gauge_lines(report: dict) -> str:
         carries = "" if row["carries_kl"] else " (carries little KL)"
         lines.append(f"  step {row['step']} (t={row['timestep']:g}){carries}: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def _sem(values: torch.Tensor) -> float:
+    """The standard error of the mean of ``values`` (0 for a single state)."""
+    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
 def _amount(value: float | None) -> str:
