@@ -24,14 +24,16 @@ from tests.test_train_analytic import Denoiser, _kernel, _sample, _tweedie
 REWARD = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
 
 
-def _gauge_of_shifted_kernel(world: GaussianWorld, alpha: float, beta: float, gauge_beta: float) -> dict:
-    """The gauge at ``gauge_beta`` of the kernel that goes ``alpha`` of the way to the optimum at ``beta``."""
+def gauge_of_shifted_kernel(world: GaussianWorld, alpha: float | list[float], beta: float, gauge_beta: float) -> dict:
+    """The gauge at ``gauge_beta`` of the kernel that goes ``alpha`` of the way to the optimum at ``beta`` (a fraction
+    per step where ``alpha`` is a list)."""
     timesteps = world.timesteps
 
     def kernels(step: int, x_t: torch.Tensor) -> tuple[StepKernel, StepKernel]:
         reference = world.reference_kernel(x_t, timesteps[step])
         optimum = world.optimal_kernel(x_t, timesteps[step], [REWARD], [1.0], beta)
-        shifted = StepKernel(reference.mean + alpha * (optimum.mean - reference.mean), reference.variance)
+        fraction = alpha[step] if isinstance(alpha, list) else alpha
+        shifted = StepKernel(reference.mean + fraction * (optimum.mean - reference.mean), reference.variance)
         return shifted, reference
 
     def step_reward(step: int, action: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ def test_the_gauge_reads_the_fraction_of_the_way_to_the_closed_form_optimum(alph
     """1 at the optimum, 0 at the reference, alpha in between and beyond; every step but DDPM's deterministic last."""
     world = GaussianWorld.default(dim=3, num_inference_steps=8, seed=0)
     beta = 0.2
-    report = _gauge_of_shifted_kernel(world, alpha, beta, beta)
+    report = gauge_of_shifted_kernel(world, alpha, beta, beta)
     rows = report["sources"]["reference"]
     assert [row["step"] for row in rows] == list(range(len(world.timesteps) - 1))
     assert any(row["carries_kl"] for row in rows)
@@ -86,7 +88,7 @@ def test_the_implied_beta_calibrates_an_adapter_trained_at_an_unknown_beta() -> 
     """An adapter at its step optimum for beta 0.05, gauged as if it had been trained at 0.2 (a guess), reads
     four times the optimum's shift, and its implied beta is the 0.05 it was trained at."""
     world = GaussianWorld.default(dim=3, num_inference_steps=6, seed=1)
-    report = _gauge_of_shifted_kernel(world, alpha=1.0, beta=0.05, gauge_beta=0.2)
+    report = gauge_of_shifted_kernel(world, alpha=1.0, beta=0.05, gauge_beta=0.2)
     assert report["implied_beta"] == pytest.approx(0.05, rel=1e-9)
     assert all(row["ratio"] == pytest.approx(4.0, rel=1e-9) for row in report["sources"]["reference"])
 

@@ -12,37 +12,14 @@ from msdda.adapters import METADATA_FILE
 from msdda.diffusion import BASE, adapter_kernels, guided_output, sampler_kernel
 from msdda.errors import UserError
 from msdda.fuse import MSDDAPipeline
-from msdda.kernels import StepKernel
 from msdda.step_scales import register_step_scales, registered_step_scales, rescaled_factors, scaled_adapters
 from msdda.testing import random_world_adapter
 from msdda.train.calibrate import pooled_steps
-from msdda.train.gauge import check_states, summarise
 from msdda.world.analytic import GaussianWorld
+from tests.test_gauge import gauge_of_shifted_kernel
 
-REWARD = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
 STEPS = 4
 PROMPT = "a red circle on the left"
-
-
-def _gauge(world: GaussianWorld, fractions: list[float], beta: float) -> dict:
-    """The gauge of a kernel that goes ``fractions[step]`` of the way to the closed-form optimum at each step."""
-    timesteps = world.timesteps
-
-    def kernels(step: int, x_t: torch.Tensor) -> tuple[StepKernel, StepKernel]:
-        reference = world.reference_kernel(x_t, timesteps[step])
-        optimum = world.optimal_kernel(x_t, timesteps[step], [REWARD], [1.0], beta)
-        return StepKernel(reference.mean + fractions[step] * (optimum.mean - reference.mean),
-                          reference.variance), reference
-
-    def step_reward(step: int, action: torch.Tensor) -> torch.Tensor:
-        return world.tweedie_step_reward(action, timesteps[step], REWARD)
-
-    generator = torch.Generator().manual_seed(0)
-    states = {step: torch.randn(64, world.dim, generator=generator, dtype=torch.float64)
-              for step in range(len(timesteps))}
-    checks = check_states(kernels, step_reward, states, beta, draws=3, generator=generator)
-    report = summarise({"reference": checks, "adapter": checks}, timesteps, beta, draws=3)
-    return report
 
 
 def test_the_fitted_factors_undo_each_steps_fraction_of_the_way_to_the_closed_form_optimum() -> None:
@@ -51,13 +28,13 @@ def test_the_fitted_factors_undo_each_steps_fraction_of_the_way_to_the_closed_fo
     world = GaussianWorld.default(dim=3, num_inference_steps=8, seed=0)
     beta = 0.2
     fractions = [0.3, 0.5, 0.8, 1.0, 1.5, 2.5, 4.0, 0.0]  # the last (DDPM's deterministic step) is not gauged
-    steps, _, gains, errors, kls = pooled_steps(_gauge(world, fractions, beta))
+    steps, _, gains, errors, kls = pooled_steps(gauge_of_shifted_kernel(world, fractions, beta, beta))
     assert steps == list(range(7))
     factors = rescaled_factors([1.0] * 7, gains, errors, kls, beta, largest=10.0)
     for step, factor in zip(steps, factors):
         assert factor == pytest.approx(1 / fractions[step], rel=1e-9)
     fitted = [fraction * factor for fraction, factor in zip(fractions, factors)] + [0.0]
-    report = _gauge(world, fitted, beta)
+    report = gauge_of_shifted_kernel(world, fitted, beta, beta)
     assert report["max_ratio_deviation"] == pytest.approx(0.0, abs=1e-9)
     assert report["max_scale_deviation"] == pytest.approx(0.0, abs=1e-9)
 

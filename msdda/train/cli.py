@@ -133,8 +133,8 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "calibrate", help="fit an adapter's per-step scales to its step optimum (by the optimality gauge)",
         description="Fit a factor per denoising step for an adapter's LoRA so that every step sits at the step optimum "
-        "the adapter's own direction allows, for the reward it was trained on; steps whose optimum spends next to no KL "
-        "are switched off. Writes a copy of the adapter with the factors in its metadata: msdda applies them wherever "
+        "the adapter's own direction allows, for the reward it was trained on; steps where its shift is all cost (the "
+        "last ones) get a factor near 0. Writes a copy of the adapter with the factors in its metadata: msdda applies them wherever "
         "it samples the adapter (fuse, evaluate, sweep, studio), and its model card says how to with stock diffusers.")
     parser.add_argument("adapter", help="an adapter folder (or Hub id) written by msdda train")
     parser.add_argument("--out", required=True, help="folder for the calibrated adapter (not the adapter's own)")
