@@ -42,7 +42,7 @@ from msdda.routing import BASE, checkpoint_keeping_adapter_routing, mixed_adapte
 __all__ = ["resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
            "is_flow_pipeline", "absent_components", "latent_shape", "dynamic_shift_mu", "prepare_sampling",
            "encode_prompts", "pack_conditioning", "unpack_conditioning", "unwrapped", "denoiser_forward",
-           "uses_guidance", "guided_output", "apply_guidance", "sampler_kernel", "adapter_kernels", "decode_latents",
+           "uses_guidance", "guided_output", "sampler_kernel", "adapter_kernels", "decode_latents",
            "images_to_pil", "standard_normal", "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "BASE"]
 
 _DEFAULT_DENOISER_FAMILY = "StableDiffusionPipeline"
@@ -200,21 +200,12 @@ def uses_guidance(negative: torch.Tensor | None, guidance_scale: float) -> bool:
     return negative is not None and guidance_scale > 1.0
 
 
-def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, channels: int,
-                   guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance on the prediction channels; a learned variance (extra channels) is kept as the
-    conditional model's, as diffusers' pipelines do."""
-    guided = unconditional[:, :channels] + guidance_scale * (conditional[:, :channels] - unconditional[:, :channels])
-    if conditional.shape[1] == channels:
-        return guided
-    return torch.cat([guided, conditional[:, channels:]], dim=1)
-
-
 def _guided_outputs(unet, latents: torch.Tensor, timestep: torch.Tensor | int, positive: torch.Tensor,
                     negative: torch.Tensor | None, names: list[str] | None, guidance_scale: float
                     ) -> list[torch.Tensor]:
     """The guided denoiser output of each named adapter (``names=None``: the denoiser as configured), from ONE
-    batched forward of ``groups x halves x B`` rows (halves: the negative and positive conditioning under guidance)."""
+    batched forward of ``groups x halves x B`` rows (halves: the negative and positive conditioning under guidance),
+    guided as the denoiser's family guides (``ModelFamily.guide``)."""
     batch, groups = len(latents), len(names or [None])
     guided = uses_guidance(negative, guidance_scale)
     halves = 2 if guided else 1
@@ -227,11 +218,12 @@ def _guided_outputs(unet, latents: torch.Tensor, timestep: torch.Tensor | int, p
     else:
         with mixed_adapter_batch(unet, [name for name in names for _ in range(batch * halves)]):
             output = denoiser_forward(unet, rows, timestep, embeds)
+    family = family_of_denoiser(unwrapped(unet), _DEFAULT_DENOISER_FAMILY)
     outputs = []
     for chunk in output.chunk(groups):
         if guided:
             unconditional, conditional = chunk.chunk(2)
-            chunk = apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
+            chunk = family.guide(unconditional, conditional, latents.shape[1], guidance_scale)
         outputs.append(chunk)
     return outputs
 

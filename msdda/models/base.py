@@ -104,6 +104,11 @@ class ModelFamily(ABC):
         """Whether ``inner`` (unwrapped) is this family's denoiser, whose forward :meth:`forward` calls."""
         return isinstance(inner, self.denoiser_class)
 
+    def enable_vae_gradient_checkpointing(self, pipeline) -> None:
+        """Checkpoint the VAE decoder's blocks, through which the pathwise estimator backpropagates, where diffusers
+        offers it for the family's VAE."""
+        pipeline.vae.enable_gradient_checkpointing()
+
     # --------------------------------------------------------------------------------------- latents, schedule
     @abstractmethod
     def latent_shape(self, pipeline, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
@@ -131,6 +136,17 @@ class ModelFamily(ABC):
                 conditioning: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction for ``sample`` ``[B, C, H, W]``, as the stock pipeline calls ``model`` (maybe
         wrapped; ``inner`` is the diffusers model inside)."""
+
+    def guide(self, unconditional: torch.Tensor, conditional: torch.Tensor, channels: int,
+              guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance of the denoiser's outputs ``[B, C', H, W]`` as the stock pipeline applies it: on
+        the ``channels`` prediction channels, with a learned variance (extra channels) kept as the conditional
+        model's, as diffusers' pipelines do."""
+        guided = unconditional[:, :channels] + guidance_scale * (conditional[:, :channels]
+                                                                 - unconditional[:, :channels])
+        if conditional.shape[1] == channels:
+            return guided
+        return torch.cat([guided, conditional[:, channels:]], dim=1)
 
     # --------------------------------------------------------------------------------------------- decoding
     def decode(self, pipeline, latents: torch.Tensor, grad: bool) -> torch.Tensor:
