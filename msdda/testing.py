@@ -293,11 +293,11 @@ def qwen_tokenizer():
 
 
 def tiny_qwen_image(folder: str | Path, seed: int = 0) -> Path:
-    """A QwenImagePipeline of Qwen-Image's classes and scheduler at toy size (64 px images are 8x8 latents, 16
+    """A QwenImagePipeline of Qwen-Image's classes and scheduler at toy size (32 px images are 8x8 latents, 16
     patches): a transformer of two blocks with rotary axes splitting its head width as Qwen-Image's do; a Qwen2.5-VL
     text encoder (its language model 32 wide, two layers, a one-block vision tower it does not use for text) with
-    :func:`qwen_tokenizer`; Qwen-Image's causal 3-D VAE (one frame, 8x downsampling, per-channel latent mean and
-    std); Qwen-Image's FlowMatchEulerDiscreteScheduler (the exponential dynamic shift with a terminal sigma)."""
+    :func:`qwen_tokenizer`; Qwen-Image's causal 3-D VAE (one frame, 4x downsampling where Qwen-Image's is 8x, per-channel latent
+    mean and std); Qwen-Image's FlowMatchEulerDiscreteScheduler (the exponential dynamic shift with a terminal sigma)."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -318,8 +318,8 @@ def tiny_qwen_image(folder: str | Path, seed: int = 0) -> Path:
                          spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0])
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text_config,
                                                                         vision_config=vision_config))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                 temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, -0.4],
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, -0.4],
                                  latents_std=[1.5, 2.0, 2.5, 3.0])
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                               attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
