@@ -79,7 +79,7 @@ def pipeline_class_name(base: str) -> str:
         raise _cannot_load(base, error) from error
     if family_named(declared) is None:
         raise UserError(f"base model {base!r} is a {declared}; msdda trains and fuses {pipeline_classes()} (other "
-                        "pipelines, e.g. Flux2Pipeline, are not supported yet)")
+                        "pipelines are not supported yet)")
     return declared
 
 
