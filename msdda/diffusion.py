@@ -142,10 +142,11 @@ def latent_shape(pipeline, batch: int, height: int | None = None, width: int | N
     return family_of(pipeline).latent_shape(pipeline, batch, height, width)
 
 
-def dynamic_shift_mu(pipeline, shape: tuple[int, ...]) -> float | None:
-    """FLUX's dynamic shift mu for latents of ``shape``, as FluxPipeline computes it from the image's sequence length;
-    None where the schedule's shift is fixed."""
-    return family_of(pipeline).dynamic_shift_mu(pipeline, shape)
+def dynamic_shift_mu(pipeline, shape: tuple[int, ...], num_inference_steps: int) -> float | None:
+    """The dynamic shift mu for latents of ``shape`` sampled in ``num_inference_steps``, as the pipeline computes it
+    (FLUX and Qwen-Image from the image's sequence length, FLUX.2 from it and the steps); None where the schedule's
+    shift is fixed."""
+    return family_of(pipeline).dynamic_shift_mu(pipeline, shape, num_inference_steps)
 
 
 def prepare_sampling(pipeline, num_inference_steps: int, batch: int, generator: torch.Generator,

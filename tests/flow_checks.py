@@ -93,7 +93,7 @@ def assert_single_at_noise_level_0_is_the_stock_pipeline(pipeline, stock, adapte
                         generator=torch.Generator().manual_seed(5)).images
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(adapter)
-    expected = stock(PROMPTS[:2], output_type="pt", **call, **stock_kwargs,
+    expected = stock(prompt=PROMPTS[:2], output_type="pt", **call, **stock_kwargs,
                      generator=torch.Generator().manual_seed(5)).images
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="eta=1.0 is DDIM's setting"):

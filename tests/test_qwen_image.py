@@ -111,7 +111,7 @@ def test_padding_the_text_does_not_change_the_velocity_and_sizes_are_checked(mod
                                    rtol=1e-5, atol=1e-6)
     small, large = latent_shape(pipeline, 1, SIZE, SIZE), latent_shape(pipeline, 1, 256, 256)
     assert small == (1, 4, 8, 8) and large == (1, 4, 64, 64)
-    assert dynamic_shift_mu(pipeline, large) == pytest.approx(0.5 + (1024 - 256) * 0.4 / (8192 - 256))
+    assert dynamic_shift_mu(pipeline, large, 10) == pytest.approx(0.5 + (1024 - 256) * 0.4 / (8192 - 256))
     with pytest.raises(UserError, match="height 36 px does not fit a QwenImagePipeline.*multiples of 8 px"):
         latent_shape(pipeline, 1, 36, SIZE)
     with pytest.raises(UserError, match="max_sequence_length=2000"):
@@ -165,7 +165,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, tmp
 def test_fusion_refuses_an_adapter_of_another_family(trained, tmp_path) -> None:
     """A Stable Diffusion adapter beside a Qwen-Image one is refused before any base loads, naming both classes."""
     other = random_world_adapter(tmp_path / "world", seed=0)
-    with pytest.raises(UserError, match="QwenImagePipeline|StableDiffusionPipeline"):
+    with pytest.raises(UserError, match="QwenImagePipeline.*StableDiffusionPipeline|StableDiffusionPipeline.*QwenImagePipeline"):
         read_adapters([str(trained["pathwise"][0]), str(other)])
 
 

@@ -114,8 +114,9 @@ class ModelFamily(ABC):
     def latent_shape(self, pipeline, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
         """The ``[B, C, H, W]`` shape of x_T for ``height`` x ``width`` pixels (None: the pipeline's default)."""
 
-    def dynamic_shift_mu(self, pipeline, shape: tuple[int, ...]) -> float | None:
-        """The schedule's shift for latents of ``shape`` where it depends on the image size; None where it does not."""
+    def dynamic_shift_mu(self, pipeline, shape: tuple[int, ...], num_inference_steps: int) -> float | None:
+        """The schedule's shift for latents of ``shape`` sampled in ``num_inference_steps`` where it depends on the
+        image size (FLUX.2's on the steps too); None where it does not."""
         return None
 
     def set_timesteps(self, pipeline, num_inference_steps: int, device: torch.device, shape: tuple[int, ...]) -> None:
@@ -167,7 +168,8 @@ class ModelFamily(ABC):
             arguments[metadata] = denoiser.peft_config["default"].to_dict()
         self.pipeline_class.save_lora_weights(folder, safe_serialization=True, **arguments)
 
-    def sampler_metadata(self, pipeline, noise_scale: float | None, shape: tuple[int, ...]) -> dict:
+    def sampler_metadata(self, pipeline, noise_scale: float | None, shape: tuple[int, ...],
+                         num_inference_steps: int) -> dict:
         """The sampler settings an adapter records (``AdapterMetadata`` fields) and fusion checks."""
         return {"eta": noise_scale}
 

@@ -58,8 +58,9 @@ class FlowMatching(ModelFamily):
         timesteps = torch.as_tensor(timestep, device=sample.device)
         return timesteps.expand(len(sample)) if timesteps.ndim == 0 else timesteps
 
-    def sampler_metadata(self, pipeline, noise_scale: float | None, shape: tuple[int, ...]) -> dict:
-        mu = self.dynamic_shift_mu(pipeline, shape)
+    def sampler_metadata(self, pipeline, noise_scale: float | None, shape: tuple[int, ...],
+                         num_inference_steps: int) -> dict:
+        mu = self.dynamic_shift_mu(pipeline, shape, num_inference_steps)
         return {"eta": None, "flow_noise_level": noise_scale, "flow_mu": mu,
                 "flow_shift": float(pipeline.scheduler.config.shift) if mu is None else None}
 
@@ -85,9 +86,9 @@ class PatchedFlowMatching(FlowMatching):
         return (batch, pipeline.transformer.config.in_channels // 4,
                 *image_sides(pipeline, height, width, pipeline.default_sample_size * scale, 2 * scale))
 
-    def dynamic_shift_mu(self, pipeline, shape: tuple[int, ...]) -> float | None:
+    def dynamic_shift_mu(self, pipeline, shape: tuple[int, ...], num_inference_steps: int) -> float | None:
         """mu as the pipeline computes it from the image's sequence length (the number of 2x2 patches) and the
-        scheduler's config; None where the scheduler's shift is fixed (it then ignores mu)."""
+        scheduler's config, whatever the steps; None where the scheduler's shift is fixed (it then ignores mu)."""
         config = pipeline.scheduler.config
         if not config.use_dynamic_shifting:
             return None
@@ -101,4 +102,4 @@ class PatchedFlowMatching(FlowMatching):
         scheduler = pipeline.scheduler
         steps = num_inference_steps
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-        retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=self.dynamic_shift_mu(pipeline, shape))
+        retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=self.dynamic_shift_mu(pipeline, shape, steps))
