@@ -305,8 +305,9 @@ def tiny_qwen_image(folder: str | Path, seed: int = 0) -> Path:
     """A QwenImagePipeline of Qwen-Image's classes and scheduler at toy size (32 px images are 8x8 latents, 16
     patches): a transformer of two blocks with rotary axes splitting its head width as Qwen-Image's do; a Qwen2.5-VL
     text encoder (its language model 32 wide, two layers, a one-block vision tower it does not use for text) with
-    :func:`qwen_tokenizer`; Qwen-Image's causal 3-D VAE (one frame, 4x downsampling where Qwen-Image's is 8x, per-channel latent
-    mean and std); Qwen-Image's FlowMatchEulerDiscreteScheduler (the exponential dynamic shift with a terminal sigma)."""
+    :func:`qwen_tokenizer`; Qwen-Image's causal 3-D VAE (one frame, 4x downsampling where Qwen-Image's is 8x,
+    per-channel latent mean and std); Qwen-Image's FlowMatchEulerDiscreteScheduler (the exponential dynamic shift with
+    a terminal sigma)."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,

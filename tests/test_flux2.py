@@ -15,7 +15,6 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from safetensors.torch import save_file
 
 from msdda.adapters import load_adapter_metadata
-from msdda.config import load_config
 from msdda.diffusion import (
     decode_latents,
     dynamic_shift_mu,
@@ -28,12 +27,10 @@ from msdda.diffusion import (
 )
 from msdda.errors import UserError
 from msdda.fuse.methods import method_names
-from msdda.fuse.pipeline import read_adapters
 from msdda.rewards.clip import AestheticHead
 from msdda.sampling import denoise
-from msdda.testing import random_world_adapter, tiny_clip, tiny_flux2
+from msdda.testing import tiny_clip, tiny_flux2
 from msdda.train import TrainConfig
-from msdda.train.trainer import Trainer
 from tests import flow_checks
 from tests.flow_checks import PROMPTS
 
@@ -54,17 +51,8 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 
 def _config(models, output_dir: Path, *overrides: str, recipe: str = "pickscore") -> TrainConfig:
-    """A FLUX.2 recipe at toy size, with its own reward on a tiny CLIP (and, for aesthetic, a random head)."""
-    config = load_config(TrainConfig, ROOT / f"configs/train/flux2_{recipe}.yaml", [
-        f"base={models['flux2']}", f"prompts={PROMPTS}", f"output_dir={output_dir}", "epochs=1", "mixed_precision=no",
-        f"sampling.resolution={SIZE}", "sampling.num_inference_steps=3", "sampling.batch_size=2",
-        f"sampling.max_sequence_length={TOKENS}", "sampling.batches_per_epoch=1", "train.batch_size=2",
-        "train.gradient_accumulation_steps=1", "train.timestep_fraction=1.0", "train.learning_rate=0.01",
-        "sample_every=0", "log_with=null", "checkpoint.every=1", "train.gauge_prompts=0", "lora.rank=2", "lora.alpha=4",
-        *overrides])
-    config.reward.kwargs = ({"model": models["clip"], "processor": models["clip"]} if recipe == "pickscore" else
-                            {"model": models["clip"], "head": models["aesthetic_head"]})
-    return config
+    return flow_checks.toy_recipe_config(ROOT / f"configs/train/flux2_{recipe}.yaml", models["flux2"], models,
+                                         output_dir, SIZE, TOKENS, *overrides)
 
 
 def test_the_loop_at_noise_level_0_is_the_stock_flux2_pipeline(models) -> None:
@@ -112,14 +100,8 @@ def test_the_shift_follows_size_and_steps_and_inputs_are_checked(models) -> None
 
 @pytest.fixture(scope="module")
 def trained(models, tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
-    """One epoch of each recipe with one of the estimators: (the exported adapter, the trained transformer)."""
-    root, runs = tmp_path_factory.mktemp("flux2_runs"), {}
-    for estimator, step_reward, recipe in (("pathwise", "tweedie", "pickscore"),
-                                           ("policy-gradient", "terminal", "aesthetic")):
-        trainer = Trainer(_config(models, root / estimator, f"train.estimator={estimator}",
-                                  f"reward.step_reward={step_reward}", recipe=recipe))
-        runs[estimator] = (trainer.run(), trainer.unwrapped)
-    return runs
+    return flow_checks.train_each_estimator(lambda *args, **kwargs: _config(models, *args, **kwargs),
+                                            tmp_path_factory.mktemp("flux2_runs"))
 
 
 @pytest.mark.parametrize("estimator", ["pathwise", "policy-gradient"])
@@ -145,17 +127,12 @@ def test_the_other_step_rewards_train(models, tmp_path, estimator: str, step_rew
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, tmp_path) -> None:
-    # the cheapest estimator: resuming is the subject, not the gradient
-    flow_checks.assert_resume_is_bit_equal(
-        lambda output_dir, *overrides: _config(models, output_dir, "train.estimator=policy-gradient",
-                                               "reward.step_reward=terminal", *overrides), tmp_path)
+    flow_checks.assert_resume_on_the_cheapest_estimator_is_bit_equal(
+        lambda output_dir, *overrides: _config(models, output_dir, *overrides), tmp_path)
 
 
 def test_fusion_refuses_an_adapter_of_another_family(trained, tmp_path) -> None:
-    """A Stable Diffusion adapter beside a FLUX.2 one is refused before any base loads, naming both classes."""
-    other = random_world_adapter(tmp_path / "world", seed=0)
-    with pytest.raises(UserError, match="Flux2Pipeline.*StableDiffusionPipeline|StableDiffusionPipeline.*Flux2Pipeline"):
-        read_adapters([str(trained["pathwise"][0]), str(other)])
+    flow_checks.assert_fusion_refuses_an_adapter_of_another_family(trained["pathwise"][0], tmp_path, "Flux2Pipeline")
 
 
 def _fusing_pipeline(models, trained, *estimators: str):
