@@ -43,7 +43,7 @@ from msdda.step_scales import scaled_adapters
 __all__ = ["resolve_base", "resolve_device", "pipeline_class_name", "load_base_pipeline", "denoiser_of",
            "is_flow_pipeline", "absent_components", "latent_shape", "dynamic_shift_mu", "prepare_sampling",
            "encode_prompts", "pack_conditioning", "unpack_conditioning", "unwrapped", "denoiser_forward",
-           "uses_guidance", "guided_output", "apply_guidance", "sampler_kernel", "adapter_kernels", "decode_latents",
+           "uses_guidance", "guided_output", "sampler_kernel", "adapter_kernels", "decode_latents",
            "images_to_pil", "standard_normal", "mixed_adapter_batch", "checkpoint_keeping_adapter_routing", "BASE"]
 
 _DEFAULT_DENOISER_FAMILY = "StableDiffusionPipeline"
@@ -80,7 +80,7 @@ def pipeline_class_name(base: str) -> str:
         raise _cannot_load(base, error) from error
     if family_named(declared) is None:
         raise UserError(f"base model {base!r} is a {declared}; msdda trains and fuses {pipeline_classes()} (other "
-                        "pipelines, e.g. Flux2Pipeline, are not supported yet)")
+                        "pipelines are not supported yet)")
     return declared
 
 
@@ -143,10 +143,11 @@ def latent_shape(pipeline, batch: int, height: int | None = None, width: int | N
     return family_of(pipeline).latent_shape(pipeline, batch, height, width)
 
 
-def dynamic_shift_mu(pipeline, shape: tuple[int, ...]) -> float | None:
-    """FLUX's dynamic shift mu for latents of ``shape``, as FluxPipeline computes it from the image's sequence length;
-    None where the schedule's shift is fixed."""
-    return family_of(pipeline).dynamic_shift_mu(pipeline, shape)
+def dynamic_shift_mu(pipeline, shape: tuple[int, ...], num_inference_steps: int) -> float | None:
+    """The dynamic shift mu for latents of ``shape`` sampled in ``num_inference_steps``, as the pipeline computes it
+    (FLUX and Qwen-Image from the image's sequence length, FLUX.2 from it and the steps); None where the schedule's
+    shift is fixed."""
+    return family_of(pipeline).dynamic_shift_mu(pipeline, shape, num_inference_steps)
 
 
 def prepare_sampling(pipeline, num_inference_steps: int, batch: int, generator: torch.Generator,
@@ -201,22 +202,13 @@ def uses_guidance(negative: torch.Tensor | None, guidance_scale: float) -> bool:
     return negative is not None and guidance_scale > 1.0
 
 
-def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, channels: int,
-                   guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance on the prediction channels; a learned variance (extra channels) is kept as the
-    conditional model's, as diffusers' pipelines do."""
-    guided = unconditional[:, :channels] + guidance_scale * (conditional[:, :channels] - unconditional[:, :channels])
-    if conditional.shape[1] == channels:
-        return guided
-    return torch.cat([guided, conditional[:, channels:]], dim=1)
-
-
 def _guided_outputs(unet, latents: torch.Tensor, timestep: torch.Tensor | int, positive: torch.Tensor,
                     negative: torch.Tensor | None, names: list[str] | None, guidance_scale: float
                     ) -> list[torch.Tensor]:
     """The guided denoiser output of each named adapter (``names=None``: the denoiser as configured), from ONE
     batched forward of ``groups x halves x B`` rows (halves: the negative and positive conditioning under guidance),
-    each adapter at its per-step scale where it has one (msdda.step_scales)."""
+    each adapter at its per-step scale where it has one (msdda.step_scales), guided as the denoiser's family guides
+    (``ModelFamily.guide``)."""
     batch, groups = len(latents), len(names or [None])
     guided = uses_guidance(negative, guidance_scale)
     halves = 2 if guided else 1
@@ -230,11 +222,12 @@ def _guided_outputs(unet, latents: torch.Tensor, timestep: torch.Tensor | int, p
         else:
             with mixed_adapter_batch(unet, [name for name in names for _ in range(batch * halves)]):
                 output = denoiser_forward(unet, rows, timestep, embeds)
+    family = family_of_denoiser(unwrapped(unet), _DEFAULT_DENOISER_FAMILY)
     outputs = []
     for chunk in output.chunk(groups):
         if guided:
             unconditional, conditional = chunk.chunk(2)
-            chunk = apply_guidance(unconditional, conditional, latents.shape[1], guidance_scale)
+            chunk = family.guide(unconditional, conditional, latents.shape[1], guidance_scale)
         outputs.append(chunk)
     return outputs
 

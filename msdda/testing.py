@@ -1,5 +1,6 @@
 """Helpers for tests and benchmarks: random reward adapters on the embedded world, and tiny randomly
-initialised models of the real classes (Stable Diffusion 1.5 and 3.5, FLUX.1, CLIP, BLIP), built offline from configs."""
+initialised models of the real classes (Stable Diffusion 1.5, XL and 3.5, FLUX.1, FLUX.2, Qwen-Image, CLIP, BLIP), built
+offline from configs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 
 __all__ = ["random_world_adapter", "tiny_clip", "tiny_blip", "tiny_stable_diffusion", "tiny_stable_diffusion_3",
-           "tiny_flux", "byte_vocabulary", "character_t5_tokenizer"]
+           "tiny_flux", "tiny_flux2", "tiny_qwen_image", "byte_vocabulary", "character_t5_tokenizer",
+           "qwen_tokenizer", "mistral_tokenizer"]
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -49,16 +51,21 @@ def random_world_adapter(folder: str | Path, seed: int, beta: float = 0.01, num_
     return save_adapter(folder, unet, metadata)
 
 
+def byte_characters() -> dict[int, str]:
+    """Byte-level BPE's stand-in character for each byte (GPT-2's table): the printable bytes stand for themselves,
+    the others for the characters from U+0100 on, in the table's order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + len(table) - len(printable))
+    return table
+
+
 def byte_vocabulary() -> dict[str, int]:
     """A CLIP tokenizer vocabulary with no merges: the 256 byte stand-ins of byte-level BPE (GPT-2's table),
     alone and word-final, plus CLIP's two special tokens. Every text tokenizes, one byte per token."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    characters = [chr(c) for c in codes]
+    characters = list(byte_characters().values())
     vocabulary = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for token in characters + [c + "</w>" for c in characters]:
         vocabulary[token] = len(vocabulary)
@@ -253,5 +260,152 @@ def tiny_flux(folder: str | Path, guidance_embeds: bool = True, seed: int = 0) -
     pipeline = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                             tokenizer=CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77),
                             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def _byte_level_bpe(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocabulary, merges) of a byte-level BPE whose tokens are the 256 byte stand-ins and every prefix of each of
+    ``words``, so that each word (with its leading space, as the pre-tokenizer splits it) is one token and every other
+    text one token per byte."""
+    table = byte_characters()
+    vocabulary = {character: index for index, character in enumerate(table.values())}
+    merges = []
+    for word in words:
+        characters = "".join(table[byte] for byte in word.encode())
+        for end in range(2, len(characters) + 1):
+            if characters[:end] not in vocabulary:
+                merges.append((characters[:end - 1], characters[end - 1]))
+                vocabulary[characters[:end]] = len(vocabulary)
+    return vocabulary, merges
+
+
+QWEN_TEMPLATE_WORDS = ("system", "user", "assistant", "Describe", " the", " image", " by", " detailing", " color",
+                       " shape", " size", " texture", " quantity", " text", " spatial", " relationships", " of",
+                       " objects", " and", " background")
+"""The words of QwenImagePipeline's prompt template, each one token of :func:`qwen_tokenizer`."""
+
+
+def qwen_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE, Qwen's chat special tokens) whose merges make each word of
+    QwenImagePipeline's prompt template one token, so that the template's system part is 34 tokens, as with Qwen's
+    own tokenizer, and the pipeline drops exactly it; other text tokenizes one byte per token. Built offline: Qwen's
+    151k-token vocabulary is not needed for a random text encoder."""
+    from transformers import Qwen2Tokenizer
+
+    vocabulary, merges = _byte_level_bpe(QWEN_TEMPLATE_WORDS)
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocabulary[special] = len(vocabulary)
+    tokenizer = Qwen2Tokenizer(vocab=vocabulary, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def tiny_qwen_image(folder: str | Path, seed: int = 0) -> Path:
+    """A QwenImagePipeline of Qwen-Image's classes and scheduler at toy size (32 px images are 8x8 latents, 16
+    patches): a transformer of two blocks with rotary axes splitting its head width as Qwen-Image's do; a Qwen2.5-VL
+    text encoder (its language model 32 wide, two layers, a one-block vision tower it does not use for text) with
+    :func:`qwen_tokenizer`; Qwen-Image's causal 3-D VAE (one frame, 4x downsampling where Qwen-Image's is 8x,
+    per-channel latent mean and std); Qwen-Image's FlowMatchEulerDiscreteScheduler (the exponential dynamic shift with
+    a terminal sigma)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(seed)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]},
+                       bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                       pad_token_id=tokenizer.pad_token_id)
+    vision_config = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
+                         spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0])
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text_config,
+                                                                        vision_config=vision_config))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, -0.4],
+                                 latents_std=[1.5, 2.0, 2.5, 3.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                              axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
+                                                max_shift=0.9, shift=1.0, shift_terminal=0.02,
+                                                time_shift_type="exponential", use_dynamic_shifting=True)
+    pipeline = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                 transformer=transformer)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+MISTRAL_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+                         "[SYSTEM_PROMPT]{{ message['content'][0]['text'] }}[/SYSTEM_PROMPT]{% else %}"
+                         "[INST]{{ message['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}")
+"""Mistral Small 3's chat layout for the text-only messages Flux2Pipeline formats (system, then user)."""
+
+
+def mistral_tokenizer():
+    """A byte-level BPE tokenizer with Mistral Small 3's special tokens and chat layout, whose merges make each word of
+    Flux2Pipeline's system message one token (the message is 30 tokens; other text one token per byte), padding on
+    the right to ``max_length`` as the pipeline asks. FLUX.2 ships a PixtralProcessor (Mistral's 131k-token tekken
+    vocabulary and an image processor); Flux2Pipeline's text-to-image path calls only its ``apply_chat_template``,
+    which this tokenizer has, built offline."""
+    import re
+
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary, merges = _byte_level_bpe(sorted(set(re.findall(r" ?[A-Za-z]+", SYSTEM_MESSAGE))))
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    for special in specials:
+        vocabulary[special] = len(vocabulary)
+    backend = Tokenizer(models.BPE(vocab=vocabulary, merges=merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:],
+                                  chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
+def tiny_flux2(folder: str | Path, seed: int = 0) -> Path:
+    """A Flux2Pipeline of FLUX.2 [dev]'s classes at toy size (16 px images are 8x8 VAE latents, 4x4 patchified ones,
+    16 tokens): a transformer with one double-stream and one single-stream block, four rotary axes and the guidance
+    embedding; a Mistral 3 text encoder whose language model has the 30 layers Flux2Pipeline reads (layers 10, 20 and
+    30, 16 wide each, joined into 48) and a one-block Pixtral vision tower, with :func:`mistral_tokenizer`; FLUX.2's
+    VAE (its latents' batch-norm statistics set to non-trivial values); a FlowMatchEulerDiscreteScheduler with the
+    dynamic shift."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    folder = Path(folder)
+    tokenizer = mistral_tokenizer()
+    torch.manual_seed(seed)
+    text_config = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24,
+                       num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision_config = dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, head_dim=8, image_size=32, patch_size=8)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text_config,
+                                                                    vision_config=vision_config,
+                                                                    spatial_merge_size=1))
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+                             sample_size=16)
+    with torch.no_grad():
+        vae.bn.running_mean.normal_()
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipeline = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
     pipeline.save_pretrained(folder)
     return folder

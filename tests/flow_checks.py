@@ -1,6 +1,7 @@
-"""Checks that every flow-matching pipeline class (SD3, FLUX) must pass, shared by tests/test_sd3.py and
-tests/test_flux.py (and, where they hold of any family, tests/test_sdxl.py): each test module builds its tiny
-pipeline and trained adapters, these say what must hold of them."""
+"""Checks that every flow-matching pipeline class (SD3, FLUX, Qwen-Image, FLUX.2) must pass, shared by
+tests/test_sd3.py, tests/test_flux.py, tests/test_qwen_image.py and tests/test_flux2.py (and, where they hold of any
+family, tests/test_sdxl.py): each test module builds its tiny pipeline and trained adapters, these say what must hold
+of them."""
 
 from __future__ import annotations
 
@@ -14,15 +15,63 @@ import torch
 from safetensors.torch import load_file
 
 from msdda.adapters import WEIGHTS_FILE, load_adapter_metadata, weights_hash
+from msdda.config import load_config
 from msdda.diffusion import denoiser_forward, denoiser_of, encode_prompts
 from msdda.errors import UserError
 from msdda.fuse.pipeline import MSDDAPipeline, read_adapters
 from msdda.rewards import load_reward
+from msdda.testing import random_world_adapter
 from msdda.train import TrainConfig
 from msdda.train.evaluate import evaluate_adapter
 from msdda.train.trainer import Trainer
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue bird on a tree"]
+
+
+def toy_recipe_config(recipe: Path, base: str, models: dict[str, str], output_dir: Path, size: int, tokens: int,
+                      *overrides: str) -> TrainConfig:
+    """A pickscore or aesthetic flow ``recipe`` at toy size (``size`` px, ``tokens`` text tokens, 3 steps, rank 2 at
+    alpha 4, no final gauge) on ``base``, its reward on the tiny CLIP of ``models`` (and, for aesthetic, the random
+    head ``models["aesthetic_head"]``)."""
+    config = load_config(TrainConfig, recipe, [
+        f"base={base}", f"prompts={PROMPTS}", f"output_dir={output_dir}", "epochs=1", "mixed_precision=no",
+        f"sampling.resolution={size}", "sampling.num_inference_steps=3", "sampling.batch_size=2",
+        f"sampling.max_sequence_length={tokens}", "sampling.batches_per_epoch=1", "train.batch_size=2",
+        "train.gradient_accumulation_steps=1", "train.timestep_fraction=1.0", "train.learning_rate=0.01",
+        "sample_every=0", "log_with=null", "checkpoint.every=1", "train.gauge_prompts=0", "lora.rank=2", "lora.alpha=4",
+        *overrides])
+    config.reward.kwargs = ({"model": models["clip"], "processor": models["clip"]} if "pickscore" in recipe.name else
+                            {"model": models["clip"], "head": models["aesthetic_head"]})
+    return config
+
+
+def train_each_estimator(config: Callable[..., TrainConfig], root: Path) -> dict[str, tuple[Path, torch.nn.Module]]:
+    """One epoch of the pickscore recipe pathwise through ``tweedie`` and of the aesthetic one by policy gradient on
+    the ``terminal`` reward (``config(output_dir, *overrides, recipe=...)``): estimator -> (the exported adapter, the
+    trained transformer)."""
+    runs = {}
+    for estimator, step_reward, recipe in (("pathwise", "tweedie", "pickscore"),
+                                           ("policy-gradient", "terminal", "aesthetic")):
+        trainer = Trainer(config(root / estimator, f"train.estimator={estimator}", f"reward.step_reward={step_reward}",
+                                 recipe=recipe))
+        runs[estimator] = (trainer.run(), trainer.unwrapped)
+    return runs
+
+
+def assert_resume_on_the_cheapest_estimator_is_bit_equal(config: Callable[..., TrainConfig], root: Path) -> None:
+    """:func:`assert_resume_is_bit_equal` by policy gradient on the ``terminal`` reward: resuming is the subject,
+    not the gradient."""
+    assert_resume_is_bit_equal(lambda output_dir, *overrides: config(output_dir, "train.estimator=policy-gradient",
+                                                                     "reward.step_reward=terminal", *overrides), root)
+
+
+def assert_fusion_refuses_an_adapter_of_another_family(adapter: Path, root: Path, pipeline_class: str) -> None:
+    """A Stable Diffusion adapter beside ``adapter`` (of ``pipeline_class``) is refused before any base loads, naming
+    both classes."""
+    other = random_world_adapter(root / "world", seed=0)
+    with pytest.raises(UserError, match=f"{pipeline_class}.*StableDiffusionPipeline|StableDiffusionPipeline.*"
+                                        f"{pipeline_class}"):
+        read_adapters([str(adapter), str(other)])
 
 
 def assert_stock_loader_reproduces_the_trained_transformer(stock, final: Path, transformer: torch.nn.Module,
@@ -93,7 +142,7 @@ def assert_single_at_noise_level_0_is_the_stock_pipeline(pipeline, stock, adapte
                         generator=torch.Generator().manual_seed(5)).images
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(adapter)
-    expected = stock(PROMPTS[:2], output_type="pt", **call, **stock_kwargs,
+    expected = stock(prompt=PROMPTS[:2], output_type="pt", **call, **stock_kwargs,
                      generator=torch.Generator().manual_seed(5)).images
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="eta=1.0 is DDIM's setting"):

@@ -95,11 +95,11 @@ def test_a_sampler_that_does_not_fit_the_base_is_refused_before_loading(models, 
     sd = tiny_stable_diffusion(tmp_path / "sd")
     with pytest.raises(UserError, match=r"StableDiffusionPipeline.*\['ddim', 'ddpm'\]"):
         load_base_pipeline(str(sd), "flow")
-    flux2 = tmp_path / "flux2"
-    flux2.mkdir()
-    (flux2 / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
-    with pytest.raises(UserError, match="is a Flux2Pipeline"):
-        load_base_pipeline(str(flux2), "flow")
+    video = tmp_path / "wan"
+    video.mkdir()
+    (video / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    with pytest.raises(UserError, match="is a WanPipeline"):
+        load_base_pipeline(str(video), "flow")
     with pytest.raises(UserError, match="sampling.flow_noise_level=0.0"):
         _config(models, tmp_path / "run", "sampling.flow_noise_level=0").validate()
 

@@ -315,7 +315,7 @@ class _Fusing:
                           else guidance_scale)
         height = height or self.recorded("resolution", None)
         width = width or self.recorded("resolution", None)
-        self._warn_if_the_shift_moves(latents, height, width)
+        self._warn_if_the_shift_moves(latents, height, width, num_inference_steps)
         noise, noise_name = self._noise_scale(eta, flow_noise_level)
         if noise == 0:
             warnings.warn(f"{noise_name}=0 makes every step deterministic: there is no precision to weight, so MSDDA "
@@ -352,14 +352,16 @@ class _Fusing:
             return (images, None)
         return MSDDAPipelineOutput(images=images, nsfw_content_detected=None, path_kl=path_kl)
 
-    def _warn_if_the_shift_moves(self, latents: torch.Tensor | None, height: int | None, width: int | None) -> None:
-        """FLUX's dynamic shift depends on the image size: sampled at another size than the adapters were trained
-        at, every step's kernel is one they were not trained for, so the fusion is no longer exact for them."""
+    def _warn_if_the_shift_moves(self, latents: torch.Tensor | None, height: int | None, width: int | None,
+                                 num_inference_steps: int) -> None:
+        """The dynamic shift (FLUX, Qwen-Image, FLUX.2) depends on the image size: sampled at another size than the
+        adapters were trained at, every step's kernel is one they were not trained for, so the fusion is no longer
+        exact for them."""
         trained = self.recorded("flow_mu", None)
         shape = tuple(latents.shape) if latents is not None else latent_shape(self, 1, height, width)
-        mu = dynamic_shift_mu(self, shape)
+        mu = dynamic_shift_mu(self, shape, num_inference_steps)
         if trained is not None and mu is not None and not math.isclose(mu, trained, rel_tol=1e-6):
-            warnings.warn(f"sampling {shape[-2]}x{shape[-1]} latents shifts FLUX's schedule by mu = {mu:.4f}, but the "
+            warnings.warn(f"sampling {shape[-2]}x{shape[-1]} latents shifts the schedule by mu = {mu:.4f}, but the "
                           f"adapters were trained at mu = {trained:.4f} (resolution {self.recorded('resolution', None)}"
                           "): their step kernels are fused on steps they were not trained for", stacklevel=3)
 

@@ -104,13 +104,19 @@ class ModelFamily(ABC):
         """Whether ``inner`` (unwrapped) is this family's denoiser, whose forward :meth:`forward` calls."""
         return isinstance(inner, self.denoiser_class)
 
+    def enable_vae_gradient_checkpointing(self, pipeline) -> None:
+        """Checkpoint the VAE decoder's blocks, through which the pathwise estimator backpropagates, where diffusers
+        offers it for the family's VAE."""
+        pipeline.vae.enable_gradient_checkpointing()
+
     # --------------------------------------------------------------------------------------- latents, schedule
     @abstractmethod
     def latent_shape(self, pipeline, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
         """The ``[B, C, H, W]`` shape of x_T for ``height`` x ``width`` pixels (None: the pipeline's default)."""
 
-    def dynamic_shift_mu(self, pipeline, shape: tuple[int, ...]) -> float | None:
-        """The schedule's shift for latents of ``shape`` where it depends on the image size; None where it does not."""
+    def dynamic_shift_mu(self, pipeline, shape: tuple[int, ...], num_inference_steps: int) -> float | None:
+        """The schedule's shift for latents of ``shape`` sampled in ``num_inference_steps`` where it depends on the
+        image size (FLUX.2's on the steps too); None where it does not."""
         return None
 
     def set_timesteps(self, pipeline, num_inference_steps: int, device: torch.device, shape: tuple[int, ...]) -> None:
@@ -132,6 +138,17 @@ class ModelFamily(ABC):
         """The denoiser's prediction for ``sample`` ``[B, C, H, W]``, as the stock pipeline calls ``model`` (maybe
         wrapped; ``inner`` is the diffusers model inside)."""
 
+    def guide(self, unconditional: torch.Tensor, conditional: torch.Tensor, channels: int,
+              guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance of the denoiser's outputs ``[B, C', H, W]`` as the stock pipeline applies it: on
+        the ``channels`` prediction channels, with a learned variance (extra channels) kept as the conditional
+        model's, as diffusers' pipelines do."""
+        guided = unconditional[:, :channels] + guidance_scale * (conditional[:, :channels]
+                                                                 - unconditional[:, :channels])
+        if conditional.shape[1] == channels:
+            return guided
+        return torch.cat([guided, conditional[:, channels:]], dim=1)
+
     # --------------------------------------------------------------------------------------------- decoding
     def decode(self, pipeline, latents: torch.Tensor, grad: bool) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1], float32, from the VAE (its latents scaled, and shifted where its
@@ -151,7 +168,8 @@ class ModelFamily(ABC):
             arguments[metadata] = denoiser.peft_config["default"].to_dict()
         self.pipeline_class.save_lora_weights(folder, safe_serialization=True, **arguments)
 
-    def sampler_metadata(self, pipeline, noise_scale: float | None, shape: tuple[int, ...]) -> dict:
+    def sampler_metadata(self, pipeline, noise_scale: float | None, shape: tuple[int, ...],
+                         num_inference_steps: int) -> dict:
         """The sampler settings an adapter records (``AdapterMetadata`` fields) and fusion checks."""
         return {"eta": noise_scale}
 

@@ -13,56 +13,26 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from msdda.errors import UserError
 from msdda.models.base import register_family
 from msdda.models.conditioning import pack_conditioning, unpack_conditioning
-from msdda.models.flow import FlowMatching
-from msdda.models.sd import image_sides
+from msdda.models.flow import PatchedFlowMatching
 
 __all__ = ["Flux"]
 
 
-class Flux(FlowMatching):
+class Flux(PatchedFlowMatching):
     pipeline_class: ClassVar[type] = FluxPipeline
     denoiser_class: ClassVar[type] = FluxTransformer2DModel
-    dynamic_shift: ClassVar[bool] = True
     default_guidance_scale: ClassVar[float] = 3.5
     fusing_class_name: ClassVar[str] = "MSDDAFluxPipeline"
     fusing_doc: ClassVar[str] = """FLUX.1 with K reward LoRAs on its transformer, fused per step with MSDDA on
     Flow-GRPO's SDE kernels over FluxPipeline's own schedule (the dynamic shift of the adapters' resolution).
     FLUX.1-dev's distilled guidance is an input of every adapter's forward (no negative rows), so each step is one
     forward of K rows per image."""
-
-    def latent_shape(self, pipeline, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
-        """FLUX's latents must split into 2x2 patches, so its sides are multiples of twice the VAE's scale factor; a
-        size that does not fit is refused rather than rounded down as FluxPipeline does (it warns). The default is
-        FluxPipeline's 1024 px."""
-        scale = pipeline.vae_scale_factor
-        return (batch, pipeline.transformer.config.in_channels // 4,
-                *image_sides(pipeline, height, width, pipeline.default_sample_size * scale, 2 * scale))
-
-    def dynamic_shift_mu(self, pipeline, shape: tuple[int, ...]) -> float | None:
-        """mu as FluxPipeline computes it from the image's sequence length (the number of 2x2 patches) and the
-        scheduler's config; None where the scheduler's shift is fixed."""
-        config = pipeline.scheduler.config
-        if not config.use_dynamic_shifting:
-            return None
-        sequence_length = (shape[-2] // 2) * (shape[-1] // 2)
-        return float(calculate_shift(sequence_length, config.get("base_image_seq_len", 256),
-                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.15)))
-
-    def set_timesteps(self, pipeline, num_inference_steps: int, device: torch.device, shape: tuple[int, ...]) -> None:
-        """FluxPipeline's own sigmas (1 to 1/N, evenly) and the dynamic shift mu of the image's size."""
-        scheduler = pipeline.scheduler
-        steps = num_inference_steps
-        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-        retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=self.dynamic_shift_mu(pipeline, shape))
 
     def encode_prompts(self, pipeline, prompts: list[str], device: torch.device, negative_prompt,
                        guidance_scale: float | None, tokens: dict, size: tuple[int | None, int | None] | None

@@ -25,21 +25,24 @@ class RewardSettings:
 @dataclass
 class SamplingSettings:
     scheduler: Literal["ddim", "ddpm", "flow"] = "ddim"
-    """``ddim`` or ``ddpm`` for a Stable Diffusion (UNet) base; ``flow`` for a StableDiffusion3Pipeline or FluxPipeline
-    base: its own FlowMatchEulerDiscreteScheduler (and shift, or FLUX's dynamic shift), stepped with Flow-GRPO's SDE."""
+    """``ddim`` or ``ddpm`` for a Stable Diffusion (UNet) base; ``flow`` for a flow-matching base (SD3, FLUX,
+    Qwen-Image): its own FlowMatchEulerDiscreteScheduler (and shift, or the dynamic shift of the image's size), stepped
+    with Flow-GRPO's SDE."""
     num_inference_steps: int = 20
     eta: float = 1.0
     """DDIM's stochasticity (ddim only; DDPM steps are always eta 1)."""
     flow_noise_level: float = DEFAULT_FLOW_NOISE_LEVEL
     """The flow SDE's noise level a, sigma_t = a sqrt(t / (1 - t)) (flow only; Flow-GRPO's default 0.7)."""
     guidance_scale: float = 3.0
-    """Classifier-free guidance (SD, SD3); for FLUX.1-dev the distilled guidance its transformer embeds (no negative
-    branch, FluxPipeline's default 3.5); ignored by a transformer without guidance embeddings (FLUX.1-schnell)."""
+    """Classifier-free guidance (SD, SD3; Qwen-Image's true CFG, its ``true_cfg_scale``); for FLUX.1-dev the distilled
+    guidance its transformer embeds (no negative branch, FluxPipeline's default 3.5); ignored by a transformer without
+    guidance embeddings (FLUX.1-schnell)."""
     resolution: int | None = None
     """The images' side in pixels (square); None: the pipeline's default (the denoiser's sample size, FLUX's 1024)."""
     max_sequence_length: int | None = None
-    """T5's token count for SD3 and FLUX prompts; None: the pipeline's default (SD3 256, FLUX 512; Flow-GRPO
-    encodes 128). Not a setting of Stable Diffusion's CLIP-only pipelines."""
+    """T5's token count for SD3 and FLUX prompts, and the text rows every Qwen-Image prompt is padded to; None: the
+    pipeline's default (SD3 256, FLUX 512, Qwen-Image 512; Flow-GRPO encodes 128 for FLUX). Not a setting of Stable
+    Diffusion's CLIP-only pipelines."""
     batch_size: int = 16
     """Trajectories per process per sampling batch."""
     batches_per_epoch: int = 2

@@ -18,6 +18,7 @@ import torch
 from msdda.adapters import weights_hash
 from msdda.diffusion import checkpoint_keeping_adapter_routing, denoiser_of, load_base_pipeline
 from msdda.errors import UserError
+from msdda.models import family_of
 from msdda.train.config import TrainConfig
 
 __all__ = ["Policy", "load_policy"]
@@ -81,7 +82,7 @@ def load_policy(config: TrainConfig, device: torch.device, channels_last: bool) 
             parameter.data = parameter.data.float()
     if config.train.gradient_checkpointing:  # pathwise also backpropagates through the VAE decoder
         unet.enable_gradient_checkpointing(checkpoint_keeping_adapter_routing)
-        pipeline.vae.enable_gradient_checkpointing()
+        family_of(pipeline).enable_vae_gradient_checkpointing(pipeline)
     return Policy(pipeline=pipeline, lora_parameters=[p for p in unet.parameters() if p.requires_grad],
                   sampling_unet=torch.compile(unet) if config.train.compile else unet,
                   reference_unet=reference_unet, base_hash=base_hash, frozen_hash=frozen_hash)

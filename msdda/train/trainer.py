@@ -366,7 +366,8 @@ class Trainer:
         scheduler, family = pipeline.scheduler, family_of(pipeline)
         resolution = config.sampling.resolution
         sampler = family.sampler_metadata(pipeline, config.sampling.noise_scale,
-                                          latent_shape(pipeline, 1, resolution, resolution))
+                                          latent_shape(pipeline, 1, resolution, resolution),
+                                          config.sampling.num_inference_steps)
         last = self.history[-1] if self.history else {}
         return AdapterMetadata(
             pipeline_class=family.name, resolution=resolution,
