@@ -75,6 +75,9 @@ class AdapterMetadata:
     optimality: dict[str, Any] | None = None
     """The optimality gauge (msdda.train.gauge) at the end of training: per step, how near the adapter is to its step
     optimum, and the beta it implies; None where it was not measured (no reward gradient, or older adapters)."""
+    weights: str = "raw"
+    """Which of a run's weights the file holds: ``raw`` (the optimizer's) or ``ema`` (their exponential moving average;
+    ``training['ema']`` gives its decay and start step). Older adapters: raw."""
 
     @property
     def sampler_description(self) -> str:
@@ -122,7 +125,8 @@ def _optimality_summary(gauge: dict[str, Any] | None) -> str:
 
 
 def _model_card(metadata: AdapterMetadata) -> str:
-    summary = "\n".join(f"- {key}: {value}" for key, value in metadata.training.items())
+    entries = {**metadata.training, "weights": metadata.weights}
+    summary = "\n".join(f"- {key}: {value}" for key, value in entries.items())
     return f"""---
 library_name: diffusers
 base_model: {metadata.base_model}

@@ -70,30 +70,34 @@ def finished_run(output_dir: Path, resume: str | None, epochs: int) -> tuple[Pat
     return (final, trained) if trained >= epochs else None
 
 
-def lora_state(accelerator, model) -> dict[str, torch.Tensor]:
+def lora_state(accelerator, model, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The LoRA weights to save (PEFT keys, float32, on the CPU). Under DeepSpeed they are the optimizer's float32
-    master copies, partitioned over the processes, so every process must call this."""
+    master copies, partitioned over the processes, so every process must call this. ``weights`` (parameter name ->
+    value, such as the EMA's) replace the trained values."""
     from peft.utils import get_peft_model_state_dict
 
     unwrapped = accelerator.unwrap_model(model)
     values = unwrapped.state_dict()
-    if uses_deepspeed(accelerator):
+    if uses_deepspeed(accelerator) and weights is None:
         from deepspeed.utils import safe_get_full_fp32_param
 
         for name, parameter in unwrapped.named_parameters():
             master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
             if master is not None:
                 values[name] = master
+    values.update(weights or {})
     state = get_peft_model_state_dict(unwrapped, state_dict=values)
     return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
 
 
 def save_checkpoint(output_dir: Path, epoch: int, accelerator, model, optimizer, state: dict,
-                    metadata: AdapterMetadata, keep: int) -> None:
+                    metadata: AdapterMetadata, keep: int,
+                    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Write checkpoint-<epoch + 1> atomically and keep the newest ``keep``; every process must call this.
 
     ``state`` is the trainer's JSON-able state (epoch, bad_epochs, history, tracker); ``optimizer`` is the one
-    ``accelerator.prepare`` returned.
+    ``accelerator.prepare`` returned; ``tensor_files`` are further safetensors files to write, by file name (the
+    EMA's weights).
     """
     folder = output_dir / "checkpoints" / f"checkpoint-{epoch + 1:05d}"
     temporary = folder.with_name(folder.name + ".tmp")
@@ -107,6 +111,8 @@ def save_checkpoint(output_dir: Path, epoch: int, accelerator, model, optimizer,
     lora = lora_state(accelerator, model)
     if accelerator.is_main_process:
         save_file(lora, temporary / "lora.safetensors")
+        for name, tensors in (tensor_files or {}).items():
+            save_file(tensors, temporary / name)
         state = dict(state)
         if not uses_deepspeed(accelerator):
             tensors, state["optimizer"] = optimizer_to_files(optimizer.optimizer)

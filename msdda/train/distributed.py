@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,18 @@ import torch
 from msdda.errors import UserError
 from msdda.train.config import TrainConfig
 
-__all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "uses_deepspeed",
-           "gather_rows", "own_rows", "average_gradients"]
+__all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "launched_with_fsdp",
+           "uses_deepspeed", "gather_rows", "own_rows", "average_gradients"]
 
 
 def launched_with_deepspeed() -> bool:
     """``accelerate launch`` with a DeepSpeed config (it sets this variable for every process)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def launched_with_fsdp() -> bool:
+    """``accelerate launch`` with an FSDP config (it sets this variable for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _several_processes_without_cuda() -> bool:
@@ -35,14 +41,21 @@ def _several_processes_without_cuda() -> bool:
 
 
 def check_launch(config: TrainConfig) -> None:
-    """Refuse launches that would crash later: several processes on one GPU (NCCL fails mid-start) and
-    ``train.single_pass`` under DeepSpeed (whose engine expects one backward per micro-batch)."""
+    """Refuse launches that would crash later, or run otherwise than launched: several processes on one GPU (NCCL
+    fails mid-start), ``train.single_pass`` under DeepSpeed (whose engine expects one backward per micro-batch), and
+    FSDP without CUDA (Accelerate would run the processes unsharded)."""
     processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
     if gpus and processes > gpus:
         raise UserError(
             f"{processes} processes were launched on this machine, which has {gpus} GPU(s): run one process per GPU "
             f"(accelerate launch --num_processes {gpus}), or run the processes on the CPU by hiding the GPUs "
             "(CUDA_VISIBLE_DEVICES= accelerate launch ...)")
+    if launched_with_fsdp() and not gpus:
+        # Accelerate (1.15) reads ACCELERATE_USE_FSDP only for GPU-like devices: on the CPU its state is MULTI_CPU and
+        # the FSDP config is dropped without a word, although torch's fully_shard itself runs on gloo
+        raise UserError("an FSDP launch config on a machine without CUDA: Accelerate runs FSDP only on GPUs (on the "
+                        "CPU it would train every process unsharded, as DDP); launch with "
+                        "launch/accelerate/cpu_2proc.yaml here, and launch/accelerate/fsdp2.yaml on GPUs")
     if config.train.single_pass and launched_with_deepspeed():
         raise UserError("train.single_pass does not run under DeepSpeed, whose engine expects one backward per "
                          "micro-batch: set train.single_pass=false, or launch without DeepSpeed")
@@ -56,15 +69,18 @@ def build_accelerator(config: TrainConfig):
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     output_dir = Path(config.output_dir)
-    # DeepSpeed without CUDA runs on gloo, which Accelerate only counts processes for when named
-    deepspeed_on_cpu = launched_with_deepspeed() and not torch.cuda.is_available()
+    process_group = {}
+    if launched_with_deepspeed() and not torch.cuda.is_available():
+        process_group["backend"] = "gloo"  # DeepSpeed without CUDA runs on gloo, which Accelerate only counts when named
+    if config.process_group_timeout is not None:
+        process_group["timeout"] = timedelta(seconds=config.process_group_timeout)
     return Accelerator(
         cpu=_several_processes_without_cuda(),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else None,
+        kwargs_handlers=[InitProcessGroupKwargs(**process_group)] if process_group else None,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=(1 if config.train.single_pass
                                      else config.train.gradient_accumulation_steps * config.trained_steps),
-        log_with=config.log_with,
+        log_with=config.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
 

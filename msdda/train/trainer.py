@@ -42,6 +42,7 @@ from msdda.train.checkpoint import (
     save_checkpoint,
 )
 from msdda.train.config import TrainConfig
+from msdda.train.ema import EMA_FILE, build_ema, ema_from_files, ema_to_files, ema_weights, ema_weights_in
 from msdda.train.distributed import (
     build_accelerator,
     check_launch,
@@ -103,7 +104,10 @@ class Trainer:
             configure_deepspeed(self.accelerator, config)
         unet, optimizer = self.accelerator.prepare(denoiser_of(self.policy.pipeline), optimizer)
         self.learner = Learner(self.accelerator, unet, optimizer, self.policy.lora_parameters,
-                               config.train.max_grad_norm, _lr_schedule(config, optimizer))
+                               config.train.max_grad_norm, _lr_schedule(config, optimizer),
+                               ema=build_ema(self.policy.lora_parameters, config.ema))
+        self.trained_names = [name for name, p in self.unwrapped.named_parameters() if p.requires_grad]
+        """The names of ``policy.lora_parameters``, in their order (the EMA's checkpoint keys)."""
         self.tracker = PerPromptStatTracker(config.train.stat_buffer, config.train.stat_min_count,
                                             config.train.advantage_normalisation)
         self.start_epoch, self.bad_epochs, self.history = 0, 0, []
@@ -302,7 +306,7 @@ class Trainer:
 
     def _report(self, epoch: int, metrics: dict[str, float], progress) -> None:
         """Log the epoch's metrics (TensorBoard or the configured tracker) and show them on the progress bar."""
-        if self.config.log_with:
+        if self.config.trackers:
             self.accelerator.log(metrics, step=epoch + 1)
         shown = {"reward": f"{metrics['reward_mean']:.3f}", "kl": f"{metrics['kl']:.3f}"} if "kl" in metrics else {}
         progress.set_postfix(**shown, dropped=metrics["dropped_samples"])
@@ -314,38 +318,55 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / RUN_CONFIG).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        if config.log_with:
+        if config.trackers:
             flat = {k: str(v) if isinstance(v, (list, dict)) or v is None else v
                     for k, v in _flatten(config_to_dict(config)).items()}
-            self.accelerator.init_trackers("msdda-train", config=flat)
+            # wandb's run files go under the run's logs/ (its own default is ./wandb in the working directory)
+            wandb = {"dir": str(self.output_dir / "logs"), "name": self.output_dir.name}
+            self.accelerator.init_trackers("msdda-train", config=flat, init_kwargs={"wandb": wandb})
 
     def _save_checkpoint(self, epoch: int) -> None:
         state = {"epoch": epoch + 1, "bad_epochs": self.bad_epochs, "history": self.history,
                  "tracker": self.tracker.state_dict(), "optimizer_steps": self.learner.optimizer_steps}
+        tensor_files = {}
+        if self.learner.ema is not None:
+            tensor_files[EMA_FILE], state["ema"] = ema_to_files(self.learner.ema, self.trained_names)
         save_checkpoint(self.output_dir, epoch, self.accelerator, self.learner.model, self.learner.optimizer, state,
-                        self._metadata(), self.config.checkpoint.keep)
+                        self._metadata(), self.config.checkpoint.keep, tensor_files)
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.accelerator, self.learner.model, self.learner.optimizer,
                                 self.policy.lora_parameters)
+        if self.learner.ema is not None:
+            ema_from_files(self.learner.ema, self.trained_names, checkpoint, state.get("ema"))
         self.tracker.load_state_dict(state["tracker"])
         self.start_epoch, self.bad_epochs, self.history = state["epoch"], state["bad_epochs"], state["history"]
         self.learner.resume_schedule(state.get("optimizer_steps", 0))
         logger.info("resumed from %s at epoch %d", checkpoint, self.start_epoch)
 
     def _export(self) -> Path:
-        """Check that only the LoRA trained, write the final adapter, and close the trackers."""
+        """Check that only the LoRA trained, write the final adapter (``final/``; with an EMA, the weights
+        ``ema.export`` names, and the other set beside it in ``final-raw/`` or ``final-ema/``), each with its own
+        optimality gauge, and close the trackers."""
         if weights_hash(self.unwrapped) != self.policy.frozen_hash:
             raise RuntimeError("the base denoiser's weights changed during training; only the LoRA may train")
-        final = self.output_dir / "final"
-        lora = lora_state(self.accelerator, self.learner.model)
         gauged_now = self.history and "gauge_max_ratio_deviation" in self.history[-1] and self.last_gauge is not None
-        optimality = self.last_gauge if gauged_now else self.gauge()
+        exports = {"raw": (lora_state(self.accelerator, self.learner.model),
+                           self.last_gauge if gauged_now else self.gauge())}
+        ema = self.learner.ema
+        if ema is not None:
+            with ema_weights_in(ema, self.policy.lora_parameters):
+                exports["ema"] = (lora_state(self.accelerator, self.learner.model,
+                                             ema_weights(ema, self.trained_names)), self.gauge())
+        chosen = self.config.ema.export if ema is not None else "raw"
         if self.accelerator.is_main_process:
-            save_adapter(final, self.unwrapped, dataclasses.replace(self._metadata(), optimality=optimality), lora)
+            for weights, (lora, optimality) in exports.items():
+                metadata = dataclasses.replace(self._metadata(), optimality=optimality, weights=weights)
+                folder = self.output_dir / ("final" if weights == chosen else f"final-{weights}")
+                save_adapter(folder, self.unwrapped, metadata, lora)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        return final
+        return self.output_dir / "final"
 
     def _metadata(self) -> AdapterMetadata:
         config, pipeline = self.config, self.policy.pipeline
@@ -368,7 +389,9 @@ class Trainer:
                       "trajectories_per_epoch": config.sampling.batch_size * config.sampling.batches_per_epoch
                       * self.accelerator.num_processes,
                       "first_reward_mean": self.history[0]["reward_mean"] if self.history else None,
-                      "last_reward_mean": last.get("reward_mean"), "last_kl": last.get("kl")},
+                      "last_reward_mean": last.get("reward_mean"), "last_kl": last.get("kl"),
+                      "ema": None if config.ema.decay is None else {"decay": config.ema.decay,
+                                                                    "start_step": config.ema.start_step}},
         )
 
     def _sample_grid(self, epoch: int) -> None:
@@ -388,7 +411,12 @@ class Trainer:
         pil = images_to_pil(pipeline, images)
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        image_grid(pil, columns=len(pil)).save(folder / f"epoch-{epoch + 1:05d}.png")
+        grid = image_grid(pil, columns=len(pil))
+        grid.save(folder / f"epoch-{epoch + 1:05d}.png")
+        for tracker in self.accelerator.trackers:  # one image per grid, at the epoch's step
+            pixels = np.asarray(grid.convert("RGB"))[None]
+            options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({"samples": pixels}, step=epoch + 1, **options)
 
 
 def _lr_schedule(config: TrainConfig, optimizer):
