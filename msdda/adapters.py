@@ -96,15 +96,17 @@ class AdapterMetadata:
 
 
 def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 over the module's base weights (names, dtypes, shapes, bytes), LoRA parameters excluded."""
+    """sha256 over the module's base weights (names, dtypes, shapes, bytes), LoRA parameters excluded. Of a module
+    that FSDP2 shards over processes it hashes the whole weights (gathered: every process must call it)."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         if "lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")  # a PEFT-wrapped layer hashes like the plain one
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

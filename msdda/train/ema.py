@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from msdda.errors import UserError
 from msdda.train.config import EmaSettings
+from msdda.train.distributed import full_tensor, shard_like
 
 __all__ = ["EMA_FILE", "build_ema", "ema_to_files", "ema_from_files", "ema_weights", "ema_weights_in"]
 
@@ -41,8 +42,9 @@ def build_ema(parameters: Sequence[torch.nn.Parameter], settings: EmaSettings):
 
 def ema_to_files(ema, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """The EMA's weights as safetensors tensors keyed by ``names`` (the parameters', in order), and its step count
-    (JSON)."""
-    tensors = {name: shadow.detach().cpu().contiguous() for name, shadow in zip(names, ema.shadow_params, strict=True)}
+    (JSON). Under FSDP2 they are sharded like the parameters: every process must call this."""
+    tensors = {name: full_tensor(shadow).detach().cpu().contiguous()
+               for name, shadow in zip(names, ema.shadow_params, strict=True)}
     return tensors, {"optimization_step": ema.optimization_step}
 
 
@@ -57,7 +59,8 @@ def ema_from_files(ema, names: Sequence[str], folder: Path, scalars: dict | None
     if sorted(tensors) != sorted(names):
         raise UserError(f"{path} holds the EMA of other parameters than this run trains (different lora.* settings "
                         "from the run that wrote it): resume with the settings it was trained with")
-    ema.shadow_params = [tensors[name].to(shadow.device) for name, shadow in zip(names, ema.shadow_params)]
+    ema.shadow_params = [shard_like(tensors[name], shadow).to(shadow.device)
+                         for name, shadow in zip(names, ema.shadow_params)]
     ema.optimization_step = int(scalars["optimization_step"])
 
 
@@ -69,10 +72,13 @@ def ema_weights(ema, names: Sequence[str]) -> dict[str, torch.Tensor]:
 @contextmanager
 def ema_weights_in(ema, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
     """The model's trained ``parameters`` hold the EMA's weights inside the block (to gauge the averaged adapter),
-    and their raw values again after it."""
-    ema.store(parameters)
+    and their raw values again after it. (EMAModel's own store() moves a copy to the CPU, which an FSDP2 shard on a
+    GPU does not survive; this keeps it where it is.)"""
+    raw = [parameter.detach().clone() for parameter in parameters]
     ema.copy_to(parameters)
     try:
         yield
     finally:
-        ema.restore(parameters)
+        with torch.no_grad():
+            for parameter, value in zip(parameters, raw):
+                parameter.copy_(value)

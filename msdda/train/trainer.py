@@ -50,6 +50,7 @@ from msdda.train.distributed import (
     gather_rows,
     own_rows,
     uses_deepspeed,
+    uses_fsdp,
 )
 from msdda.train.gauge import GaugeSettings, gauge_adapter, near_optimum
 from msdda.train.loss import StepLoss
@@ -96,13 +97,15 @@ class Trainer:
         self.accelerator = build_accelerator(config)
         set_seed(config.seed, device_specific=True)  # before the adapter's random initialisation
         self.reward = _training_reward(config, self.accelerator.device)
-        deepspeed = uses_deepspeed(self.accelerator)
-        self.policy = load_policy(config, self.accelerator.device, channels_last=not deepspeed)
+        deepspeed, fsdp = uses_deepspeed(self.accelerator), uses_fsdp(self.accelerator)
+        self.policy = load_policy(config, self.accelerator.device, channels_last=not (deepspeed or fsdp))
         optimizer = torch.optim.AdamW(self.policy.lora_parameters, lr=config.train.learning_rate,
                                       weight_decay=config.train.adam_weight_decay)
         if deepspeed:
             configure_deepspeed(self.accelerator, config)
         unet, optimizer = self.accelerator.prepare(denoiser_of(self.policy.pipeline), optimizer)
+        # FSDP2 replaces each parameter by a sharded one (the optimizer's are swapped too): clip and average those
+        self.policy.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
         self.learner = Learner(self.accelerator, unet, optimizer, self.policy.lora_parameters,
                                config.train.max_grad_norm, _lr_schedule(config, optimizer),
                                ema=build_ema(self.policy.lora_parameters, config.ema))
@@ -155,7 +158,8 @@ class Trainer:
             self._report(epoch, metrics, progress)
             if (epoch + 1) % config.checkpoint.every == 0 or epoch + 1 == config.epochs or near:
                 self._save_checkpoint(epoch)
-            if config.sample_every and (epoch + 1) % config.sample_every == 0 and accelerator.is_main_process:
+            if config.sample_every and (epoch + 1) % config.sample_every == 0 and (
+                    accelerator.is_main_process or uses_fsdp(accelerator)):  # FSDP2's forwards gather on every process
                 self._sample_grid(epoch)
             if near:
                 logger.info("every step that carries KL is within %s of its step optimum after epoch %d; stopping",
@@ -244,8 +248,10 @@ class Trainer:
         if config.train.single_pass:
             means = single_pass_update(trajectories, advantages, config, self.learner)
         else:
-            seeds = [_seed(config.seed, epoch, self.accelerator.process_index, inner, 3)
-                     for inner in range(config.train.inner_epochs)]
+            # under FSDP2 every forward gathers weights from all processes, so they must run the same forwards: the
+            # same steps in the same order (a step's continuation has as many forwards as steps follow it)
+            process = 0 if uses_fsdp(self.accelerator) else self.accelerator.process_index
+            seeds = [_seed(config.seed, epoch, process, inner, 3) for inner in range(config.train.inner_epochs)]
             means = update_pass(self.step_loss, trajectories, advantages, config, self.learner, seeds)
         if not math.isfinite(means["loss"]):  # before this epoch's checkpoint: the last one written stays the last good
             raise UserError(f"the loss became {means['loss']} at epoch {epoch + 1}; stopping. The last good "
@@ -386,6 +392,7 @@ class Trainer:
             guidance_scale=config.sampling.guidance_scale, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
             lora_target_modules=list(config.lora.target_modules),
             training={"epochs": len(self.history), "seed": config.seed, "processes": self.accelerator.num_processes,
+                      "distributed_type": self.accelerator.distributed_type.value,
                       "trajectories_per_epoch": config.sampling.batch_size * config.sampling.batches_per_epoch
                       * self.accelerator.num_processes,
                       "first_reward_mean": self.history[0]["reward_mean"] if self.history else None,
@@ -395,6 +402,8 @@ class Trainer:
         )
 
     def _sample_grid(self, epoch: int) -> None:
+        """Sample the grid of up to 8 training prompts at the run's seed, and write it to samples/ and the trackers
+        (the main process; under FSDP2 every process samples, as its forwards gather the weights)."""
         from msdda.utils import image_grid
 
         prompts = self.prompts[:: max(1, len(self.prompts) // 8)][:8]
@@ -408,6 +417,8 @@ class Trainer:
         images = sample_trajectories(Sampler.of(pipeline, self.unwrapped, sampling), self.reward,
                                      Conditioning(prompts, positive, negative), "terminal",
                                      torch.Generator().manual_seed(self.config.seed)).images
+        if not self.accelerator.is_main_process:
+            return
         pil = images_to_pil(pipeline, images)
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
