@@ -642,6 +642,31 @@ def test_deepspeed_zero2_trains_and_resumes_the_flow_world(tmp_path) -> None:
     assert metadata.pipeline_class == "StableDiffusion3Pipeline"
 
 
+@pytest.mark.parametrize("config_file", ["fsdp2.yaml", "fsdp2_cpu.yaml"])
+def test_fsdp2_launch_configs_shard_each_familys_denoiser_block_by_block(config_file: str) -> None:
+    """The launch configs read as Accelerate reads them, and its FSDP2 wrap policy (the blocks each diffusers model lists
+    in _no_split_modules) finds blocks to shard in the UNet, SD3's transformer and FLUX's, as on GPUs."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    launch = load_config_from_file(str(ROOT / "launch/accelerate" / config_file))
+    assert launch.distributed_type == DistributedType.FSDP and launch.fsdp_config["fsdp_version"] == 2
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2,
+                                            auto_wrap_policy=launch.fsdp_config["fsdp_auto_wrap_policy"].lower())
+    flow = world_path().parent / "flow" / "transformer"
+    denoisers = {"JointTransformerBlock": SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(flow)),
+                 "BasicTransformerBlock": UNet2DConditionModel.from_config(
+                     UNet2DConditionModel.load_config(world_path() / "unet")),
+                 "FluxSingleTransformerBlock": FluxTransformer2DModel(
+                     in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                     joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))}
+    for block, denoiser in denoisers.items():
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, denoiser)
+        assert any(policy(module) for module in denoiser.modules() if type(module).__name__ == block), block
+
+
 @pytest.mark.slow
 def test_fsdp2_with_two_cpu_processes_trains_checkpoints_and_resumes_to_the_uninterrupted_weights(tmp_path) -> None:
     """FSDP2 shards the denoiser, base and LoRA, over the processes (Accelerate's FSDP2 path on gloo); checkpoints
