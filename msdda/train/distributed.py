@@ -71,7 +71,7 @@ def build_accelerator(config: TrainConfig):
     output_dir = Path(config.output_dir)
     process_group = {}
     if launched_with_deepspeed() and not torch.cuda.is_available():
-        process_group["backend"] = "gloo"  # DeepSpeed without CUDA runs on gloo, which Accelerate only counts when named
+        process_group["backend"] = "gloo"  # DeepSpeed without CUDA: gloo, which Accelerate only counts when named
     if config.process_group_timeout is not None:
         process_group["timeout"] = timedelta(seconds=config.process_group_timeout)
     accelerator = Accelerator(
@@ -114,7 +114,7 @@ def uses_deepspeed(accelerator) -> bool:
 
 
 def uses_fsdp(accelerator) -> bool:
-    """Whether ``accelerator`` shards the model with FSDP2 (its parameters are DTensors, each process holding a part)."""
+    """Whether ``accelerator`` shards the model with FSDP2 (its parameters are DTensors, each process holds a part)."""
     return accelerator.is_fsdp2
 
 
