@@ -79,6 +79,9 @@ class AdapterMetadata:
     """Per-step factors of the LoRA (msdda.step_scales: ``{"step", "timestep", "scale"}`` per step; 0 switches the
     adapter off at that step), fitted to its restricted step optimum at ``beta``; None: the LoRA at scale 1 at every
     step."""
+    weights: str = "raw"
+    """Which of a run's weights the file holds: ``raw`` (the optimizer's) or ``ema`` (their exponential moving average;
+    ``training['ema']`` gives its decay and start step). Older adapters: raw."""
 
     @property
     def sampler_description(self) -> str:
@@ -97,15 +100,17 @@ class AdapterMetadata:
 
 
 def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 over the module's base weights (names, dtypes, shapes, bytes), LoRA parameters excluded."""
+    """sha256 over the module's base weights (names, dtypes, shapes, bytes), LoRA parameters excluded. Of a module
+    that FSDP2 shards over processes it hashes the whole weights (gathered: every process must call it)."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         if "lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")  # a PEFT-wrapped layer hashes like the plain one
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -162,7 +167,8 @@ images = pipe(prompt, num_inference_steps={metadata.num_inference_steps}, callba
 
 
 def _model_card(metadata: AdapterMetadata) -> str:
-    summary = "\n".join(f"- {key}: {value}" for key, value in metadata.training.items())
+    entries = {**metadata.training, "weights": metadata.weights}
+    summary = "\n".join(f"- {key}: {value}" for key, value in entries.items())
     return f"""---
 library_name: diffusers
 base_model: {metadata.base_model}

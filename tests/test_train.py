@@ -78,6 +78,9 @@ def test_config_loads_yaml_with_dotted_overrides(tmp_path) -> None:
     ("train.single_pass=true train.estimator=policy-gradient sampling.batch_size=8",
      "set train.gradient_accumulation_steps=2"),
     ("train.compile=true train.gradient_checkpointing=true", "train.compile does not run with"),
+    ("ema.decay=1.0", r"ema.decay must be in \(0, 1\)"),
+    ("ema.decay=0.9 ema.start_step=-1", "ema.start_step must be at least 0"),
+    ("process_group_timeout=0", "process_group_timeout must be a number of seconds > 0"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -91,6 +94,30 @@ def test_more_processes_than_gpus_is_refused_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # this machine has no GPU to launch on
     with pytest.raises(ValueError, match="2 processes were launched on this machine, which has 1 GPU.*CUDA_VISIBLE"):
         Trainer(_config(tmp_path))
+
+
+@pytest.mark.parametrize("version, override, message", [
+    ("1", "", "asks for FSDP version 1; msdda trains under FSDP2"),
+    ("2", "train.single_pass=true train.estimator=policy-gradient", "single_pass does not run under FSDP"),
+])
+def test_fsdp1_and_the_single_pass_under_fsdp_are_refused_before_any_work(tmp_path, monkeypatch, version, override,
+                                                                         message) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as accelerate launch sets them for an FSDP config
+    monkeypatch.setenv("FSDP_VERSION", version)
+    with pytest.raises(ValueError, match=message):
+        Trainer(_config(tmp_path, *override.split()))
+    assert not (tmp_path / "run").exists()
+
+
+def test_process_group_timeout_reaches_the_process_group(tmp_path, fresh_accelerator_state) -> None:
+    """The timeout a launch's process group is created with (Accelerate's InitProcessGroupKwargs)."""
+    from datetime import timedelta
+
+    from msdda.train.distributed import build_accelerator
+
+    accelerator = build_accelerator(_config(tmp_path, "process_group_timeout=5400"))
+    assert accelerator.init_handler.timeout == timedelta(minutes=90)
+    assert build_accelerator(_config(tmp_path)).init_handler is None  # torch's default
 
 
 def test_single_pass_is_refused_under_deepspeed(tmp_path, monkeypatch) -> None:
@@ -484,13 +511,17 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_beginning(tm
 
 STATE_REPLAY = ("train.fresh_noise=true", "train.reference_states=0.5", "sampling.batch_size=4",
                 "sampling.batches_per_epoch=2", "train.inner_epochs=2", "train.lr_schedule=cosine",
-                "train.lr_warmup_steps=1", "train.gauge_every=2", "train.gauge_prompts=2")
+                "train.lr_warmup_steps=1", "train.gauge_every=2", "train.gauge_prompts=2", "ema.decay=0.9",
+                "ema.start_step=1")
 """The state-replay mode with everything that carries state across epochs: reference batches, fresh action noise
-over inner epochs, a learning-rate schedule with warm-up, gauges in the history."""
+over inner epochs, a learning-rate schedule with warm-up, gauges in the history, an EMA of the weights."""
+ON_POLICY = ("ema.decay=0.9", "ema.start_step=1")
+"""The recipe's update on the adapter's own samples, with an EMA of the weights that starts after the first optimizer
+step."""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [(), STATE_REPLAY], ids=["on-policy", "state-replay"])
+@pytest.mark.parametrize("mode", [ON_POLICY, STATE_REPLAY], ids=["on-policy", "state-replay"])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, mode: tuple[str, ...]) -> None:
     uninterrupted = _run_training(tmp_path / "a", *mode)
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read()
@@ -508,11 +539,12 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, mode: tuple
 
     resumed = _run_training(tmp_path / "b", *mode, "resume=latest")
     assert resumed.wait() == 0, resumed.stderr.read()
-    a, b = load_file(tmp_path / "a/final" / WEIGHTS_FILE), load_file(tmp_path / "b/final" / WEIGHTS_FILE)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for final in ("final", "final-raw"):  # the EMA's average and the raw weights
+        a, b = load_file(tmp_path / "a" / final / WEIGHTS_FILE), load_file(tmp_path / "b" / final / WEIGHTS_FILE)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), final
     history = json.loads((latest_checkpoint(tmp_path / "b") / "trainer_state.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
-    if mode:
+    if mode == STATE_REPLAY:
         uninterrupted_history = json.loads((latest_checkpoint(tmp_path / "a") / "trainer_state.json").read_text())
         assert [h.get("gauge_implied_beta") for h in history] == \
             [h.get("gauge_implied_beta") for h in uninterrupted_history["history"]]
@@ -613,6 +645,54 @@ def test_deepspeed_zero2_trains_and_resumes_the_flow_world(tmp_path) -> None:
     assert metadata.pipeline_class == "StableDiffusion3Pipeline"
 
 
+@pytest.mark.parametrize("config_file", ["fsdp2.yaml", "fsdp2_cpu.yaml"])
+def test_fsdp2_launch_configs_shard_each_familys_denoiser_block_by_block(config_file: str) -> None:
+    """The launch configs read as Accelerate reads them, and its FSDP2 wrap policy (the blocks each diffusers model
+    lists in _no_split_modules) finds blocks to shard in the UNet, SD3's transformer and FLUX's, as on GPUs."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    launch = load_config_from_file(str(ROOT / "launch/accelerate" / config_file))
+    assert launch.distributed_type == DistributedType.FSDP and launch.fsdp_config["fsdp_version"] == 2
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2,
+                                            auto_wrap_policy=launch.fsdp_config["fsdp_auto_wrap_policy"].lower())
+    flow = world_path().parent / "flow" / "transformer"
+    denoisers = {"JointTransformerBlock": SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(flow)),
+                 "BasicTransformerBlock": UNet2DConditionModel.from_config(
+                     UNet2DConditionModel.load_config(world_path() / "unet")),
+                 "FluxSingleTransformerBlock": FluxTransformer2DModel(
+                     in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                     joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))}
+    for block, denoiser in denoisers.items():
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, denoiser)
+        assert any(policy(module) for module in denoiser.modules() if type(module).__name__ == block), block
+
+
+@pytest.mark.slow
+def test_fsdp2_with_two_cpu_processes_trains_checkpoints_and_resumes_to_the_uninterrupted_weights(tmp_path) -> None:
+    """FSDP2 shards the denoiser, base and LoRA, over the processes (Accelerate's FSDP2 path on gloo); checkpoints
+    gather the shards into msdda's own files and a resume shards them again, so an epoch, a resume and a second
+    epoch end where two epochs in one go end, bit for bit, the EMA included. Every process samples the grids (each
+    forward gathers the weights)."""
+    settings = ["ema.decay=0.5", "sample_every=1"]
+    straight = _launch("fsdp2_cpu.yaml", tmp_path / "straight", *settings, "epochs=2")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _launch("fsdp2_cpu.yaml", tmp_path / "resumed", *settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _launch("fsdp2_cpu.yaml", tmp_path / "resumed", *settings, "epochs=2", "resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for final in ("final", "final-raw"):
+        a, b = (load_file(tmp_path / run / final / WEIGHTS_FILE) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), final
+    metadata = load_adapter_metadata(tmp_path / "resumed" / "final")
+    assert metadata.training["distributed_type"] == "FSDP" and metadata.training["processes"] == 2
+    assert metadata.training["epochs"] == 2 and metadata.weights == "ema"
+    assert sorted(p.name for p in (tmp_path / "resumed" / "samples").glob("*.png")) == ["epoch-00001.png",
+                                                                                         "epoch-00002.png"]
+
+
 def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(tmp_path) -> None:
     """Its optimizer state is ZeRO's shards, which only a DeepSpeed engine can read back."""
     Trainer(_config(tmp_path)).run()
@@ -642,7 +722,7 @@ def test_evaluate_compares_an_adapter_with_its_base_on_paired_samples(tmp_path) 
     prompts = ["a red circle on the left", "a blue square at the top"]
     report = evaluate_adapter(str(adapter), rewards=["world-aesthetic", "world-consistency"], prompts=prompts,
                               seeds=[0, 1], batch_size=2, out=tmp_path / "eval")
-    assert report["samples"] == 4 and report["kl_to_base"]["mean"] > 0
+    assert report["samples"] == 4 and report["kl_to_base"]["mean"] > 0 and report["weights"] == "raw"
     for values in report["rewards"].values():
         assert values["paired_difference"] == pytest.approx(values["adapter_mean"] - values["base_mean"])
     assert (tmp_path / "eval" / "before_after.png").is_file() and (tmp_path / "eval" / "evaluation.json").is_file()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from msdda.adapters import AdapterMetadata, save_adapter
 from msdda.errors import UserError
-from msdda.train.distributed import uses_deepspeed
+from msdda.train.distributed import full_tensor, shard_like, uses_deepspeed
 
 __all__ = ["latest_checkpoint", "check_output_dir", "resume_folder", "finished_run", "lora_state", "save_checkpoint",
            "load_checkpoint", "optimizer_to_files", "optimizer_from_files", "RUN_CONFIG", "STATE_FILE"]
@@ -70,30 +70,34 @@ def finished_run(output_dir: Path, resume: str | None, epochs: int) -> tuple[Pat
     return (final, trained) if trained >= epochs else None
 
 
-def lora_state(accelerator, model) -> dict[str, torch.Tensor]:
+def lora_state(accelerator, model, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The LoRA weights to save (PEFT keys, float32, on the CPU). Under DeepSpeed they are the optimizer's float32
-    master copies, partitioned over the processes, so every process must call this."""
+    master copies, and under FSDP2 they are sharded: both partitioned over the processes, so every process must call
+    this. ``weights`` (parameter name -> value, such as the EMA's) replace the trained values."""
     from peft.utils import get_peft_model_state_dict
 
     unwrapped = accelerator.unwrap_model(model)
     values = unwrapped.state_dict()
-    if uses_deepspeed(accelerator):
+    if uses_deepspeed(accelerator) and weights is None:
         from deepspeed.utils import safe_get_full_fp32_param
 
         for name, parameter in unwrapped.named_parameters():
             master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
             if master is not None:
                 values[name] = master
+    values.update(weights or {})
     state = get_peft_model_state_dict(unwrapped, state_dict=values)
-    return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
+    return {key: full_tensor(value).detach().float().cpu().contiguous() for key, value in state.items()}
 
 
 def save_checkpoint(output_dir: Path, epoch: int, accelerator, model, optimizer, state: dict,
-                    metadata: AdapterMetadata, keep: int) -> None:
+                    metadata: AdapterMetadata, keep: int,
+                    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Write checkpoint-<epoch + 1> atomically and keep the newest ``keep``; every process must call this.
 
     ``state`` is the trainer's JSON-able state (epoch, bad_epochs, history, tracker); ``optimizer`` is the one
-    ``accelerator.prepare`` returned.
+    ``accelerator.prepare`` returned; ``tensor_files`` are further safetensors files to write, by file name (the
+    EMA's weights).
     """
     folder = output_dir / "checkpoints" / f"checkpoint-{epoch + 1:05d}"
     temporary = folder.with_name(folder.name + ".tmp")
@@ -105,12 +109,15 @@ def save_checkpoint(output_dir: Path, epoch: int, accelerator, model, optimizer,
         accelerator.save_state(str(temporary / DEEPSPEED_STATE), exclude_frozen_parameters=True)
         accelerator.wait_for_everyone()
     lora = lora_state(accelerator, model)
+    state = dict(state)
+    if not uses_deepspeed(accelerator):  # on every process: FSDP2 gathers its shards
+        optimizer_tensors, state["optimizer"] = optimizer_to_files(optimizer.optimizer)
     if accelerator.is_main_process:
         save_file(lora, temporary / "lora.safetensors")
-        state = dict(state)
+        for name, tensors in (tensor_files or {}).items():
+            save_file(tensors, temporary / name)
         if not uses_deepspeed(accelerator):
-            tensors, state["optimizer"] = optimizer_to_files(optimizer.optimizer)
-            save_file(tensors, temporary / "optimizer.safetensors")
+            save_file(optimizer_tensors, temporary / "optimizer.safetensors")
         (temporary / STATE_FILE).write_text(json.dumps(state))
         save_adapter(temporary / "adapter", accelerator.unwrap_model(model), metadata, lora)
         os.replace(temporary, folder)
@@ -126,10 +133,14 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, parameters: lis
     A checkpoint's optimizer state is in the format its run wrote (our safetensors, or DeepSpeed's shards), and
     only a run launched the same way reads it back.
     """
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     state = json.loads((folder / STATE_FILE).read_text())
-    set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(folder / "lora.safetensors"))
+    unwrapped = accelerator.unwrap_model(model)
+    current = get_peft_model_state_dict(unwrapped)  # FSDP2's DTensors, which the saved weights are sharded like
+    lora = {key: shard_like(value, current[key]) if key in current else value
+            for key, value in load_file(folder / "lora.safetensors").items()}
+    set_peft_model_state_dict(unwrapped, lora)
     if uses_deepspeed(accelerator):  # the engine restores its own parameter copies and optimizer shards
         if not (folder / DEEPSPEED_STATE).is_dir():
             raise UserError(f"{folder} was written without DeepSpeed; resume it with the launch config it "
@@ -147,24 +158,27 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, parameters: lis
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state as safetensors tensors (keyed '<parameter index>.<name>') and JSON-able rest, so
-    that checkpoints hold no pickles."""
+    that checkpoints hold no pickles. Under FSDP2 its state is sharded: every process must call this."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
         for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = full_tensor(value).detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Load what ``optimizer_to_files`` wrote back into ``optimizer``."""
+    """Load what ``optimizer_to_files`` wrote back into ``optimizer`` (sharded as its parameters are, under FSDP2)."""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     state: dict[int, dict] = {}
     for name, tensor in tensors.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
+        parameter = parameters[int(index)]
+        sharded = shard_like(tensor, parameter) if tensor.shape == parameter.shape else tensor  # not Adam's step
+        state.setdefault(int(index), {})[key] = sharded
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value

@@ -55,7 +55,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                               seeds=parse_seeds(args.seeds), out=args.out, device=args.device,
                               reward_kwargs=_reward_kwargs(args.reward_kwargs), gauge_prompts=args.gauge_prompts,
                               gauge_beta=args.gauge_beta)
-    print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
+    print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}) of the adapter's "
+          f"{report['weights']} weights; "
           f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
     for name, values in report["rewards"].items():
         used = report["reward_kwargs"][name]

@@ -11,7 +11,10 @@ from msdda.kernels import DEFAULT_FLOW_NOISE_LEVEL
 from msdda.prompts import check_prompts_spec, load_prompts
 
 __all__ = ["TrainConfig", "LoraSettings", "SamplingSettings", "RewardSettings", "OptimSettings",
-           "CheckpointSettings"]
+           "CheckpointSettings", "EmaSettings", "TRACKERS"]
+
+TRACKERS = ("tensorboard", "wandb")
+"""The experiment trackers ``log_with`` names (Accelerate's names for them)."""
 
 
 @dataclass
@@ -137,6 +140,20 @@ class CheckpointSettings:
 
 
 @dataclass
+class EmaSettings:
+    decay: float | None = None
+    """An exponential moving average of the adapter's weights, updated after every optimizer step with this decay
+    (ramped in as min(decay, (1 + n) / (10 + n)) over the n steps since ``start_step``, as diffusers' EMAModel and
+    Flow-GRPO's ema do); kept in checkpoints. None: no EMA."""
+    start_step: int = 0
+    """Optimizer steps before the EMA starts averaging; until then it follows the raw weights."""
+    export: Literal["ema", "raw"] = "ema"
+    """With ``decay`` set, which weights ``final/`` holds: the EMA's or the optimizer's raw ones. The other set is
+    exported beside it (``final-raw/`` or ``final-ema/``), and each adapter's metadata says which it holds
+    (``weights``), so evaluate and sweep can compare the two."""
+
+
+@dataclass
 class TrainConfig:
     base: str = "world"
     """A local diffusers folder, a Hub id, or 'world' for the embedded default."""
@@ -152,7 +169,14 @@ class TrainConfig:
     """'latest' or a checkpoint folder to continue from."""
     sample_every: int = 5
     """Epochs between sample grids (0: never)."""
-    log_with: str | None = "tensorboard"
+    log_with: str | list[str] | None = "tensorboard"
+    """The experiment tracker(s), written under ``output_dir/logs``: ``tensorboard``, ``wandb`` (its ``WANDB_MODE``,
+    e.g. offline, is honoured), a list of both, or None. They get the epoch's losses, KL, rewards, the optimality
+    gauge (``train.gauge_every``) and the sample grids (``sample_every``)."""
+    process_group_timeout: float | None = None
+    """Seconds a process waits in a collective (gather, all-reduce) for the others before it fails; None: torch's
+    default (10 minutes with NCCL). Raise it where one process's reward calls can take longer than that (a slow
+    reward server, a large VLM judge)."""
     max_bad_epochs: int = 3
     """Stop when every reward of a batch was NaN/inf for this many epochs in a row."""
     reward: RewardSettings = field(default_factory=RewardSettings)
@@ -160,6 +184,7 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    ema: EmaSettings = field(default_factory=EmaSettings)
 
     def validate(self) -> None:
         """Refuse bad settings before any work; each message names the key and the fix."""
@@ -204,6 +229,36 @@ class TrainConfig:
         if self.train.single_pass:
             self._check_single_pass(per_epoch)
         self._check_replay()
+        self._check_ema_and_processes()
+
+    @property
+    def trackers(self) -> list[str]:
+        """``log_with`` as a list (empty: no tracker)."""
+        if self.log_with is None:
+            return []
+        return [self.log_with] if isinstance(self.log_with, str) else list(self.log_with)
+
+    def _check_ema_and_processes(self) -> None:
+        ema = self.ema
+        if ema.decay is not None and not 0 < ema.decay < 1:
+            raise UserError(f"ema.decay must be in (0, 1) (e.g. 0.9 or 0.999; a larger one averages over more "
+                            f"steps), got {ema.decay}; or unset it for no EMA")
+        if ema.start_step < 0:
+            raise UserError(f"ema.start_step must be at least 0, got {ema.start_step}")
+        if self.process_group_timeout is not None and not (self.process_group_timeout > 0
+                                                           and math.isfinite(self.process_group_timeout)):
+            raise UserError(f"process_group_timeout must be a number of seconds > 0, got {self.process_group_timeout}; "
+                            "or unset it for torch's default")
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        if unknown:
+            raise UserError(f"log_with={self.log_with!r}: unknown tracker(s) {unknown}; use {list(TRACKERS)}, a list "
+                            "of them, or null")
+        if "wandb" in self.trackers:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise UserError("log_with names wandb, which is not installed: pip install wandb (msdda's test extra "
+                                "pins it), or log with tensorboard")
 
     def _check_replay(self) -> None:
         train = self.train

@@ -144,7 +144,8 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
                 kls.extend(kl.tolist())
             if start == 0 and seed in seeds[:2]:
                 pictures[side].append(images[:grid_prompts].cpu())
-    report = {"adapter": str(adapter), "reward_trained": metadata.reward_name, "beta": metadata.beta,
+    report = {"adapter": str(adapter), "weights": metadata.weights, "reward_trained": metadata.reward_name,
+              "beta": metadata.beta,
               "samples": len(kls), "prompts": len(prompt_list), "seeds": list(seeds), "rewards": {},
               "reward_kwargs": {name: {"kwargs": kwargs, "from": source} for name, (kwargs, source) in arguments.items()},
               "kl_to_base": {"mean": float(np.mean(kls)), "std": float(np.std(kls))}}

@@ -42,6 +42,7 @@ from msdda.train.checkpoint import (
     save_checkpoint,
 )
 from msdda.train.config import TrainConfig
+from msdda.train.ema import EMA_FILE, build_ema, ema_from_files, ema_to_files, ema_weights, ema_weights_in
 from msdda.train.distributed import (
     build_accelerator,
     check_launch,
@@ -49,7 +50,9 @@ from msdda.train.distributed import (
     gather_rows,
     own_rows,
     uses_deepspeed,
+    uses_fsdp,
 )
+from msdda.step_scales import register_step_scales
 from msdda.train.calibrate import calibrate_step_scales
 from msdda.train.gauge import GaugeSettings, gauge_adapter, near_optimum
 from msdda.train.loss import StepLoss
@@ -98,15 +101,20 @@ class Trainer:
         self.accelerator = build_accelerator(config)
         set_seed(config.seed, device_specific=True)  # before the adapter's random initialisation
         self.reward = _training_reward(config, self.accelerator.device)
-        deepspeed = uses_deepspeed(self.accelerator)
-        self.policy = load_policy(config, self.accelerator.device, channels_last=not deepspeed)
+        deepspeed, fsdp = uses_deepspeed(self.accelerator), uses_fsdp(self.accelerator)
+        self.policy = load_policy(config, self.accelerator.device, channels_last=not (deepspeed or fsdp))
         optimizer = torch.optim.AdamW(self.policy.lora_parameters, lr=config.train.learning_rate,
                                       weight_decay=config.train.adam_weight_decay)
         if deepspeed:
             configure_deepspeed(self.accelerator, config)
         unet, optimizer = self.accelerator.prepare(denoiser_of(self.policy.pipeline), optimizer)
+        # FSDP2 replaces each parameter by a sharded one (the optimizer's are swapped too): clip and average those
+        self.policy.lora_parameters = [p for p in unet.parameters() if p.requires_grad]
         self.learner = Learner(self.accelerator, unet, optimizer, self.policy.lora_parameters,
-                               config.train.max_grad_norm, _lr_schedule(config, optimizer))
+                               config.train.max_grad_norm, _lr_schedule(config, optimizer),
+                               ema=build_ema(self.policy.lora_parameters, config.ema))
+        self.trained_names = [name for name, p in self.unwrapped.named_parameters() if p.requires_grad]
+        """The names of ``policy.lora_parameters``, in their order (the EMA's checkpoint keys)."""
         self.tracker = PerPromptStatTracker(config.train.stat_buffer, config.train.stat_min_count,
                                             config.train.advantage_normalisation)
         self.start_epoch, self.bad_epochs, self.history = 0, 0, []
@@ -154,7 +162,8 @@ class Trainer:
             self._report(epoch, metrics, progress)
             if (epoch + 1) % config.checkpoint.every == 0 or epoch + 1 == config.epochs or near:
                 self._save_checkpoint(epoch)
-            if config.sample_every and (epoch + 1) % config.sample_every == 0 and accelerator.is_main_process:
+            if config.sample_every and (epoch + 1) % config.sample_every == 0 and (
+                    accelerator.is_main_process or uses_fsdp(accelerator)):  # FSDP2's forwards gather on every process
                 self._sample_grid(epoch)
             if near:
                 logger.info("every step that carries KL is within %s of its step optimum after epoch %d; stopping",
@@ -211,6 +220,19 @@ class Trainer:
         return gauge_adapter(self.policy.pipeline, self.unwrapped, adapter, self.reward, self._metadata(),
                              self._gauge_settings())
 
+    def _fitted(self, gauge: dict | None) -> tuple[dict | None, list | None]:
+        """(the gauge, the per-step scales) to export with the adapter's weights as they are now: with
+        ``train.step_scale_rounds``, the scales fitted to them (msdda.train.calibrate) and the gauge at those scales,
+        left unregistered so that other weights (the EMA's) are fitted from scale 1."""
+        if not self.config.train.step_scale_rounds or gauge is None:
+            return gauge, None
+        adapter = next(iter(self.unwrapped.peft_config))
+        scales, gauge = calibrate_step_scales(self.policy.pipeline, self.unwrapped, adapter, self.reward,
+                                              self._metadata(), self._gauge_settings(), self.config.beta,
+                                              self.config.train.step_scale_rounds)
+        register_step_scales(self.unwrapped, adapter, None)
+        return gauge, scales
+
     def _gauge_settings(self) -> GaugeSettings:
         """The gauge's held-out states: ``train.gauge_prompts`` of the training prompts, evenly spaced."""
         count = self.config.train.gauge_prompts
@@ -248,8 +270,10 @@ class Trainer:
         if config.train.single_pass:
             means = single_pass_update(trajectories, advantages, config, self.learner)
         else:
-            seeds = [_seed(config.seed, epoch, self.accelerator.process_index, inner, 3)
-                     for inner in range(config.train.inner_epochs)]
+            # under FSDP2 every forward gathers weights from all processes, so they must run the same forwards: the
+            # same steps in the same order (a step's continuation has as many forwards as steps follow it)
+            process = 0 if uses_fsdp(self.accelerator) else self.accelerator.process_index
+            seeds = [_seed(config.seed, epoch, process, inner, 3) for inner in range(config.train.inner_epochs)]
             means = update_pass(self.step_loss, trajectories, advantages, config, self.learner, seeds)
         if not math.isfinite(means["loss"]):  # before this epoch's checkpoint: the last one written stays the last good
             raise UserError(f"the loss became {means['loss']} at epoch {epoch + 1}; stopping. The last good "
@@ -310,7 +334,7 @@ class Trainer:
 
     def _report(self, epoch: int, metrics: dict[str, float], progress) -> None:
         """Log the epoch's metrics (TensorBoard or the configured tracker) and show them on the progress bar."""
-        if self.config.log_with:
+        if self.config.trackers:
             self.accelerator.log(metrics, step=epoch + 1)
         shown = {"reward": f"{metrics['reward_mean']:.3f}", "kl": f"{metrics['kl']:.3f}"} if "kl" in metrics else {}
         progress.set_postfix(**shown, dropped=metrics["dropped_samples"])
@@ -322,44 +346,56 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / RUN_CONFIG).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        if config.log_with:
+        if config.trackers:
             flat = {k: str(v) if isinstance(v, (list, dict)) or v is None else v
                     for k, v in _flatten(config_to_dict(config)).items()}
-            self.accelerator.init_trackers("msdda-train", config=flat)
+            # wandb's run files go under the run's logs/ (its own default is ./wandb in the working directory)
+            wandb = {"dir": str(self.output_dir / "logs"), "name": self.output_dir.name}
+            self.accelerator.init_trackers("msdda-train", config=flat, init_kwargs={"wandb": wandb})
 
     def _save_checkpoint(self, epoch: int) -> None:
         state = {"epoch": epoch + 1, "bad_epochs": self.bad_epochs, "history": self.history,
                  "tracker": self.tracker.state_dict(), "optimizer_steps": self.learner.optimizer_steps}
+        tensor_files = {}
+        if self.learner.ema is not None:
+            tensor_files[EMA_FILE], state["ema"] = ema_to_files(self.learner.ema, self.trained_names)
         save_checkpoint(self.output_dir, epoch, self.accelerator, self.learner.model, self.learner.optimizer, state,
-                        self._metadata(), self.config.checkpoint.keep)
+                        self._metadata(), self.config.checkpoint.keep, tensor_files)
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.accelerator, self.learner.model, self.learner.optimizer,
                                 self.policy.lora_parameters)
+        if self.learner.ema is not None:
+            ema_from_files(self.learner.ema, self.trained_names, checkpoint, state.get("ema"))
         self.tracker.load_state_dict(state["tracker"])
         self.start_epoch, self.bad_epochs, self.history = state["epoch"], state["bad_epochs"], state["history"]
         self.learner.resume_schedule(state.get("optimizer_steps", 0))
         logger.info("resumed from %s at epoch %d", checkpoint, self.start_epoch)
 
     def _export(self) -> Path:
-        """Check that only the LoRA trained, write the final adapter, and close the trackers."""
+        """Check that only the LoRA trained, write the final adapter (``final/``; with an EMA, the weights
+        ``ema.export`` names, and the other set beside it in ``final-raw/`` or ``final-ema/``), each with its own
+        optimality gauge, and close the trackers."""
         if weights_hash(self.unwrapped) != self.policy.frozen_hash:
             raise RuntimeError("the base denoiser's weights changed during training; only the LoRA may train")
-        final = self.output_dir / "final"
-        lora = lora_state(self.accelerator, self.learner.model)
         gauged_now = self.history and "gauge_max_ratio_deviation" in self.history[-1] and self.last_gauge is not None
-        optimality = self.last_gauge if gauged_now else self.gauge()
-        metadata = dataclasses.replace(self._metadata(), optimality=optimality)
-        if self.config.train.step_scale_rounds and optimality is not None:
-            scales, optimality = calibrate_step_scales(
-                self.policy.pipeline, self.unwrapped, next(iter(self.unwrapped.peft_config)), self.reward, metadata,
-                self._gauge_settings(), self.config.beta, self.config.train.step_scale_rounds)
-            metadata = dataclasses.replace(metadata, step_scales=scales, optimality=optimality)
+        exports = {"raw": (lora_state(self.accelerator, self.learner.model),
+                           *self._fitted(self.last_gauge if gauged_now else self.gauge()))}
+        ema = self.learner.ema
+        if ema is not None:
+            with ema_weights_in(ema, self.policy.lora_parameters):
+                exports["ema"] = (lora_state(self.accelerator, self.learner.model,
+                                             ema_weights(ema, self.trained_names)), *self._fitted(self.gauge()))
+        chosen = self.config.ema.export if ema is not None else "raw"
         if self.accelerator.is_main_process:
-            save_adapter(final, self.unwrapped, metadata, lora)
+            for weights, (lora, optimality, scales) in exports.items():
+                metadata = dataclasses.replace(self._metadata(), optimality=optimality, weights=weights,
+                                               step_scales=scales)
+                folder = self.output_dir / ("final" if weights == chosen else f"final-{weights}")
+                save_adapter(folder, self.unwrapped, metadata, lora)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        return final
+        return self.output_dir / "final"
 
     def _metadata(self) -> AdapterMetadata:
         config, pipeline = self.config, self.policy.pipeline
@@ -380,13 +416,18 @@ class Trainer:
             guidance_scale=config.sampling.guidance_scale, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
             lora_target_modules=list(config.lora.target_modules),
             training={"epochs": len(self.history), "seed": config.seed, "processes": self.accelerator.num_processes,
+                      "distributed_type": self.accelerator.distributed_type.value,
                       "trajectories_per_epoch": config.sampling.batch_size * config.sampling.batches_per_epoch
                       * self.accelerator.num_processes,
                       "first_reward_mean": self.history[0]["reward_mean"] if self.history else None,
-                      "last_reward_mean": last.get("reward_mean"), "last_kl": last.get("kl")},
+                      "last_reward_mean": last.get("reward_mean"), "last_kl": last.get("kl"),
+                      "ema": None if config.ema.decay is None else {"decay": config.ema.decay,
+                                                                    "start_step": config.ema.start_step}},
         )
 
     def _sample_grid(self, epoch: int) -> None:
+        """Sample the grid of up to 8 training prompts at the run's seed, and write it to samples/ and the trackers
+        (the main process; under FSDP2 every process samples, as its forwards gather the weights)."""
         from msdda.utils import image_grid
 
         prompts = self.prompts[:: max(1, len(self.prompts) // 8)][:8]
@@ -400,10 +441,17 @@ class Trainer:
         images = sample_trajectories(Sampler.of(pipeline, self.unwrapped, sampling), self.reward,
                                      Conditioning(prompts, positive, negative), "terminal",
                                      torch.Generator().manual_seed(self.config.seed)).images
+        if not self.accelerator.is_main_process:
+            return
         pil = images_to_pil(pipeline, images)
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        image_grid(pil, columns=len(pil)).save(folder / f"epoch-{epoch + 1:05d}.png")
+        grid = image_grid(pil, columns=len(pil))
+        grid.save(folder / f"epoch-{epoch + 1:05d}.png")
+        for tracker in self.accelerator.trackers:  # one image per grid, at the epoch's step
+            pixels = np.asarray(grid.convert("RGB"))[None]
+            options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({"samples": pixels}, step=epoch + 1, **options)
 
 
 def _lr_schedule(config: TrainConfig, optimizer):

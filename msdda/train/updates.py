@@ -96,9 +96,12 @@ class Learner:
     """A torch LR scheduler stepped once per optimizer step, or None (a constant learning rate)."""
     optimizer_steps: int = 0
     """Optimizer steps taken (kept in checkpoints: a resumed run's schedule continues from it)."""
+    ema: object | None = None
+    """diffusers' EMAModel of ``parameters`` (msdda.train.ema), stepped after every optimizer step; None: no EMA."""
 
     def step(self) -> None:
-        """Clip and apply the accumulated gradients (a no-op between accumulation boundaries), then clear them."""
+        """Clip and apply the accumulated gradients (a no-op between accumulation boundaries), then clear them; the
+        EMA and the learning-rate schedule follow every optimizer step."""
         if self.accelerator.sync_gradients:
             self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
         self.optimizer.step()
@@ -107,6 +110,8 @@ class Learner:
             self.optimizer_steps += 1
             if self.lr_schedule is not None:
                 self.lr_schedule.step()
+            if self.ema is not None:
+                self.ema.step(self.parameters)
 
     def resume_schedule(self, optimizer_steps: int) -> None:
         """Continue the learning-rate schedule after ``optimizer_steps`` steps of a stopped run."""
