@@ -44,6 +44,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from msdda.prompts import check_prompts_spec
+    from msdda.reward_cli import parse_reward_kwargs
     from msdda.train.evaluate import evaluate_adapter
     from msdda.train.gauge import gauge_lines
     from msdda.utils import parse_seeds
@@ -53,7 +54,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--num-prompts must be 1 or more, got {args.num_prompts}")
     report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,
                               seeds=parse_seeds(args.seeds), out=args.out, device=args.device,
-                              reward_kwargs=_reward_kwargs(args.reward_kwargs), gauge_prompts=args.gauge_prompts,
+                              reward_kwargs=parse_reward_kwargs(args.reward_kwargs, "--reward-kwargs"), gauge_prompts=args.gauge_prompts,
                               gauge_beta=args.gauge_beta)
     print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
           f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
@@ -68,22 +69,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote evaluation.json and before_after.png to {args.out}")
     return 0
-
-
-def _reward_kwargs(text: str | None) -> dict | None:
-    """``--reward-kwargs`` as a mapping: YAML flow syntax, e.g. '{strength: 1.0}'."""
-    if text is None:
-        return None
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserError(f"--reward-kwargs {text!r} is not valid YAML ({error.__class__.__name__}); give a mapping "
-                        "such as '{strength: 1.0}'") from error
-    if not isinstance(value, dict):
-        raise UserError(f"--reward-kwargs {text!r} is not a mapping; give one such as '{{strength: 1.0}}'")
-    return value
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
