@@ -64,6 +64,7 @@ def check_port(host: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise UserError(f"--port {port} is not a port; give 1-65535, or leave it out for a free one")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a port a killed one left is free
         try:
             probe.bind((host, port))
         except OSError as error:

@@ -45,6 +45,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from msdda.prompts import check_prompts_spec
     from msdda.reward_cli import parse_reward_kwargs
+    from msdda.shards import launch_state
     from msdda.train.evaluate import evaluate_adapter
     from msdda.train.gauge import gauge_lines
     from msdda.utils import parse_seeds
@@ -56,6 +57,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                               seeds=parse_seeds(args.seeds), out=args.out, device=args.device,
                               reward_kwargs=parse_reward_kwargs(args.reward_kwargs, "--reward-kwargs"), gauge_prompts=args.gauge_prompts,
                               gauge_beta=args.gauge_beta)
+    if not launch_state().is_main_process:  # the main process reports, once
+        return 0
     print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}); "
           f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
     for name, values in report["rewards"].items():
@@ -72,7 +75,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="an adapter against its base: rewards before/after and its KL")
+    parser = subparsers.add_parser(
+        "evaluate", help="an adapter against its base: rewards before/after and its KL",
+        description="Evaluate an adapter against its base on paired samples. Under accelerate launch -m msdda.cli "
+        "evaluate ... the processes share the samples, with the result of one process.")
     parser.add_argument("adapter", help="an adapter folder (or Hub id) written by msdda train")
     parser.add_argument("--reward", action="append", default=None,
                         help="a reward to score: a registered name or 'module:attribute' (repeatable; default: "
