@@ -3,7 +3,8 @@ processes ``accelerate launch`` started, on CPUs, GPUs and nodes.
 
 Each process takes every n-th piece (n processes) and computes it exactly as one process would: every piece
 draws its noise from its own seeded generator, so results do not depend on which process computed them or on how
-many there were. Without a launch there is one process, which takes every piece.
+many there were (bit for bit at the same number of CPU threads per process: a reduction over more threads sums in
+another order). Without a launch there is one process, which takes every piece.
 """
 
 from __future__ import annotations

@@ -84,13 +84,16 @@ def test_health_names_the_served_reward_its_version_and_kwargs(redness_server) -
 
 
 def test_remote_scores_are_the_local_reward_s_bit_for_bit(redness_server) -> None:
-    """7 images go in one request and are scored in chunks of the server's batch size 3."""
+    """7 images go in one request and are scored in chunks of the server's batch size 3, in their memory layout."""
     images = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     prompts = (PROMPTS * 3)[:7]
     remote = load_reward(f"remote:{redness_server}", name="redness", version="1")
     local = load_reward("tests.user_rewards:Redness", strength=2.0)
     assert (remote.name, remote.version, remote.differentiable) == ("redness", "1", False)
     assert torch.equal(remote(images, prompts), local(images, prompts))
+    # a channels-last VAE's images sum in another order: they travel in their layout and score as they do here
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(remote(channels_last, prompts), local(channels_last, prompts))
 
 
 def test_a_server_serving_another_reward_is_refused_before_any_work(redness_server, tmp_path) -> None:

@@ -1,8 +1,10 @@
 """What a reward server and its client send each other: safetensors bytes, never pickle.
 
-A request holds the images (``[B, 3, H, W]`` float32 in [0, 1], the Reward interface's input, so that a remote score
-equals the local one bit for bit) under ``images``, and the prompts as JSON in the file's metadata; an answer holds
-``scores`` (``[B]`` float32). Both sides check what they read and raise :class:`WireError` saying what was wrong: the
+A request holds the images (``[B, 3, H, W]`` float32 in [0, 1], the Reward interface's input) under ``images``, and
+the prompts as JSON in the file's metadata; an answer holds ``scores`` (``[B]`` float32). The images travel in their
+memory layout (``dim_order``: their dimensions from the outermost in memory to the innermost, e.g. channels last from
+a channels-last VAE) and are rebuilt with the same strides, because a reward's reductions sum in memory order: the
+same values in another layout can score an ulp apart, and a remote score must equal the local one bit for bit. Both sides check what they read and raise :class:`WireError` saying what was wrong: the
 server answers it with HTTP 400, the client counts it as a bad answer.
 """
 
@@ -35,17 +37,23 @@ def _read(data: bytes, name: str) -> tuple[torch.Tensor, dict[str, str]]:
 
 
 def encode_request(images: torch.Tensor, prompts: list[str]) -> bytes:
-    return save({"images": images.detach().to("cpu", torch.float32).contiguous()},
-                metadata={"prompts": json.dumps(list(prompts))})
+    images = images.detach().to("cpu", torch.float32)
+    order = sorted(range(images.ndim), key=lambda dim: -images.stride(dim))  # stable: ties keep their order
+    return save({"images": images.permute(order).contiguous()},
+                metadata={"prompts": json.dumps(list(prompts)), "dim_order": json.dumps(order)})
 
 
 def decode_request(data: bytes) -> tuple[torch.Tensor, list[str]]:
-    """The images ``[B, 3, H, W]`` float32 and their B prompts of a request."""
-    images, metadata = _read(data, "images")
+    """The images ``[B, 3, H, W]`` float32, in the memory layout they were sent in, and their B prompts."""
+    stored, metadata = _read(data, "images")
     try:
         prompts = json.loads(metadata["prompts"])
+        order = json.loads(metadata.get("dim_order", json.dumps(list(range(stored.ndim)))))
     except (KeyError, json.JSONDecodeError) as error:
-        raise WireError("its metadata holds no JSON list of prompts under 'prompts'") from error
+        raise WireError("its metadata holds no JSON list of prompts under 'prompts' (and a dim_order)") from error
+    if sorted(order) != list(range(stored.ndim)):
+        raise WireError(f"dim_order {order} is not an order of the images' {stored.ndim} dimensions")
+    images = stored.clone().permute([order.index(dim) for dim in range(stored.ndim)])  # clone: aligned memory
     if images.dtype != torch.float32 or images.ndim != 4 or images.shape[1] != 3:
         raise WireError(f"images must be [B, 3, H, W] float32, got {tuple(images.shape)} {images.dtype}")
     if not isinstance(prompts, list) or len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
