@@ -1,7 +1,7 @@
 """An epoch's sampling with its rewards scored at once against scored in a background thread while the next batch
 samples (``reward.score_while_sampling``), with a deliberately slow reward.
 
-    python benchmarks/score_while_sampling.py [--batches 4] [--delay auto] [--repeats 2]
+    python benchmarks/score_while_sampling.py [--batches 4] [--batch-size 8] [--steps 10] [--delay auto] [--repeats 2]
 
 The reward is the world's aesthetic one plus a wait of ``--delay`` seconds per call (``auto``: as long as one
 batch's sampling, measured first), standing in for a reward server's answer or a judge on another GPU: time the
@@ -40,10 +40,11 @@ class SlowAesthetic(WorldAesthetic):
         return super().score(images, prompts)
 
 
-def trainer(output_dir: Path, batches: int, overlap: bool) -> Trainer:
+def trainer(output_dir: Path, args: argparse.Namespace, overlap: bool) -> Trainer:
     return Trainer(load_config(TrainConfig, ROOT / "configs/train/world_aesthetic.yaml", [
         "reward.name=slow-aesthetic", "reward.step_reward=terminal", "train.estimator=policy-gradient",
-        "sampling.batch_size=8", f"sampling.batches_per_epoch={batches}", "train.batch_size=8", "log_with=null",
+        f"sampling.batch_size={args.batch_size}", f"sampling.batches_per_epoch={args.batches}",
+        f"sampling.num_inference_steps={args.steps}", f"train.batch_size={args.batch_size}", "log_with=null",
         "sample_every=0", "train.gauge_prompts=0", f"reward.score_while_sampling={str(overlap).lower()}",
         f"output_dir={output_dir}"]))
 
@@ -62,12 +63,14 @@ def sampling_seconds(run: Trainer, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=4, help="sampling batches per epoch (default 4)")
+    parser.add_argument("--batch-size", type=int, default=8, help="trajectories per sampling batch (default 8)")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps (default 10, the recipe's)")
     parser.add_argument("--delay", default="auto", help="the reward's wait per call in seconds (default auto: one "
                         "batch's sampling time)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        at_once, overlapped = (trainer(Path(scratch) / name, args.batches, overlap)
+        at_once, overlapped = (trainer(Path(scratch) / name, args, overlap)
                                for name, overlap in (("at_once", False), ("overlapped", True)))
         sampling_only = sampling_seconds(at_once, args.repeats) / args.batches
         DELAY["seconds"] = sampling_only if args.delay == "auto" else float(args.delay)
