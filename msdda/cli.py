@@ -11,6 +11,7 @@ from msdda.errors import UserError
 from msdda.fuse.cli import add_fuse_parser
 from msdda.push import add_push_parser
 from msdda.report.cli import add_report_parser
+from msdda.reward_cli import add_reward_parser
 from msdda.studio.cli import add_studio_parser
 from msdda.sweep.cli import add_sweep_parser
 from msdda.train.cli import add_calibrate_parser, add_evaluate_parser, add_train_parser
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_push_parser(subparsers)
     add_world_parser(subparsers)
     add_studio_parser(subparsers)
+    add_reward_parser(subparsers)
     return parser
 
 

@@ -15,7 +15,9 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "numpy", "P
 """Libraries a command may import when it runs, never to parse its arguments."""
 ANSWERED_AT_ONCE = [
     ["--help"], ["--version"], [],
-    *([command, "--help"] for command in ("train", "evaluate", "fuse", "sweep", "report", "push", "studio", "world")),
+    *([command, "--help"] for command in ("train", "evaluate", "fuse", "sweep", "report", "push", "studio", "world",
+                                          "reward")),
+    ["reward", "serve", "--help"], ["reward"], ["reward", "serve"], ["reward", "serve", "x", "--port", "http"],
     *(["world", command, "--help"] for command in ("pretrain", "sample", "evaluate", "path")),
     ["fuse", "--adpater", "world:aesthetic"], ["fuse", "--method", "mean"], ["fuse", "--steps", "ten"],
     ["train", "--resume-from", "x"], ["evaluate"], ["report"], ["studio", "--port", "http"], ["world"], ["world", "sample"],

@@ -32,6 +32,11 @@ class Reward(nn.Module):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def reload_kwargs(self, given: dict) -> dict:
+        """The constructor arguments that load this same reward again elsewhere (an adapter records them): the
+        ``given`` ones, plus whatever the reward must check then (a remote reward: its server's name and version)."""
+        return dict(given)
+
     @property
     def device(self) -> torch.device:
         for tensor in [*self.parameters(), *self.buffers()]:
@@ -82,13 +87,18 @@ def available_rewards() -> list[str]:
 
 
 def load_reward(spec: str, **kwargs) -> Reward:
-    """A registered reward by name, or ``"module:attribute"`` naming a Reward class or a reward function."""
+    """A registered reward by name, ``"module:attribute"`` naming a Reward class or a reward function, or
+    ``"remote:URL"`` naming a reward server (msdda.rewards.remote)."""
+    from msdda.rewards.remote import REMOTE_PREFIX, RemoteReward
+
+    if spec.startswith(REMOTE_PREFIX):
+        return RemoteReward(spec[len(REMOTE_PREFIX):], **kwargs)
     if spec in _REGISTRY:
         return _REGISTRY[spec](**kwargs)
     if ":" not in spec:
         raise UserError(
             f"unknown reward {spec!r}; built-in rewards are {available_rewards()}, or give 'package.module:name' "
-            "for your own Reward class or function"
+            "for your own Reward class or function, or 'remote:http://host:port' for a reward server"
         )
     module_name, _, attribute = spec.partition(":")
     try:

@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import socket
 import tempfile
 from pathlib import Path
 
 from msdda.errors import UserError
+from msdda.utils import check_port, is_loopback
 
 DEFAULT_ADAPTERS = ["world:aesthetic", "world:consistency", "world:thirds"]
 """The reference adapters shipped with the embedded world."""
 LOOPBACK_NOTE = ("it binds to loopback (127.0.0.1) only, so only this machine can open the page; it has no login, "
                  "so a --host that other machines reach lets anyone there sample with your adapters")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _check_port(host: str, port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise UserError(f"--port {port} is not a port; give 1-65535, or leave it out for a free one")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); give another --port, or leave it "
-                            "out for a free one") from error
 
 
 def _check_args(args: argparse.Namespace) -> list[float] | None:
@@ -54,7 +35,7 @@ def _check_args(args: argparse.Namespace) -> list[float] | None:
     if args.sweep is not None:
         load_manifest(args.sweep)
     if args.port is not None:
-        _check_port(args.host, args.port)
+        check_port(args.host, args.port)
     resolve_device(args.device)
     return betas
 
@@ -71,7 +52,7 @@ def _studio(args: argparse.Namespace) -> int:
         sweep = SweepView(args.sweep, Path(scratch) / "pareto.png") if args.sweep is not None else None
         app = build_app(studio, sweep)
         url = serve(app, args.host, args.port)
-        where = "loopback only: only this machine can open it" if _is_loopback(args.host) else \
+        where = "loopback only: only this machine can open it" if is_loopback(args.host) else \
             f"on {args.host}, NOT loopback: other machines can open it, and it has no login"
         print(f"msdda studio: {url} ({where}); Ctrl+C stops it", flush=True)
         try:

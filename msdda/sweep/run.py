@@ -1,7 +1,9 @@
 """Run a weight sweep: every method at every weight on the same prompts and seeds, scored by every reward.
 
 Each (method, weights) cell samples all prompts x seeds and writes its rows to ``cells/<cell>.csv`` atomically
-(temp file, then rename), so an interrupted sweep resumes without redoing finished cells. Every cell draws
+(temp file, then rename), so an interrupted sweep resumes without redoing finished cells. Under ``accelerate
+launch`` the processes share the cells not yet done (msdda.shards), each cell sampled as one process samples it, and
+the main process writes the tables once every cell is in. Every cell draws
 the same initial noise for the same (prompt, seed), so methods are compared on paired samples.
 
 Every sample also carries its path KL along its own trajectory: to the base (``kl_to_base``) and, where an
@@ -31,9 +33,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from msdda.config import config_to_dict
-from msdda.diffusion import denoiser_of, images_to_pil, resolve_device
+from msdda.diffusion import denoiser_of, images_to_pil
 from msdda.errors import InputNotFound, UserError
 from msdda.fuse.methods import get_method
+from msdda.shards import launch_device, launch_state, own_share
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import simplex_grid, weight_key
 
@@ -136,7 +139,8 @@ class Sweep:
         self.folder = Path(config.output_dir)
         self._check_folder()
         self.prompts, self.seeds = config.load_prompts(), parse_seeds(config.seeds)
-        self.device = resolve_device(config.device)
+        self.state = launch_state()
+        self.device = launch_device(config.device, self.state)
         self.pipeline = MSDDAPipeline.from_pretrained(config.base, adapters=config.adapters,
                                                       betas=config.betas).to(self.device)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -258,25 +262,34 @@ class Sweep:
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> Path:
-        """Run the cells not yet done, then write the tidy table and the summary; returns the folder."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        """Run the cells not yet done (this process's share of them), then write the tidy table and the summary;
+        returns the folder."""
+        state, main = self.state, self.state.is_main_process
+        state.wait_for_everyone()  # every process has checked the folder (in __init__) before it changes
+        if main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         per_cell = len(self.prompts) * len(self.seeds)
         before_kl = [cell for cell in self.cells if _written_before_kl(self.folder / cell.rows_file)]
-        if before_kl:
+        if before_kl and main:
             warnings.warn(f"{len(before_kl)} cells of {self.folder} were written before KL accounting (no "
                           f"{KL_TO_BASE} column): sampling them again ({', '.join(c.stem for c in before_kl)})",
                           stacklevel=2)
         todo = [cell for cell in self.cells if not (self.folder / cell.rows_file).is_file() or cell in before_kl]
-        done = len(self.cells) - len(todo)
-        progress = tqdm(total=len(self.cells) * per_cell, initial=done * per_cell, unit="img", desc="sweep")
-        for cell in todo:
+        state.wait_for_everyone()  # every process has read the same cell files
+        mine = own_share(todo, state)
+        progress = tqdm(total=len(mine) * per_cell, unit="img", disable=not main,
+                        desc="sweep" if state.num_processes == 1 else f"sweep (process 0 of {state.num_processes})")
+        for cell in mine:
             progress.set_postfix_str(f"{cell.method} {weight_key(cell.weights)}")
             rows, strip = self._run_cell(cell, progress)
             self._write_cell(cell, rows, strip)
         progress.close()
-        write_tables(self.folder, self.cells, self.reward_names, self.beta)
-        _write_manifest(self.folder, self.cells, self.reward_names, self.beta, self.pipeline.betas)
+        state.wait_for_everyone()
+        if main:
+            write_tables(self.folder, self.cells, self.reward_names, self.beta)
+            _write_manifest(self.folder, self.cells, self.reward_names, self.beta, self.pipeline.betas)
+        state.wait_for_everyone()
         return self.folder
 
 

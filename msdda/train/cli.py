@@ -44,6 +44,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from msdda.prompts import check_prompts_spec
+    from msdda.reward_cli import parse_reward_kwargs
+    from msdda.shards import launch_state
     from msdda.train.evaluate import evaluate_adapter
     from msdda.train.gauge import gauge_lines
     from msdda.utils import parse_seeds
@@ -53,8 +55,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--num-prompts must be 1 or more, got {args.num_prompts}")
     report = evaluate_adapter(args.adapter, rewards=args.reward, prompts=args.prompts, num_prompts=args.num_prompts,
                               seeds=parse_seeds(args.seeds), out=args.out, device=args.device,
-                              reward_kwargs=_reward_kwargs(args.reward_kwargs), gauge_prompts=args.gauge_prompts,
-                              gauge_beta=args.gauge_beta)
+                              reward_kwargs=parse_reward_kwargs(args.reward_kwargs, "--reward-kwargs"),
+                              gauge_prompts=args.gauge_prompts, gauge_beta=args.gauge_beta)
+    if not launch_state().is_main_process:  # the main process reports, once
+        return 0
     print(f"{report['samples']} paired samples ({report['prompts']} prompts x seeds {args.seeds}) of the adapter's "
           f"{report['weights']} weights; "
           f"KL to the base per trajectory {report['kl_to_base']['mean']:.3f} ± {report['kl_to_base']['std']:.3f}")
@@ -71,24 +75,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reward_kwargs(text: str | None) -> dict | None:
-    """``--reward-kwargs`` as a mapping: YAML flow syntax, e.g. '{strength: 1.0}'."""
-    if text is None:
-        return None
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserError(f"--reward-kwargs {text!r} is not valid YAML ({error.__class__.__name__}); give a mapping "
-                        "such as '{strength: 1.0}'") from error
-    if not isinstance(value, dict):
-        raise UserError(f"--reward-kwargs {text!r} is not a mapping; give one such as '{{strength: 1.0}}'")
-    return value
-
-
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="an adapter against its base: rewards before/after and its KL")
+    parser = subparsers.add_parser(
+        "evaluate", help="an adapter against its base: rewards before/after and its KL",
+        description="Evaluate an adapter against its base on paired samples. Under accelerate launch -m msdda.cli "
+        "evaluate ... the processes share the samples, with the result of one process.")
     parser.add_argument("adapter", help="an adapter folder (or Hub id) written by msdda train")
     parser.add_argument("--reward", action="append", default=None,
                         help="a reward to score: a registered name or 'module:attribute' (repeatable; default: "
@@ -111,6 +102,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from msdda.prompts import check_prompts_spec
+    from msdda.reward_cli import parse_reward_kwargs
     from msdda.train.calibrate import calibrate_adapter
     from msdda.train.gauge import gauge_lines
 
@@ -122,7 +114,8 @@ def _calibrate(args: argparse.Namespace) -> int:
               f"{'an unmeasured amount' if worst is None else f'{worst:.2f}'}", flush=True)
 
     report = calibrate_adapter(args.adapter, args.out, beta=args.beta,
-                               reward_kwargs=_reward_kwargs(args.reward_kwargs), prompts=args.prompts,
+                               reward_kwargs=parse_reward_kwargs(args.reward_kwargs, "--reward-kwargs"),
+                               prompts=args.prompts,
                                num_prompts=args.num_prompts, draws=args.draws, rounds=args.rounds,
                                largest=args.largest, device=args.device, progress=progress)
     print(gauge_lines(report))

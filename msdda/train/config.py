@@ -20,9 +20,15 @@ TRACKERS = ("tensorboard", "wandb")
 @dataclass
 class RewardSettings:
     name: str = "world-aesthetic"
-    """A registered reward (msdda.rewards.available_rewards()) or 'package.module:name'."""
+    """A registered reward (msdda.rewards.available_rewards()), 'package.module:name', or 'remote:http://host:port' for
+    a reward server (``msdda reward serve``; its kwargs: name, version, timeout, retries, backoff; docs/rewards.md)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     step_reward: Literal["terminal", "tweedie", "rollout"] = "terminal"
+    score_while_sampling: bool = False
+    """Score each sampling batch's rewards in a background thread while the next batch samples (with
+    ``sampling.batches_per_epoch`` > 1), with the same results bit for bit. It gains the reward's time where the
+    reward leaves the sampler free: a reward server's answer, a reward on another device. The reward must be safe
+    to call from another thread (the built-in and remote ones are)."""
 
 
 @dataclass

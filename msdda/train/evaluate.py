@@ -10,6 +10,7 @@ timestep, the ratio of the adapter's step variance to the base's at the same x_t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,13 @@ from msdda.diffusion import (
     encode_prompts,
     images_to_pil,
     prepare_sampling,
-    resolve_device,
     uses_guidance,
 )
 from msdda.kernels import StepKernel, kernel_kl, learns_variance
 from msdda.models import family_of
 from msdda.prompts import load_prompts
 from msdda.sampling import denoise
+from msdda.shards import launch_device, launch_state, own_share
 from msdda.train.gauge import GaugeSettings, gauge_adapter
 
 __all__ = ["evaluate_adapter", "reward_arguments"]
@@ -69,6 +70,31 @@ def _sample(pipeline, prompts: list[str], seed: int, name: str, metadata: Adapte
 
     latents = denoise(scheduler.timesteps, latents, kernel_at, generator, positive)
     return decode_latents(pipeline, latents), kl, variance_ratios
+
+
+@dataclass
+class _Chunk:
+    """One batch of prompts at one seed, sampled by the base and by the adapter: each side's scores per reward, the
+    adapter's KLs and variance ratios per timestep, and each side's first images for the grid (None: not kept)."""
+
+    scores: dict[str, dict[str, list[float]]]
+    kls: list[float]
+    variance_ratios: dict[int, list[float]]
+    pictures: dict[str, torch.Tensor | None]
+
+
+def _evaluate_chunk(pipeline, prompts: list[str], seed: int, scorers: dict, metadata: AdapterMetadata,
+                    pictured: int) -> _Chunk:
+    """The base and the adapter on ``prompts`` from the noise of ``seed``, scored by every reward, keeping the first
+    ``pictured`` images of each side."""
+    chunk = _Chunk({}, [], {}, {})
+    for side, name in (("base", BASE), ("adapter", pipeline.adapters[0].name)):
+        images, kl, ratios = _sample(pipeline, prompts, seed, name, metadata)
+        chunk.scores[side] = {reward_name: scorer(images, prompts).tolist() for reward_name, scorer in scorers.items()}
+        chunk.pictures[side] = images[:pictured].cpu() if pictured else None
+        if side == "adapter":
+            chunk.kls, chunk.variance_ratios = kl.tolist(), ratios
+    return chunk
 
 
 def _variance_report(ratios: dict[int, list[float]]) -> dict[str, dict[str, float]]:
@@ -110,7 +136,9 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     training recorded, ``reward_kwargs`` over them (:func:`reward_arguments`; the report's ``reward_kwargs`` says
     which were used). With ``out``, writes ``evaluation.json`` and ``before_after.png`` (rows: prompts; each row the
     base's samples, then the adapter's) there. ``device``: auto (the GPU when there is one), cpu, cuda or cuda:N.
-    The adapter, the rewards and the prompts are checked before the base loads.
+    The adapter, the rewards and the prompts are checked before the base loads. Under ``accelerate launch`` the
+    processes share the (seed, prompt batch) chunks (msdda.shards) and every process gets the same rewards and KLs as
+    one process would; the main process alone runs the gauge and writes files (the others' reports lack the gauge).
 
     The gauge reads held-out states of ``gauge_prompts`` of the prompts (0: no gauge; it is skipped where the trained
     reward is not among those scored, or has no gradients) at ``gauge_beta`` (default the adapter's), with
@@ -121,7 +149,8 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     from msdda.fuse.pipeline import MSDDAPipeline
     from msdda.rewards import load_reward
 
-    where = resolve_device(device)
+    state = launch_state()
+    where = launch_device(device, state)
     metadata = load_adapter_metadata(resolve_adapter(adapter))
     specs = list(rewards) if rewards else [metadata.reward_spec or metadata.reward_name]
     names = list(rewards) if rewards else [metadata.reward_name]  # the report's labels
@@ -129,21 +158,28 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
     scorers = [load_reward(spec, **arguments[name][0]).to(where) for name, spec in zip(names, specs)]
     prompt_list = load_prompts(prompts, num_prompts)
     pipeline = MSDDAPipeline.from_pretrained(metadata.base_model, adapters=[adapter]).to(where)
+    chunks = [(seed, start) for seed in seeds for start in range(0, len(prompt_list), batch_size)]
+    pictured = {(seed, 0) for seed in seeds[:2]}
+    shared = own_share(list(enumerate(chunks)), state)
+    results = [(index, _evaluate_chunk(pipeline, prompt_list[start:start + batch_size], seed * 10_000 + start,
+                                       dict(zip(names, scorers)), metadata,
+                                       grid_prompts if (seed, start) in pictured else 0))
+               for index, (seed, start) in tqdm(shared, desc="evaluate", mininterval=2, disable=not state.is_main_process)]
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
     scores = {side: {n: [] for n in names} for side in ("base", "adapter")}
     kls, pictures, variance_ratios = [], {"base": [], "adapter": []}, {}
-    chunks = [(seed, start) for seed in seeds for start in range(0, len(prompt_list), batch_size)]
-    for seed, start in tqdm(chunks, desc="evaluate", mininterval=2):
-        batch = prompt_list[start:start + batch_size]
-        for side, name in (("base", BASE), ("adapter", pipeline.adapters[0].name)):
-            images, kl, ratios = _sample(pipeline, batch, seed * 10_000 + start, name, metadata)
-            for timestep, values in ratios.items():
-                variance_ratios.setdefault(timestep, []).extend(values)
-            for reward_name, scorer in zip(names, scorers):
-                scores[side][reward_name].extend(scorer(images, batch).tolist())
-            if side == "adapter":
-                kls.extend(kl.tolist())
-            if start == 0 and seed in seeds[:2]:
-                pictures[side].append(images[:grid_prompts].cpu())
+    for _, chunk in sorted(results, key=lambda item: item[0]):  # in chunk order, however the processes shared them
+        for side in ("base", "adapter"):
+            for name in names:
+                scores[side][name].extend(chunk.scores[side][name])
+            if chunk.pictures[side] is not None:
+                pictures[side].append(chunk.pictures[side])
+        kls.extend(chunk.kls)
+        for timestep, values in chunk.variance_ratios.items():
+            variance_ratios.setdefault(timestep, []).extend(values)
     report = {"adapter": str(adapter), "weights": metadata.weights, "reward_trained": metadata.reward_name,
               "beta": metadata.beta,
               "samples": len(kls), "prompts": len(prompt_list), "seeds": list(seeds), "rewards": {},
@@ -162,12 +198,12 @@ def evaluate_adapter(adapter: str, rewards: list[str] | None = None, prompts: li
         report["variance_ratio_to_base"] = _variance_report(variance_ratios)
     own = {metadata.reward_spec, metadata.reward_name} - {""}
     trained = next((scorer for spec, scorer in zip(specs, scorers) if spec in own), None)
-    if gauge_prompts and trained is not None and trained.differentiable:
+    if gauge_prompts and trained is not None and trained.differentiable and state.is_main_process:
         shown = load_prompts(prompt_list, gauge_prompts)  # evenly spaced through the evaluation's
         report["optimality"] = gauge_adapter(pipeline, denoiser_of(pipeline), pipeline.adapters[0].name, trained,
                                              metadata, GaugeSettings(prompts=shown, draws=gauge_draws,
                                                                      batch_size=batch_size), beta=gauge_beta)
-    if out is not None:
+    if out is not None and state.is_main_process:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(report, indent=2))

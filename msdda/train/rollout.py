@@ -11,6 +11,10 @@ mixed batch's per-layer row routing costs more than the second forward's launch.
 The update's policy kernel (``Trainer.policy_kernel``) is :meth:`Sampler.policy_kernel` of the trained denoiser: one
 code path for pi_old here and pi_theta there, equal bit for bit on-policy.
 
+A rollout samples first (:func:`sample_rollout`: every denoiser forward) and is scored after (:func:`score_rollout`:
+decoding and the reward calls), so that the trainer can score one batch while it samples the next
+(msdda.train.scoring).
+
 At ``graph_steps`` the policy's forward keeps its autograd graph, and the step's log-prob and KL to the
 reference come back differentiable: an on-policy update can backpropagate through them instead of running
 that forward again (``train.single_pass``).
@@ -30,8 +34,8 @@ from msdda.kernels import StepKernel, kernel_kl
 from msdda.sampling import Step, denoise
 from msdda.train.config import SamplingSettings
 
-__all__ = ["Sampler", "Conditioning", "Trajectories", "sample_trajectories", "reference_continuation",
-           "StepRewardName", "STEP_REWARDS"]
+__all__ = ["Sampler", "Conditioning", "Trajectories", "Rollout", "sample_trajectories", "sample_rollout",
+           "score_rollout", "reference_continuation", "StepRewardName", "STEP_REWARDS"]
 
 StepRewardName = Literal["terminal", "tweedie", "rollout"]
 STEP_REWARDS = ("terminal", "tweedie", "rollout")
@@ -122,8 +126,19 @@ def _per_sample(variance: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return variance.expand(torch.broadcast_shapes(variance.shape, (mean.shape[0],) + (1,) * (mean.ndim - 1)))
 
 
-def _reward_of_latents(pipeline, reward: Callable, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return reward(decode_latents(pipeline, latents), prompts).to(torch.float32)
+@dataclass(frozen=True)
+class Rollout:
+    """A batch's trajectories before their reward calls (:func:`sample_rollout`), and the latents those calls score
+    (:func:`score_rollout`): the final x_0 and, for a dense step reward, the clean latents of every state x_T ... x_1
+    (the reference's x0 estimate for ``tweedie``, its deterministic continuation for ``rollout``)."""
+
+    pipeline: object
+    prompts: list[str]
+    step_reward: StepRewardName
+    final_latents: torch.Tensor
+    state_latents: list[torch.Tensor]
+    recorded: dict
+    """Every field of Trajectories but ``step_rewards``, ``images`` and ``state_values``."""
 
 
 @torch.no_grad()
@@ -136,6 +151,16 @@ def sample_trajectories(sampler: Sampler, reward: Callable, conditioning: Condit
     ``keep_noises`` stores each step's noise draw (as large as the latents), which only the pathwise update reads.
     ``graph_steps`` (``[T]`` bool) marks the steps whose log-prob and KL keep their graph.
     """
+    rollout = sample_rollout(sampler, conditioning, step_reward, generator, need_reference, keep_noises, graph_steps)
+    return score_rollout(rollout, reward)
+
+
+@torch.no_grad()
+def sample_rollout(sampler: Sampler, conditioning: Conditioning, step_reward: StepRewardName,
+                   generator: torch.Generator, need_reference: bool = False, keep_noises: bool = False,
+                   graph_steps: torch.Tensor | None = None) -> Rollout:
+    """:func:`sample_trajectories` up to its reward calls: every denoiser forward it runs (the ``rollout`` step
+    reward's reference continuations included), none of the decoding and scoring."""
     if step_reward not in STEP_REWARDS:
         raise UserError(f"step_reward must be one of {STEP_REWARDS}, got {step_reward!r}")
     pipeline, prompts = sampler.pipeline, conditioning.prompts
@@ -162,25 +187,17 @@ def sample_trajectories(sampler: Sampler, reward: Callable, conditioning: Condit
 
     latents = denoise(timesteps, latents, kernel_at, generator, prompt_embeds, recording.record)
     stochastic = recording.check_stochastic(timesteps)
-    images = decode_latents(pipeline, latents)
-    final_reward = reward(images, prompts).to(torch.float32)
     with torch.enable_grad():  # stacking under no_grad would cut the graphs
         graph_log_probs = torch.stack(recording.graph_log_probs, dim=1) if recording.graph_log_probs else None
         graph_kls = torch.stack(recording.graph_kls, dim=1) if recording.graph_kls else None
-    if step_reward == "terminal":
-        step_rewards, state_values = final_reward[:, None].expand(batch, len(timesteps)).clone(), None
+    if step_reward == "tweedie":  # the estimator at every state x_T ... x_1 is r(x0_hat_ref(state)); at x_0 r(x_0)
+        state_latents = recording.reference_x0
+    elif step_reward == "rollout":  # r of the deterministic reference continuation from every state x_T ... x_1
+        state_latents = [reference_continuation(sampler, recording.states[i], timesteps[i:], prompt_embeds,
+                                                negative_embeds) for i in range(len(timesteps))]
     else:
-        if step_reward == "tweedie":
-            # the estimator at every state x_T ... x_1 is r(x0_hat_ref(state)); at x_0 it is r(x_0)
-            values = [_reward_of_latents(pipeline, reward, x0, prompts) for x0 in recording.reference_x0]
-        else:  # r of the deterministic reference continuation from every state x_T ... x_1
-            values = [_reward_of_latents(pipeline, reward, reference_continuation(
-                sampler, recording.states[i], timesteps[i:], prompt_embeds, negative_embeds), prompts)
-                for i in range(len(timesteps))]
-        values.append(final_reward)
-        state_values = torch.stack(values[:-1], dim=1)  # V(x_t) for the step leaving x_t
-        step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
-    return Trajectories(
+        state_latents = []
+    recorded = dict(
         prompts=list(prompts), prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, timesteps=timesteps,
         stochastic=stochastic,
         latents=torch.stack(recording.states, dim=1),
@@ -188,10 +205,28 @@ def sample_trajectories(sampler: Sampler, reward: Callable, conditioning: Condit
         log_probs=torch.stack(recording.log_probs, dim=1),
         reference_means=torch.stack(recording.reference_means, dim=1) if need_reference else None,
         reference_variances=torch.stack(recording.reference_variances, dim=1) if need_reference else None,
-        step_rewards=step_rewards, images=images, state_values=state_values,
         graph_log_probs=graph_log_probs, graph_kls=graph_kls,
         graph_step_indices=graph_steps.nonzero()[:, 0].expand(batch, -1) if graph_log_probs is not None else None,
     )
+    return Rollout(pipeline, list(prompts), step_reward, latents, state_latents, recorded)
+
+
+@torch.no_grad()
+def score_rollout(rollout: Rollout, reward: Callable) -> Trajectories:
+    """The rollout's trajectories with their step rewards: decode its latents and call the reward on them. It runs no
+    denoiser, so it may run in another thread while the next batch samples (msdda.train.scoring)."""
+    pipeline, prompts = rollout.pipeline, rollout.prompts
+    images = decode_latents(pipeline, rollout.final_latents)
+    final_reward = reward(images, prompts).to(torch.float32)
+    steps = len(rollout.recorded["timesteps"])
+    if rollout.step_reward == "terminal":
+        step_rewards, state_values = final_reward[:, None].expand(len(prompts), steps).clone(), None
+    else:
+        values = [reward(decode_latents(pipeline, x0), prompts).to(torch.float32) for x0 in rollout.state_latents]
+        values.append(final_reward)
+        state_values = torch.stack(values[:-1], dim=1)  # V(x_t) for the step leaving x_t
+        step_rewards = torch.stack(values[1:], dim=1)  # R_t = V(x_{t-1})
+    return Trajectories(**rollout.recorded, step_rewards=step_rewards, images=images, state_values=state_values)
 
 
 class _Recording:

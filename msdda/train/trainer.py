@@ -31,6 +31,7 @@ from msdda.kernels import StepKernel
 from msdda.models import family_of
 from msdda.prompts import load_prompts
 from msdda.rewards import Reward, load_reward
+from msdda.rewards.remote import RewardUnavailable
 from msdda.train.advantages import PerPromptStatTracker, per_prompt_advantages
 from msdda.train.checkpoint import (
     RUN_CONFIG,
@@ -59,7 +60,8 @@ from msdda.train.loss import StepLoss
 from msdda.train.pathwise import StepRewardFunction, pathwise_loss, reference_step_reward
 from msdda.train.policy import load_policy
 from msdda.train.policy_gradient import policy_gradient_loss
-from msdda.train.rollout import Conditioning, Sampler, Trajectories, sample_trajectories
+from msdda.train.rollout import Conditioning, Sampler, Trajectories, sample_rollout, sample_trajectories
+from msdda.train.scoring import RolloutScorer
 from msdda.train.single_pass import single_pass_update
 from msdda.train.updates import Learner, Transitions, update_pass
 
@@ -118,6 +120,8 @@ class Trainer:
         self.tracker = PerPromptStatTracker(config.train.stat_buffer, config.train.stat_min_count,
                                             config.train.advantage_normalisation)
         self.start_epoch, self.bad_epochs, self.history = 0, 0, []
+        self.saved_epochs = 0
+        """The epochs the newest checkpoint holds."""
         self.last_gauge: dict | None = None
 
     @property
@@ -143,7 +147,7 @@ class Trainer:
             started = time.time()
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(accelerator.device)
-            trajectories = self.sample(epoch)
+            trajectories = self._sample_or_stop(epoch)
             advantages = self.advantages(trajectories)
             finite_rewards = accelerator.gather(trajectories.final_rewards.to(accelerator.device)).cpu()
             finite_rewards = finite_rewards[torch.isfinite(finite_rewards)]
@@ -180,24 +184,44 @@ class Trainer:
         reference_batches = round(config.train.reference_states * config.sampling.batches_per_epoch)
         sampler = Sampler.of(pipeline, self.policy.sampling_unet, config.sampling, self.policy.reference_unet)
         reference_sampler = dataclasses.replace(sampler, unet=self.unwrapped)  # its adapter off (_adapter_off)
-        batches = []
         self.unwrapped.eval()
-        for batch_index in range(config.sampling.batches_per_epoch):
-            from_reference = batch_index < reference_batches
-            rng = np.random.default_rng(_seed(config.seed, epoch, process, batch_index, 1))
-            prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), config.sampling.batch_size)]
-            positive, negative = encode_prompts(pipeline, prompts, device,
-                                                guidance_scale=config.sampling.guidance_scale,
-                                                max_sequence_length=config.sampling.max_sequence_length,
-                                                size=(config.sampling.resolution, config.sampling.resolution))
-            generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
-            with self._adapter_off() if from_reference else nullcontext():
-                batches.append(sample_trajectories(
-                    reference_sampler if from_reference else sampler, self.reward,
-                    Conditioning(prompts, positive, negative), "terminal" if pathwise else config.reward.step_reward,
-                    generator, need_reference=config.beta > 0, keep_noises=pathwise and not config.train.fresh_noise,
-                    graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None))
-        return _concatenate(batches)
+        with RolloutScorer(self.reward, config.reward.score_while_sampling) as scorer:  # msdda.train.scoring
+            for batch_index in range(config.sampling.batches_per_epoch):
+                from_reference = batch_index < reference_batches
+                rng = np.random.default_rng(_seed(config.seed, epoch, process, batch_index, 1))
+                prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), config.sampling.batch_size)]
+                positive, negative = encode_prompts(pipeline, prompts, device,
+                                                    guidance_scale=config.sampling.guidance_scale,
+                                                    max_sequence_length=config.sampling.max_sequence_length,
+                                                    size=(config.sampling.resolution, config.sampling.resolution))
+                generator = torch.Generator().manual_seed(_seed(config.seed, epoch, process, batch_index, 2))
+                with self._adapter_off() if from_reference else nullcontext():
+                    scorer.submit(sample_rollout(
+                        reference_sampler if from_reference else sampler, Conditioning(prompts, positive, negative),
+                        "terminal" if pathwise else config.reward.step_reward, generator,
+                        need_reference=config.beta > 0, keep_noises=pathwise and not config.train.fresh_noise,
+                        graph_steps=self._graph_steps(epoch, batch_index) if config.train.single_pass else None))
+            return _concatenate(scorer.results())
+
+    def _sample_or_stop(self, epoch: int) -> Trajectories:
+        """``sample(epoch)``; where a reward server gave no usable answer on any process, every process saves the
+        state the epoch started from (unless a checkpoint holds it) and the run stops with the fault, to resume from
+        there with the result an uninterrupted run would have had."""
+        fault = None
+        try:
+            trajectories = self.sample(epoch)
+        except RewardUnavailable as error:
+            fault = error
+        flag = torch.tensor(int(fault is not None), device=self.accelerator.device)
+        if not int(self.accelerator.reduce(flag, reduction="sum")):  # every process takes the same branch
+            return trajectories
+        if epoch > self.saved_epochs:
+            self._save_checkpoint(epoch - 1)
+        saved = (f"its state after epoch {epoch} is in {latest_checkpoint(self.output_dir)}" if epoch else
+                 "no epoch had finished")
+        raise RewardUnavailable(f"{fault or 'another process got no rewards from its reward server'}. The run stopped "
+                                f"in epoch {epoch + 1}; {saved}: when the server answers again, run the same command "
+                                "with --resume (resume=latest) to go on with the same result") from fault
 
     @contextmanager
     def _adapter_off(self):
@@ -361,6 +385,7 @@ class Trainer:
             tensor_files[EMA_FILE], state["ema"] = ema_to_files(self.learner.ema, self.trained_names)
         save_checkpoint(self.output_dir, epoch, self.accelerator, self.learner.model, self.learner.optimizer, state,
                         self._metadata(), self.config.checkpoint.keep, tensor_files)
+        self.saved_epochs = epoch + 1
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.accelerator, self.learner.model, self.learner.optimizer,
@@ -369,6 +394,7 @@ class Trainer:
             ema_from_files(self.learner.ema, self.trained_names, checkpoint, state.get("ema"))
         self.tracker.load_state_dict(state["tracker"])
         self.start_epoch, self.bad_epochs, self.history = state["epoch"], state["bad_epochs"], state["history"]
+        self.saved_epochs = self.start_epoch
         self.learner.resume_schedule(state.get("optimizer_steps", 0))
         logger.info("resumed from %s at epoch %d", checkpoint, self.start_epoch)
 
@@ -409,7 +435,7 @@ class Trainer:
             pipeline_class=family.name, resolution=resolution,
             max_sequence_length=config.sampling.max_sequence_length, **sampler,
             reward_name=self.reward.name, reward_version=self.reward.version, reward_spec=config.reward.name,
-            reward_kwargs=dict(config.reward.kwargs), beta=config.beta,
+            reward_kwargs=self.reward.reload_kwargs(config.reward.kwargs), beta=config.beta,
             step_reward=config.reward.step_reward, base_model=config.base, base_model_hash=self.policy.base_hash,
             scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
             num_inference_steps=config.sampling.num_inference_steps,
