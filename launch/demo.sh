@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job on the embedded world, 6.3 minutes on 2 CPU cores of the machine it last ran on (yardstick 190 ms,
+# The whole job on the embedded world, 10.2 minutes on 2 CPU cores of the machine it last ran on (yardstick 268 ms,
 # printed first; a machine whose yardstick is k times that takes about k times as long): train the aesthetic and
 # rule-of-thirds adapters, sweep the main fusion methods over the weights (16 prompts x 1 seed per cell), write the
 # report with the Pareto plot.
