@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,20 +22,23 @@ def built_once(cache: Path, name: str, sources: list[Path], build: Callable[[], 
     after, where the digest is that of the bytes of every file in ``sources`` (what it is built from), so a changed
     source builds anew.
 
-    Built in a temporary folder and renamed into place, so a process that finds the folder finds it whole; building
-    draws random numbers (initialising the parts), so it runs on a forked random stream, leaving the caller's alone."""
+    Built by one process at a time (a file lock beside it), in a temporary folder renamed into place, so a process
+    that finds the folder finds it whole; building draws random numbers (initialising the parts), so it runs on a forked random stream, leaving the caller's alone."""
     import torch
+
+    from filelock import FileLock
 
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     target = cache / f"{name}-{digest[:16]}"
     if not (target / "pipeline" / "model_index.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
-        with torch.random.fork_rng():
-            pipeline = build()
-        pipeline.save_pretrained(building / "pipeline", safe_serialization=True)
-        try:
-            os.rename(building, target)
-        except OSError:  # another process built it first: theirs is the same
-            shutil.rmtree(building)
+        # the processes of one launch all ask for it at once: one builds, the others wait and find it built (two
+        # building side by side left a folder without the text encoder's weights under accelerate launch)
+        with FileLock(str(cache / f".{target.name}.lock")):
+            if not (target / "pipeline" / "model_index.json").is_file():
+                building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+                with torch.random.fork_rng():
+                    pipeline = build()
+                pipeline.save_pretrained(building / "pipeline", safe_serialization=True)
+                os.rename(building, target)
     return target / "pipeline"
