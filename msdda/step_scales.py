@@ -29,7 +29,7 @@ from msdda.models.base import unwrapped
 from msdda.routing import lora_layers
 
 __all__ = ["StepScale", "register_step_scales", "registered_step_scales", "scaled_adapters", "scale_at",
-           "rescaled_factors", "RESOLVED"]
+           "rescaled_factors", "resolved", "RESOLVED"]
 
 StepScale = Mapping[str, float]
 """One recorded factor: ``{"step": index, "timestep": t, "scale": g_t}`` (JSON in ``msdda_adapter.json``)."""
@@ -103,6 +103,12 @@ RESOLVED = 0.5
 """A step's best multiple is acted on only where its standard error is at most this (two errors span at most 1)."""
 
 
+def resolved(gain_error: float, kl: float, beta: float) -> bool:
+    """Whether a step's best multiple gain / (2 beta KL) is measured to within ``RESOLVED`` (``gain_error``: the
+    standard error of the gain, ``kl`` the KL it is weighed against, both summed or both averaged over the states)."""
+    return kl > 0 and gain_error / (2 * beta * kl) <= RESOLVED
+
+
 def rescaled_factors(current: Sequence[float], gains: Sequence[float], gain_errors: Sequence[float],
                      kls: Sequence[float], beta: float, largest: float) -> list[float]:
     """The next factor of every step from the gauge at the ``current`` factors: each multiplied by its step's best
@@ -116,7 +122,7 @@ def rescaled_factors(current: Sequence[float], gains: Sequence[float], gain_erro
     LoRA does (the last ones) get c near 0, measured well: there a shift is all cost."""
     factors = []
     for factor, gain, error, kl in zip(current, gains, gain_errors, kls, strict=True):
-        if kl <= 0 or factor == 0 or error / (2 * beta * kl) > RESOLVED:
+        if factor == 0 or not resolved(error, kl, beta):
             factors.append(factor)
         else:
             factors.append(min(max(factor * gain / (2 * beta * kl), 0.0), largest))

@@ -2,8 +2,8 @@
 
 Each round gauges the adapter at its current factors (msdda.train.gauge, on held-out states from the reference and
 from the adapter) and multiplies each step's factor by the best multiple of that step's shift (0 where the shift goes
-against the reward's gradient), where the gauge measures that multiple well enough. The map from factor to mean shift is linear to first order only, so a few rounds
-settle it; the last gauge is of the factors returned.
+against the reward's gradient), where the gauge measures that multiple well enough. The map from factor to mean shift
+is linear to first order only, so a few rounds settle it; the last gauge is of the factors returned.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from msdda.diffusion import BASE, adapter_kernels, encode_prompts, prepare_sampl
 from msdda.kernels import StepKernel, standard_normal
 from msdda.models import family_of
 from msdda.sampling import denoise
-from msdda.step_scales import RESOLVED
+from msdda.step_scales import resolved
 from msdda.train.pathwise import reference_step_reward
 from msdda.train.rollout import Sampler
 from msdda.train.stationarity import Stationarity, implied_beta, ratio_and_cosine, scale_beta, stationarity
@@ -123,8 +123,7 @@ def summarise(checks: dict[str, dict[int, Stationarity]], timesteps: Sequence, b
             carries = optimum_kl[step] >= CARRYING_SHARE * total
             if carries:
                 deviations.append(abs(ratio - 1) if np.isfinite(ratio) else float("inf"))
-                spent = 2 * beta * float(check.kl.mean())
-                if spent > 0 and _sem(check.shift_dot_gradient) / spent <= RESOLVED:  # the best multiple measured
+                if resolved(_sem(check.shift_dot_gradient), float(check.kl.mean()), beta):  # the best multiple measured
                     scale_deviations.append(abs(scale_beta([check]) / beta - 1))
             rows.append({"step": step, "timestep": float(timesteps[step]), "states": len(check.kl),
                          "ratio": _finite(ratio), "ratio_sem": _finite(ratio_sem), "cosine": _finite(cosine),
