@@ -17,16 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["ROOT", "commands_of", "train_config", "budget"]
 
 
-def commands_of(script: str, tmp_path: Path) -> list[list[str]]:
-    """The msdda commands ``script`` (a path under launch/) runs from a checkout whose runs/ is empty, with no
-    yardstick."""
+def commands_of(script: str, tmp_path: Path, *arguments: str) -> list[list[str]]:
+    """The msdda commands ``script`` (a path under launch/) runs with ``arguments`` from a checkout whose runs/ is
+    empty, with no yardstick."""
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT / "launch", checkout / "launch")
     log = tmp_path / "commands.txt"
     fake = tmp_path / "msdda"
     fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\t" "$@" >> {log}\necho >> {log}\n')
     fake.chmod(0o755)
-    result = subprocess.run(["bash", str(checkout / script)], capture_output=True, text=True, timeout=60,
+    result = subprocess.run(["bash", str(checkout / script), *arguments], capture_output=True, text=True, timeout=60,
                             env={"PATH": "/usr/bin:/bin", "MSDDA": str(fake), "PYTHON": "/bin/true"})
     assert result.returncode == 0, result.stderr
     assert not (checkout / "runs").exists(), "the stand-in msdda writes nothing"

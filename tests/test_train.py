@@ -497,6 +497,21 @@ def _run_training(output_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=CPU_ONLY)
 
 
+
+def test_the_sample_grid_is_decoded_without_calling_the_reward(tmp_path, monkeypatch) -> None:
+    """The epoch's grid needs images, not scores: with a reward server a call there would be a wasted request, and
+    its failure on the main process alone would leave the other processes waiting."""
+    trainer = Trainer(_config(tmp_path, "sample_every=1", "train.estimator=policy-gradient",
+                              "reward.step_reward=terminal"))
+    scored = []
+    reward_class = type(trainer.reward)
+    call = reward_class.__call__
+    monkeypatch.setattr(reward_class, "__call__", lambda self, images, prompts: scored.append(len(images)) or
+                        call(self, images, prompts))
+    trainer.run()
+    assert (tmp_path / "run" / "samples" / "epoch-00001.png").is_file()
+    assert scored == [4]  # the epoch's one sampling batch, nothing for the grid of 8 prompts
+
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_beginning(tmp_path) -> None:
     """A run killed before it wrote a checkpoint left only its run config: --resume (as the launch scripts pass
     whenever a run was started) trains it from the start, to the adapter an uninterrupted run writes."""

@@ -47,6 +47,26 @@ def test_world3_trains_three_betas_and_oracles_on_the_sweeps_objective(tmp_path:
     assert commands[7] == ["report", sweep.output_dir]
 
 
+
+def test_world3_calibrated_fuses_the_calibrated_adapters_against_the_calibrated_oracles(tmp_path: Path) -> None:
+    """--calibrated: each adapter and oracle, once trained, is calibrated at its own beta, and the sweep (with rgg
+    among its methods) fuses the calibrated copies against the calibrated oracles in a folder of its own."""
+    commands = commands_of("launch/world3.sh", tmp_path, "--calibrated")
+    assert [c[0] for c in commands] == ["train"] * 6 + ["calibrate"] * 6 + ["sweep", "report"]
+    trained = [train_config(c).output_dir for c in commands[:6]]
+    calibrations = commands[6:12]
+    assert [(c[1], c[c.index("--out") + 1]) for c in calibrations] == [(f"{folder}/final", f"{folder}/calibrated")
+                                                                       for folder in trained]
+    assert all("--beta" not in c for c in calibrations)  # each at the beta it was trained at
+    start = commands[12].index("--config") + 1
+    sweep = load_config(SweepConfig, ROOT / commands[12][start], commands[12][start + 1:])
+    sweep.validate()
+    assert sweep.adapters == [f"{folder}/calibrated" for folder in trained[:3]]
+    assert sorted(sweep.oracles.values()) == sorted(f"{folder}/calibrated" for folder in trained[3:])
+    assert "rgg" in sweep.methods and set(load_config(SweepConfig, ROOT / commands[12][start]).methods) <= \
+        set(sweep.methods)
+    assert sweep.output_dir.endswith("sweep_world3_calibrated") and commands[13] == ["report", sweep.output_dir]
+
 def test_world_evaluation_selects_the_best_of_each_prompts_samples_by_each_reward() -> None:
     scores = {"a": np.array([[1.0, 0.0], [0.0, 2.0]]), "b": np.array([[0.0, 3.0], [1.0, 0.0]])}
     assert _selection(scores) == {"by_a": {"a": 1.5, "b": 0.0}, "by_b": {"a": 0.0, "b": 2.0},

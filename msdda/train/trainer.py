@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from msdda.adapters import AdapterMetadata, save_adapter, weights_hash
 from msdda.config import config_to_dict
-from msdda.diffusion import denoiser_of, encode_prompts, images_to_pil, latent_shape
+from msdda.diffusion import decode_latents, denoiser_of, encode_prompts, images_to_pil, latent_shape
 from msdda.errors import UserError
 from msdda.kernels import StepKernel
 from msdda.models import family_of
@@ -60,7 +60,7 @@ from msdda.train.loss import StepLoss
 from msdda.train.pathwise import StepRewardFunction, pathwise_loss, reference_step_reward
 from msdda.train.policy import load_policy
 from msdda.train.policy_gradient import policy_gradient_loss
-from msdda.train.rollout import Conditioning, Sampler, Trajectories, sample_rollout, sample_trajectories
+from msdda.train.rollout import Conditioning, Sampler, Trajectories, sample_rollout
 from msdda.train.scoring import RolloutScorer
 from msdda.train.single_pass import single_pass_update
 from msdda.train.updates import Learner, Transitions, update_pass
@@ -464,9 +464,12 @@ class Trainer:
                                             max_sequence_length=sampling.max_sequence_length,
                                             size=(sampling.resolution, sampling.resolution))
         self.unwrapped.eval()
-        images = sample_trajectories(Sampler.of(pipeline, self.unwrapped, sampling), self.reward,
-                                     Conditioning(prompts, positive, negative), "terminal",
-                                     torch.Generator().manual_seed(self.config.seed)).images
+        # decoded without the reward: a grid needs no scores, and a remote reward's failure here, on one process
+        # alone, would leave the others waiting
+        rollout = sample_rollout(Sampler.of(pipeline, self.unwrapped, sampling),
+                                 Conditioning(prompts, positive, negative), "terminal",
+                                 torch.Generator().manual_seed(self.config.seed))
+        images = decode_latents(pipeline, rollout.final_latents)
         if not self.accelerator.is_main_process:
             return
         pil = images_to_pil(pipeline, images)
