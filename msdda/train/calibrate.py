@@ -37,12 +37,15 @@ def pooled_steps(report: dict) -> tuple[list[int], list[float], list[float], lis
 
 def calibrate_step_scales(pipeline, denoiser, adapter: str, reward, metadata: AdapterMetadata,
                           settings: GaugeSettings, beta: float, rounds: int = 3, largest: float = 4.0,
-                          progress=None) -> tuple[list[StepScale], dict]:
+                          progress=None, gauge: dict | None = None) -> tuple[list[StepScale], dict]:
     """Fit ``denoiser``'s adapter ``adapter`` (PEFT's name) per step to its step optimum for ``reward`` at ``beta``:
     the factors (left registered on ``denoiser``) and the gauge at them. Factors start from the adapter's recorded
-    ones (else 1) and stay within [0, ``largest``]. ``progress(round, report)`` is called after every gauge."""
+    ones (else 1) and stay within [0, ``largest``]. ``gauge`` is the adapter's gauge at those factors with
+    ``settings`` and ``beta``, where the caller has it (the trainer's last); else the first round measures it.
+    ``progress(round, report)`` is called after every gauge."""
     recorded = {entry["step"]: float(entry["scale"]) for entry in metadata.step_scales or []}
-    report = gauge_adapter(pipeline, denoiser, adapter, reward, metadata, settings, beta=beta)
+    report = gauge if gauge is not None else gauge_adapter(pipeline, denoiser, adapter, reward, metadata, settings,
+                                                           beta=beta)
     for round_index in range(rounds):
         if progress is not None:
             progress(round_index, report)

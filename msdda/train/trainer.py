@@ -253,7 +253,7 @@ class Trainer:
         adapter = next(iter(self.unwrapped.peft_config))
         scales, gauge = calibrate_step_scales(self.policy.pipeline, self.unwrapped, adapter, self.reward,
                                               self._metadata(), self._gauge_settings(), self.config.beta,
-                                              self.config.train.step_scale_rounds)
+                                              self.config.train.step_scale_rounds, gauge=gauge)
         register_step_scales(self.unwrapped, adapter, None)
         return gauge, scales
 
