@@ -12,8 +12,8 @@
 # <folder>/world3_oracle_<w_aesthetic>_<w_consistency>_<w_thirds> and the sweep with its report in <folder>/sweep_world3.
 # --calibrated is the step-optimal experiment: every adapter and oracle, once trained, gets its per-step scales fitted
 # at its own beta (msdda calibrate, 8 prompts x 4 draws, 3 rounds, into <folder>/<adapter>/calibrated), and the sweep
-# fuses the calibrated adapters against the calibrated oracles with reward-gradient guidance (rgg) among the methods,
-# into <folder>/sweep_world3_calibrated.
+# fuses the calibrated adapters against the calibrated oracles with reward-gradient guidance (rgg) among the methods
+# and without CoDe, 64 paired samples per cell, into <folder>/sweep_world3_calibrated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 calibrated=false
@@ -48,7 +48,7 @@ for weights in "0.3333333333333333,0.3333333333333333,0.3333333333333333" \
     trained+=("$folder")
 done
 sweep="$out/sweep_world3"
-methods=()
+settings=()
 if $calibrated; then
     # each at the beta it was trained at (the adapters' own, the oracles' the sweep's), so that MSDDA's exponents
     # and the oracles' objective are the ones the calibrated adapters sit at the optimum of
@@ -57,11 +57,14 @@ if $calibrated; then
         stage "$folder calibrated"
     done
     sweep="$out/sweep_world3_calibrated"
-    methods=("methods=[msdda,soup,output-average,diffusion-blend,code,rgg,single,base]")
+    # rgg in, CoDe out (a search over candidates scored by the rewards: no Gaussian kernel, so no KL to the oracle,
+    # and the most time per image), and 64 paired samples per cell instead of 128, so that the sweep takes about as
+    # long as the uncalibrated one
+    settings=("methods=[msdda,soup,output-average,diffusion-blend,rgg,single,base]" "seeds=0-3")
 fi
 joined=$(IFS=,; echo "${oracles[*]}")
 "$msdda" sweep --config configs/sweep/world3.yaml "output_dir=$sweep" "beta=$beta" \
     "adapters=[$out/world_aesthetic/$fused,$out/world_consistency/$fused,$out/world_thirds/$fused]" \
-    "oracles={$joined}" "${methods[@]}"
+    "oracles={$joined}" "${settings[@]}"
 "$msdda" report "$sweep"
 echo "world3: done in $(( ($(date +%s) - start) / 60 )) min; the report is $sweep/report.md (and report.html)"

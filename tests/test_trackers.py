@@ -42,6 +42,11 @@ def _wandb_history(run_dir: Path) -> list[dict]:
     """Each ``wandb.log`` call of the one offline run under ``run_dir``: {key: value}, a logged image's fields under
     'key/field'."""
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return _wandb_history_of(run_file)
+
+
+def _wandb_history_of(run_file: Path) -> list[dict]:
+    """Each ``wandb.log`` call recorded in the wandb run file ``run_file``."""
     return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             for record in _wandb_records(run_file) if record.WhichOneof("record_type") == "history"]
 
@@ -82,6 +87,19 @@ def test_wandb_offline_beside_tensorboard_gets_losses_kl_rewards_and_sample_grid
     (grid,) = images["samples"]
     assert grid.step == 1 and (grid.width, grid.height) == (1024, 128)
 
+
+def test_a_resumed_run_logs_on_in_its_wandb_run(tmp_path, monkeypatch) -> None:
+    """wandb's run id is kept in the run's logs/: the resumed run's epochs go to the same wandb run (offline, each
+    start writes its own folder of that run), and a new run in another folder gets another id."""
+    logs = _tracked_run(tmp_path, monkeypatch, "sample_every=0", "log_with=wandb")
+    _tracked_run(tmp_path, monkeypatch, "sample_every=0", "log_with=wandb", "epochs=2", "resume=latest")
+    run_files = sorted(logs.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2 and len({path.name for path in run_files}) == 1, run_files
+    assert run_files[0].name == f"run-{(logs / 'wandb_run_id').read_text().strip()}.wandb"
+    steps = [[entry["_step"] for entry in _wandb_history_of(path)] for path in run_files]
+    assert sorted(steps) == [[1], [2]]
+    other = _tracked_run(tmp_path / "other", monkeypatch, "sample_every=0", "log_with=wandb")
+    assert (other / "wandb_run_id").read_text() != (logs / "wandb_run_id").read_text()
 
 @pytest.mark.slow
 def test_wandb_gets_the_optimality_gauge_of_each_gauged_epoch(tmp_path, monkeypatch) -> None:

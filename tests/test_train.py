@@ -611,9 +611,10 @@ def test_two_processes_single_pass_averages_gradients_as_ddp_does(tmp_path) -> N
 @pytest.mark.deepspeed
 def test_deepspeed_zero2_with_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path) -> None:
     """ZeRO-2 shards the optimizer state: checkpoints hold DeepSpeed's shards, and a resume reads them back.
-    In bf16 (the GPU config's precision) the export is the float32 master LoRA, not the engine's bf16 copy."""
+    In bf16 (the GPU config's precision) the export is the float32 master LoRA, not the engine's bf16 copy, and the
+    EMA averages the masters too: held before its start step, where it copies what it averages, it exports them."""
     pytest.importorskip("deepspeed", reason="pip install --no-build-isolation deepspeed (DS_BUILD_OPS=0)")
-    settings = ["sampling.batches_per_epoch=2", "mixed_precision=bf16"]
+    settings = ["sampling.batches_per_epoch=2", "mixed_precision=bf16", "ema.decay=0.9", "ema.start_step=1000"]
     result = _launch("deepspeed_zero2_cpu.yaml", tmp_path / "run", *settings)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = latest_checkpoint(tmp_path / "run")
@@ -627,6 +628,8 @@ def test_deepspeed_zero2_with_two_cpu_processes_trains_checkpoints_and_resumes(t
     lora = load_file(tmp_path / "run" / "final" / WEIGHTS_FILE)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
     assert any(not torch.equal(t, t.bfloat16().float()) for t in lora.values())  # more than bf16's precision
+    raw = load_file(tmp_path / "run" / "final-raw" / WEIGHTS_FILE)  # s - (s - p): p up to float32 rounding
+    assert raw.keys() == lora.keys() and all(torch.allclose(raw[key], lora[key], rtol=1e-6, atol=1e-9) for key in raw)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from msdda.config import load_config
 from msdda.sweep.config import SweepConfig
 from msdda.sweep.grid import weight_key
 from msdda.train import TrainConfig
+from msdda.utils import parse_seeds
 from msdda.world.evaluate import _selection
 from tests.launch_scripts import budget, commands_of, train_config
 
@@ -50,7 +51,8 @@ def test_world3_trains_three_betas_and_oracles_on_the_sweeps_objective(tmp_path:
 
 def test_world3_calibrated_fuses_the_calibrated_adapters_against_the_calibrated_oracles(tmp_path: Path) -> None:
     """--calibrated: each adapter and oracle, once trained, is calibrated at its own beta, and the sweep (with rgg
-    among its methods) fuses the calibrated copies against the calibrated oracles in a folder of its own."""
+    among its methods, without CoDe, half the samples) fuses the calibrated copies against the calibrated oracles in a
+    folder of its own."""
     commands = commands_of("launch/world3.sh", tmp_path, "--calibrated")
     assert [c[0] for c in commands] == ["train"] * 6 + ["calibrate"] * 6 + ["sweep", "report"]
     trained = [train_config(c).output_dir for c in commands[:6]]
@@ -63,8 +65,9 @@ def test_world3_calibrated_fuses_the_calibrated_adapters_against_the_calibrated_
     sweep.validate()
     assert sweep.adapters == [f"{folder}/calibrated" for folder in trained[:3]]
     assert sorted(sweep.oracles.values()) == sorted(f"{folder}/calibrated" for folder in trained[3:])
-    assert "rgg" in sweep.methods and set(load_config(SweepConfig, ROOT / commands[12][start]).methods) <= \
-        set(sweep.methods)
+    uncalibrated = load_config(SweepConfig, ROOT / commands[12][start])
+    assert set(sweep.methods) == set(uncalibrated.methods) - {"code"} | {"rgg"}  # the Gaussian methods, rgg among them
+    assert len(parse_seeds(sweep.seeds)) * sweep.num_prompts == 64
     assert sweep.output_dir.endswith("sweep_world3_calibrated") and commands[13] == ["report", sweep.output_dir]
 
 def test_world_evaluation_selects_the_best_of_each_prompts_samples_by_each_reward() -> None:

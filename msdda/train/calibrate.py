@@ -9,6 +9,7 @@ is linear to first order only, so a few rounds settle it; the last gauge is of t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def calibrate_adapter(adapter: str, out: str | Path, beta: float | None = None, 
     shown = load_prompts(prompts, num_prompts)
     where = resolve_device(device)
     beta = metadata.beta if beta is None else beta
-    pipeline = MSDDAPipeline.from_pretrained(metadata.base_model, adapters=[adapter]).to(where)
+    with warnings.catch_warnings():  # fusion's advice to calibrate the adapter, which this is doing
+        warnings.filterwarnings("ignore", message="adapters far from their step optimum")
+        pipeline = MSDDAPipeline.from_pretrained(metadata.base_model, adapters=[adapter]).to(where)
     reward = reward.to(where)
     scales, report = calibrate_step_scales(pipeline, denoiser_of(pipeline), pipeline.adapters[0].name, reward,
                                            metadata, GaugeSettings(prompts=shown, draws=draws), beta, rounds,

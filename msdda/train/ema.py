@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from msdda.errors import UserError
 from msdda.train.config import EmaSettings
-from msdda.train.distributed import full_tensor, shard_like
+from msdda.train.distributed import full_tensor, shard_like, uses_deepspeed
 
-__all__ = ["EMA_FILE", "build_ema", "ema_to_files", "ema_from_files", "ema_weights", "ema_weights_in"]
+__all__ = ["EMA_FILE", "build_ema", "averaged_values", "ema_to_files", "ema_from_files", "ema_weights", "ema_weights_in"]
 
 EMA_FILE = "ema.safetensors"
 """The EMA's weights in a checkpoint folder, keyed by the trained parameters' names."""
@@ -38,6 +38,22 @@ def build_ema(parameters: Sequence[torch.nn.Parameter], settings: EmaSettings):
     ema = EMAModel(parameters, decay=settings.decay, update_after_step=settings.start_step)
     ema.to(dtype=torch.float32)
     return ema
+
+
+def averaged_values(accelerator, parameters: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """What the EMA averages after an optimizer step: the trained parameters, or under DeepSpeed the optimizer's
+    float32 master copies (every process must call this: the masters are partitioned). Averaging the engine's bf16
+    working copies would average weights rounded to bf16, where the raw export is the float32 masters. EMAModel
+    averages only values that require grad, so the masters are handed over as such."""
+    if not uses_deepspeed(accelerator):
+        return list(parameters)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    values = []
+    for parameter in parameters:
+        master = safe_get_full_fp32_param(parameter)
+        values.append(parameter if master is None else torch.nn.Parameter(master, requires_grad=True))
+    return values
 
 
 def ema_to_files(ema, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -68,6 +69,9 @@ from msdda.train.updates import Learner, Transitions, update_pass
 __all__ = ["Trainer", "train", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+WANDB_RUN_ID = "wandb_run_id"
+"""The file in a run's logs/ that holds the id of its wandb run."""
 
 
 def _seed(*parts: int) -> int:
@@ -139,7 +143,7 @@ class Trainer:
         elif config.resume is not None:
             logger.warning("%s stopped before its first complete checkpoint; training it from the beginning",
                            self.output_dir)
-        self._record_run()
+        self._record_run(resumed=config.resume is not None)
         progress = tqdm(range(self.start_epoch, config.epochs), desc="epochs", initial=self.start_epoch,
                         total=config.epochs, disable=not accelerator.is_local_main_process)
         on_cuda = accelerator.device.type == "cuda"
@@ -364,8 +368,9 @@ class Trainer:
         progress.set_postfix(**shown, dropped=metrics["dropped_samples"])
 
     # ------------------------------------------------------------------------------------ files and export
-    def _record_run(self) -> None:
-        """Write the run's config beside its checkpoints, and start the trackers."""
+    def _record_run(self, resumed: bool) -> None:
+        """Write the run's config beside its checkpoints, and start the trackers (a resumed run logs on in its wandb
+        run)."""
         config = self.config
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +380,20 @@ class Trainer:
                     for k, v in _flatten(config_to_dict(config)).items()}
             # wandb's run files go under the run's logs/ (its own default is ./wandb in the working directory)
             wandb = {"dir": str(self.output_dir / "logs"), "name": self.output_dir.name}
+            if "wandb" in config.trackers and self.accelerator.is_main_process:
+                wandb.update(id=self._wandb_run_id(resumed), resume="allow")
             self.accelerator.init_trackers("msdda-train", config=flat, init_kwargs={"wandb": wandb})
+
+    def _wandb_run_id(self, resumed: bool) -> str:
+        """The id of the run's wandb run, kept in its logs/: a resumed run reuses it, so that its epochs continue the
+        same wandb run; a new run gets a new one."""
+        path = self.output_dir / "logs" / WANDB_RUN_ID
+        if resumed and path.is_file():
+            return path.read_text().strip()
+        run_id = uuid.uuid4().hex[:8]  # wandb's own ids are 8 lowercase letters and digits
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+        return run_id
 
     def _save_checkpoint(self, epoch: int) -> None:
         state = {"epoch": epoch + 1, "bad_epochs": self.bad_epochs, "history": self.history,

@@ -15,6 +15,7 @@ import torch
 
 from msdda.kernels import StepKernel, kernel_kl, standard_normal
 from msdda.train.config import TrainConfig
+from msdda.train.ema import averaged_values
 from msdda.train.loss import StepLoss
 from msdda.train.rollout import Trajectories
 
@@ -111,7 +112,7 @@ class Learner:
             if self.lr_schedule is not None:
                 self.lr_schedule.step()
             if self.ema is not None:
-                self.ema.step(self.parameters)
+                self.ema.step(averaged_values(self.accelerator, self.parameters))
 
     def resume_schedule(self, optimizer_steps: int) -> None:
         """Continue the learning-rate schedule after ``optimizer_steps`` steps of a stopped run."""
