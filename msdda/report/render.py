@@ -153,9 +153,12 @@ def report_tables(metrics: dict, names: list[str]) -> list[tuple[str, list[str],
                        _point_table(metrics, oracle_keys, _kl_text("kl_to_oracle"), own_cell_only=True)))
     if metrics.get("step_optimum"):
         tables.append(("Each adapter against its step optimum: its own reward's gain over the base (paired), its path "
-                       "KL, and the beta they imply, gain / (2 KL) (equal to the trained beta at the step optimum of a "
-                       "locally linear reward; above it: the adapter stopped short of its optimum)",
-                       ["reward", "trained beta", "terminal gain", "step-reward gain (sum over steps)",
+                       "KL, and the beta they imply, terminal gain / (2 KL) (the step gains add up to the terminal "
+                       "one; equal to the trained beta at the step optimum of a locally linear reward, above it where "
+                       "the adapter stopped short, below it where it went too far; an aggregate over steps: the gauge "
+                       "below checks each step). The tweedie step rewards summed along the path count each early "
+                       "shift again at every later step",
+                       ["reward", "trained beta", "terminal gain", "step rewards summed along the path",
                         "path KL to the base", "implied beta"],
                        [[c["reward"], f"{c['beta']:g}", _cell_text(c["terminal_gain"]), _cell_text(c["step_gain"]),
                          _cell_text(c["kl_to_base"]), f"{c['implied_beta']:.3g}"] for c in metrics["step_optimum"]]))

@@ -104,7 +104,14 @@ def step_optimum_check(curves: list[Curve], names: list[str], adapter_betas: lis
     alpha of that way gains alpha s^2 |grad r|^2 / beta at KL alpha^2 s^2 |grad r|^2 / (2 beta^2): its implied
     beta, gain / (2 KL) summed over steps, is beta / alpha. Implied beta near the trained one: near the optimum;
     far above it: the adapter stopped short (alpha < 1) or moved where its reward does not. MSDDA's exponents
-    w_i beta_i / beta assume every alpha_i = 1."""
+    w_i beta_i / beta assume every alpha_i = 1.
+
+    A step's gain is its reward's rise over that one step from the state it starts at. The tweedie step rewards
+    are the values of the states a path reaches, so over a path those rises add up to the terminal reward's gain
+    (where the tweedie value is the reference's expected reward), and that is the gain used. The step rewards
+    summed along the path are kept as ``step_gain``: they count each early shift again at every later step, about
+    as many times as steps follow it. Being an aggregate over steps, this check cannot tell a step that stopped
+    short from one that went too far; the optimality gauge (msdda.train.gauge) checks each step."""
     by_label = {c.label: c for c in curves}
     base = by_label.get("base")
     if base is None or adapter_betas is None or not np.isfinite(base.step_rewards[0]).all():
@@ -114,11 +121,12 @@ def step_optimum_check(curves: list[Curve], names: list[str], adapter_betas: lis
         single = by_label.get(f"single: {name}")
         if single is None:
             continue
-        gain = single.step_rewards[0][:, index] - base.step_rewards[0][:, index]
+        gain = single.rewards[0][:, index] - base.rewards[0][:, index]
         kl = single.kl[0]
-        checks.append({"reward": name, "beta": adapter_betas[index], "step_gain": mean_sem(gain),
+        checks.append({"reward": name, "beta": adapter_betas[index],
+                       "step_gain": mean_sem(single.step_rewards[0][:, index] - base.step_rewards[0][:, index]),
                        "kl_to_base": mean_sem(kl), "implied_beta": float(gain.mean() / (2 * kl.mean())),
-                       "terminal_gain": mean_sem(single.rewards[0][:, index] - base.rewards[0][:, index])})
+                       "terminal_gain": mean_sem(gain)})
     return checks
 
 
