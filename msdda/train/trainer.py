@@ -273,7 +273,9 @@ class Trainer:
         if self.last_gauge is None:
             return False
         metrics.update(gauge_max_ratio_deviation=self.last_gauge["max_ratio_deviation"],
-                       gauge_implied_beta=self.last_gauge["implied_beta"])
+                       gauge_implied_beta=self.last_gauge["implied_beta"],
+                       gauge_max_scale_deviation=self.last_gauge["max_scale_deviation"],
+                       gauge_scale_beta=self.last_gauge["scale_beta"])
         tolerance = self.config.train.stop_near_optimum
         return tolerance is not None and near_optimum(self.last_gauge, tolerance)
 
