@@ -72,9 +72,8 @@ def _amount(value: float | None) -> str:
     return "unresolved" if value is None else f"{value:.2f}"
 
 
-def _pooled(gauge: dict, beta: float) -> str:
-    scale = gauge.get("scale_beta")
-    return "none" if scale is None else f"{scale / beta - 1:+.2f}"
+def _pooled(scale_beta: float | None, beta: float) -> str:
+    return "none" if scale_beta is None else f"{scale_beta / beta - 1:+.2f}"
 
 
 def run(name: str, mode: list[str], args: argparse.Namespace) -> dict:
@@ -93,7 +92,7 @@ def run(name: str, mode: list[str], args: argparse.Namespace) -> dict:
     if name == "per-step-scales":  # the recipe's epochs, then the fit: its gauges are the work
         return {"epochs": len(history), "seconds": seconds, "reward_calls": training_reward_calls(config, len(history))
                 + (args.rounds + 1) * gauge_reward_calls(config), "reached": _within(gauge, args.tolerance),
-                "gauges": [("fitted", _amount(gauge.get("max_scale_deviation")), _pooled(gauge, args.beta))]}
+                "gauges": [("fitted", _amount(gauge.get("max_scale_deviation")), _pooled(gauge.get("scale_beta"), args.beta))]}
     gauged = [h for h in history if "gauge_max_scale_deviation" in h]
     first = next((h for h in gauged if h["gauge_max_scale_deviation"] is not None
                   and h["gauge_max_scale_deviation"] <= args.tolerance), None)
@@ -101,7 +100,7 @@ def run(name: str, mode: list[str], args: argparse.Namespace) -> dict:
     return {"epochs": epochs, "seconds": sum(h["epoch_seconds"] for h in history[:epochs]),
             "reward_calls": training_reward_calls(config, epochs), "reached": first is not None,
             "gauges": [(h["epoch"], _amount(h["gauge_max_scale_deviation"]),
-                        _pooled({"scale_beta": h["gauge_scale_beta"]}, args.beta)) for h in gauged]}
+                        _pooled(h["gauge_scale_beta"], args.beta)) for h in gauged]}
 
 
 def main() -> None:

@@ -18,10 +18,13 @@ from collections.abc import Sequence
 
 from msdda.adapters import AdapterMetadata
 
-__all__ = ["FAR_FROM_OPTIMUM", "far_from_optimum", "warn_far_from_optimum"]
+__all__ = ["FAR_FROM_OPTIMUM", "FAR_FROM_OPTIMUM_WARNING", "far_from_optimum", "warn_far_from_optimum"]
 
 FAR_FROM_OPTIMUM = 0.5
 """An adapter whose mean shift at some step that carries KL is off its optimum's by more than this fraction."""
+
+FAR_FROM_OPTIMUM_WARNING = "adapters far from their step optimum"
+"""How the warning about such adapters begins (a filter's ``message``, where the advice does not apply)."""
 
 
 def far_from_optimum(metadata: AdapterMetadata | None) -> bool:
@@ -48,7 +51,7 @@ def warn_far_from_optimum(sources: Sequence[str], metadata: Sequence[AdapterMeta
     described = "; ".join(
         f"{source} (beta {meta.beta:g}, implied {_implied(meta.optimality)}, worst step off by "
         f"{_worst(meta.optimality)})" for source, meta in far)
-    warnings.warn(f"adapters far from their step optimum, so MSDDA's exponents w_i beta_i / beta do not fit them: "
+    warnings.warn(f"{FAR_FROM_OPTIMUM_WARNING}, so MSDDA's exponents w_i beta_i / beta do not fit them: "
                   f"{described}. Fit their per-step scales (msdda calibrate), retrain them (train.stop_near_optimum) "
                   "or fuse with --betas set to the implied betas", stacklevel=stacklevel + 1)
 

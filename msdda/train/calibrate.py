@@ -15,6 +15,7 @@ from pathlib import Path
 
 from msdda.adapters import AdapterMetadata
 from msdda.errors import UserError
+from msdda.fuse.optimality import FAR_FROM_OPTIMUM_WARNING
 from msdda.step_scales import StepScale, register_step_scales, rescaled_factors
 from msdda.train.gauge import GaugeSettings, gauge_adapter
 
@@ -101,7 +102,7 @@ def calibrate_adapter(adapter: str, out: str | Path, beta: float | None = None, 
     where = resolve_device(device)
     beta = metadata.beta if beta is None else beta
     with warnings.catch_warnings():  # fusion's advice to calibrate the adapter, which this is doing
-        warnings.filterwarnings("ignore", message="adapters far from their step optimum")
+        warnings.filterwarnings("ignore", message=FAR_FROM_OPTIMUM_WARNING)
         pipeline = MSDDAPipeline.from_pretrained(metadata.base_model, adapters=[adapter]).to(where)
     reward = reward.to(where)
     scales, report = calibrate_step_scales(pipeline, denoiser_of(pipeline), pipeline.adapters[0].name, reward,

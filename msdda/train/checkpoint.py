@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from msdda.adapters import AdapterMetadata, save_adapter
 from msdda.errors import UserError
-from msdda.train.distributed import full_tensor, shard_like, uses_deepspeed
+from msdda.train.distributed import full_tensor, master_weights, shard_like, uses_deepspeed
 
 __all__ = ["latest_checkpoint", "check_output_dir", "resume_folder", "finished_run", "lora_state", "save_checkpoint",
            "load_checkpoint", "optimizer_to_files", "optimizer_from_files", "RUN_CONFIG", "STATE_FILE"]
@@ -78,13 +78,10 @@ def lora_state(accelerator, model, weights: dict[str, torch.Tensor] | None = Non
 
     unwrapped = accelerator.unwrap_model(model)
     values = unwrapped.state_dict()
-    if uses_deepspeed(accelerator) and weights is None:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        for name, parameter in unwrapped.named_parameters():
-            master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
-            if master is not None:
-                values[name] = master
+    if weights is None:
+        names, parameters = zip(*unwrapped.named_parameters())
+        values.update({name: master for name, master in zip(names, master_weights(accelerator, parameters))
+                       if master is not None})
     values.update(weights or {})
     state = get_peft_model_state_dict(unwrapped, state_dict=values)
     return {key: full_tensor(value).detach().float().cpu().contiguous() for key, value in state.items()}

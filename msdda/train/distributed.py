@@ -19,7 +19,7 @@ from msdda.errors import UserError
 from msdda.train.config import TrainConfig
 
 __all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "launched_with_fsdp",
-           "uses_deepspeed", "uses_fsdp", "full_tensor", "shard_like", "gather_rows", "own_rows", "average_gradients"]
+           "uses_deepspeed", "master_weights", "uses_fsdp", "full_tensor", "shard_like", "gather_rows", "own_rows", "average_gradients"]
 
 
 def launched_with_deepspeed() -> bool:
@@ -111,6 +111,18 @@ def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
 def uses_deepspeed(accelerator) -> bool:
     """Whether ``accelerator`` drives a DeepSpeed engine (which owns the optimizer state and master weights)."""
     return accelerator.state.deepspeed_plugin is not None
+
+
+def master_weights(accelerator, parameters) -> list[torch.Tensor | None]:
+    """The float32 values the optimizer steps for each of ``parameters``: under DeepSpeed its master copies (None for
+    a parameter it does not train; partitioned over the processes, so every process must call this), else None for
+    every parameter (the parameters are their own masters)."""
+    parameters = list(parameters)
+    if not uses_deepspeed(accelerator):
+        return [None] * len(parameters)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(parameter) if parameter.requires_grad else None for parameter in parameters]
 
 
 def uses_fsdp(accelerator) -> bool:

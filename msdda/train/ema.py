@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from msdda.errors import UserError
 from msdda.train.config import EmaSettings
-from msdda.train.distributed import full_tensor, shard_like, uses_deepspeed
+from msdda.train.distributed import full_tensor, master_weights, shard_like
 
 __all__ = ["EMA_FILE", "build_ema", "averaged_values", "ema_to_files", "ema_from_files", "ema_weights", "ema_weights_in"]
 
@@ -45,15 +45,8 @@ def averaged_values(accelerator, parameters: Sequence[torch.nn.Parameter]) -> li
     float32 master copies (every process must call this: the masters are partitioned). Averaging the engine's bf16
     working copies would average weights rounded to bf16, where the raw export is the float32 masters. EMAModel
     averages only values that require grad, so the masters are handed over as such."""
-    if not uses_deepspeed(accelerator):
-        return list(parameters)
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    values = []
-    for parameter in parameters:
-        master = safe_get_full_fp32_param(parameter)
-        values.append(parameter if master is None else torch.nn.Parameter(master, requires_grad=True))
-    return values
+    return [parameter if master is None else torch.nn.Parameter(master, requires_grad=True)
+            for parameter, master in zip(parameters, master_weights(accelerator, parameters), strict=True)]
 
 
 def ema_to_files(ema, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict]:
