@@ -47,13 +47,18 @@ def _modes(args: argparse.Namespace) -> dict[str, list[str]]:
         "state-replay": [*gauged, "train.fresh_noise=true", "train.reference_states=0.5",
                          f"train.inner_epochs={args.inner_epochs}", f"train.learning_rate={args.replay_learning_rate}",
                          "train.lr_schedule=cosine"],
+        "reused-gradients": ["train.gauge_every=1", "train.reuse_reward_gradients=true",
+                             f"epochs={args.reused_epochs}", f"train.inner_epochs={args.reused_inner_epochs}",
+                             f"train.proximal_weight={args.proximal_weight}"],
     }
 
 
 def training_reward_calls(config: TrainConfig, epochs: int) -> int:
     """Images the reward scored in ``epochs`` epochs of training: every sampled trajectory's final image, and one per
-    trained transition (each update's tweedie step reward)."""
+    trained transition (each update's tweedie step reward), or with reused gradients one per transition and epoch."""
     trajectories = config.sampling.batch_size * config.sampling.batches_per_epoch
+    if config.train.reuse_reward_gradients:
+        return epochs * trajectories * (1 + config.sampling.num_inference_steps)
     return epochs * trajectories * (1 + config.train.inner_epochs * config.trained_steps)
 
 
@@ -113,8 +118,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="per-step-scales: fitting rounds (default 3)")
     parser.add_argument("--inner-epochs", type=int, default=4, help="state-replay: updates per state")
     parser.add_argument("--replay-learning-rate", type=float, default=1e-2)
-    parser.add_argument("--modes", default="on-policy,per-step-scales",
-                        help="comma-separated, of on-policy, per-step-scales, state-replay (on-policy is the baseline)")
+    parser.add_argument("--reused-epochs", type=int, default=2, help="reused-gradients: epochs (default 2)")
+    parser.add_argument("--reused-inner-epochs", type=int, default=8,
+                        help="reused-gradients: updates per transition and epoch (default 8)")
+    parser.add_argument("--proximal-weight", type=float, default=1.0, help="reused-gradients: train.proximal_weight")
+    parser.add_argument("--modes", default="on-policy,per-step-scales,reused-gradients",
+                        help="comma-separated, of on-policy, per-step-scales, state-replay, reused-gradients (on-policy "
+                             "is the baseline)")
     args = parser.parse_args()
     known = _modes(args)
     names = args.modes.split(",")

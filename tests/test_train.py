@@ -533,10 +533,14 @@ over inner epochs, a learning-rate schedule with warm-up, gauges in the history,
 ON_POLICY = ("ema.decay=0.9", "ema.start_step=1")
 """The recipe's update on the adapter's own samples, with an EMA of the weights that starts after the first optimizer
 step."""
+REUSED_GRADIENTS = ("train.reuse_reward_gradients=true", "train.inner_epochs=2", "train.proximal_weight=2",
+                    "ema.decay=0.9", "ema.start_step=1")
+"""The reward's gradients taken once per epoch and reused over two inner epochs, with an EMA."""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [ON_POLICY, STATE_REPLAY], ids=["on-policy", "state-replay"])
+@pytest.mark.parametrize("mode", [ON_POLICY, STATE_REPLAY, REUSED_GRADIENTS],
+                         ids=["on-policy", "state-replay", "reused-gradients"])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, mode: tuple[str, ...]) -> None:
     uninterrupted = _run_training(tmp_path / "a", *mode)
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read()

@@ -97,6 +97,20 @@ class OptimSettings:
     rollout's. Given the states, the pathwise step objective's gradient does not depend on the policy that visited
     them (no importance ratio), so with fresh noise an epoch's states serve many ``inner_epochs`` exactly: the
     state-replay mode, which samples trajectories (and calls the reward on them) far less often per update."""
+    reuse_reward_gradients: bool = False
+    """``pathwise`` only: take each transition's step-reward gradient once per epoch, at the action the rollout drew,
+    and let every update of the epoch's ``inner_epochs`` maximise the step objective with the reward linearised there
+    (the KL exact; msdda.train.pathwise). Its gradient at the epoch's policy is the pathwise one and its fixed points
+    are the pathwise update's, so the optimum is the same; the reward and the step reward's reference continuation
+    run once per transition and epoch instead of once per update, and the later updates cost the policy's forward
+    and backward only. Pays with ``inner_epochs`` > 1, most with the ``rollout`` step reward. Not with
+    ``fresh_noise`` (the reward is linearised at the rollout's own actions)."""
+    proximal_weight: float = 1.0
+    """With ``reuse_reward_gradients``: the weight, in units of beta, of |x_{t-1}(theta) - x_{t-1}|^2 / (2 s^2) (the KL
+    from the epoch's kernel, for a fixed variance s^2) subtracted from the linearised reward, which keeps an epoch's
+    updates where the linearisation holds. It and its gradient vanish at the epoch's policy, so the gradient there and
+    the optimum stay the pathwise update's. The epochs converge where the reward's curvature c along the shift meets
+    2 c s^2 / beta < 1 + 2 * proximal_weight, fastest at 2 c s^2 / beta = proximal_weight; 0: no proximal term."""
     reference_states: float = 0.0
     """Share of each epoch's sampling batches drawn from the reference (the adapter off) instead of the current
     adapter (``fresh_noise`` only): the gauge and fusion meet both distributions of states."""
@@ -271,6 +285,14 @@ class TrainConfig:
         if train.fresh_noise and train.estimator != "pathwise":
             raise UserError(f"train.fresh_noise draws new action noise for the pathwise update; got train.estimator="
                              f"{train.estimator!r}: set train.estimator=pathwise or train.fresh_noise=false")
+        if train.reuse_reward_gradients and (train.estimator != "pathwise" or train.fresh_noise):
+            raise UserError(f"train.reuse_reward_gradients linearises the pathwise step reward at the rollout's own "
+                            f"actions; got train.estimator={train.estimator!r}, train.fresh_noise={train.fresh_noise}: "
+                            "set train.estimator=pathwise and train.fresh_noise=false, or "
+                            "train.reuse_reward_gradients=false")
+        if not (train.proximal_weight >= 0 and math.isfinite(train.proximal_weight)):
+            raise UserError(f"train.proximal_weight must be a finite number >= 0 (in units of beta; 0: no proximal "
+                            f"term), got {train.proximal_weight}")
         if not 0 <= train.reference_states <= 1 or (train.reference_states and not train.fresh_noise):
             raise UserError(f"train.reference_states={train.reference_states} must be in [0, 1], and above 0 only "
                              "with train.fresh_noise=true (the policy gradient and the rollout's own noise need the "

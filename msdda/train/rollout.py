@@ -115,6 +115,9 @@ class Trajectories:
     """[B, T]: the step reward's estimator applied to x_t itself (dense step rewards only). It depends on the
     state, not on the action x_{t-1}, so subtracting it keeps the step's policy gradient unbiased while
     removing the reward the step inherited: R_t - V(x_t) is what this step added."""
+    reward_gradients: torch.Tensor | None = None
+    """[B, T, C, H, W]: grad R_t at each recorded action x_{t-1}, taken once per epoch for
+    ``train.reuse_reward_gradients`` (msdda.train.pathwise.step_reward_gradients); NaN rows where R_t was not finite."""
 
     @property
     def final_rewards(self) -> torch.Tensor:

@@ -58,7 +58,13 @@ from msdda.step_scales import register_step_scales
 from msdda.train.calibrate import calibrate_step_scales
 from msdda.train.gauge import GaugeSettings, gauge_adapter, near_optimum
 from msdda.train.loss import StepLoss
-from msdda.train.pathwise import StepRewardFunction, pathwise_loss, reference_step_reward
+from msdda.train.pathwise import (
+    StepRewardFunction,
+    linearised_pathwise_loss,
+    pathwise_loss,
+    reference_step_reward,
+    step_reward_gradients,
+)
 from msdda.train.policy import load_policy
 from msdda.train.policy_gradient import policy_gradient_loss
 from msdda.train.rollout import Conditioning, Sampler, Trajectories, sample_rollout
@@ -304,6 +310,10 @@ class Trainer:
             # same steps in the same order (a step's continuation has as many forwards as steps follow it)
             process = 0 if uses_fsdp(self.accelerator) else self.accelerator.process_index
             seeds = [_seed(config.seed, epoch, process, inner, 3) for inner in range(config.train.inner_epochs)]
+            if config.train.reuse_reward_gradients:  # the reward's gradients at the epoch's actions, taken once
+                self.unwrapped.eval()
+                trajectories = dataclasses.replace(trajectories, reward_gradients=step_reward_gradients(
+                    trajectories, self.step_reward(), config.train.batch_size))
             means = update_pass(self.step_loss, trajectories, advantages, config, self.learner, seeds)
         if not math.isfinite(means["loss"]):  # before this epoch's checkpoint: the last one written stays the last good
             raise UserError(f"the loss became {means['loss']} at epoch {epoch + 1}; stopping. The last good "
@@ -313,6 +323,8 @@ class Trainer:
 
     def step_loss(self, batch: Transitions) -> StepLoss:
         """The configured estimator's loss of ``batch`` under the current adapter (the update pass's unit)."""
+        if self.config.train.reuse_reward_gradients:
+            return linearised_pathwise_loss(self.policy_kernel, batch, self.config)
         if self.config.train.estimator == "pathwise":
             return pathwise_loss(self.policy_kernel, batch, self.config, self.step_reward())
         return policy_gradient_loss(self.policy_kernel, batch, self.config)

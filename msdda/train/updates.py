@@ -49,6 +49,8 @@ class Transitions:
     prompt_embeds: torch.Tensor
     negative_embeds: torch.Tensor | None
     """None for FLUX, which has no negative branch."""
+    reward_gradients: torch.Tensor | None = None
+    """``[N, ...]`` grad R_t at the recorded actions x_{t-1} (``train.reuse_reward_gradients``), else None."""
 
     @property
     def timestep(self) -> torch.Tensor:
@@ -80,7 +82,9 @@ def transitions(trajectories: Trajectories, advantages: torch.Tensor, rows: torc
         reference=reference,
         noises=trajectories.noises[rows, step].to(dtype) if trajectories.noises is not None else None,
         prompts=[trajectories.prompts[i] for i in prompt_rows.tolist()], prompt_embeds=trajectories.prompt_embeds[rows],
-        negative_embeds=None if trajectories.negative_embeds is None else trajectories.negative_embeds[rows])
+        negative_embeds=None if trajectories.negative_embeds is None else trajectories.negative_embeds[rows],
+        reward_gradients=(None if trajectories.reward_gradients is None
+                          else trajectories.reward_gradients[rows, step].to(dtype)))
 
 
 @dataclass
