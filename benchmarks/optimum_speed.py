@@ -2,7 +2,8 @@
 a tolerance of its optimum, in one run, for today's on-policy recipe and for the modes meant to get there faster.
 
     .venv/bin/python benchmarks/optimum_speed.py [--beta 0.001] [--tolerance 0.1] [--epochs 10] [--gauge-every 2]
-        [--rounds 3] [--modes on-policy,per-step-scales]
+        [--rounds 3] [--reused-epochs 3] [--reused-inner-epochs 6] [--proximal-weight 1]
+        [--modes on-policy,per-step-scales,reused-gradients]
 
 Every mode trains the world's aesthetic recipe (configs/train/world_aesthetic.yaml: pathwise through the tweedie step
 reward) at ``--beta``, and the gauge reads it on the same held-out states (8 prompts, ``--draws`` draws, states from
@@ -17,6 +18,9 @@ pooled scale beta's distance from beta is printed beside it.
   count.
 - state-replay: ``train.fresh_noise``, half the states from the reference, ``--inner-epochs`` updates per state, a
   higher learning rate with a cosine schedule, gauged as on-policy.
+- reused-gradients: ``train.reuse_reward_gradients`` for ``--reused-epochs`` epochs of ``--reused-inner-epochs``
+  updates per transition (``--proximal-weight``), gauged after every epoch; the reward is called once per transition
+  and epoch.
 
 Reward calls are the images the reward scores: one per sampled trajectory and one per trained transition (the tweedie
 step reward), and for a fitting gauge one per drawn action with its gradient. Ratios against on-policy are printed last.
@@ -118,9 +122,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="per-step-scales: fitting rounds (default 3)")
     parser.add_argument("--inner-epochs", type=int, default=4, help="state-replay: updates per state")
     parser.add_argument("--replay-learning-rate", type=float, default=1e-2)
-    parser.add_argument("--reused-epochs", type=int, default=2, help="reused-gradients: epochs (default 2)")
-    parser.add_argument("--reused-inner-epochs", type=int, default=8,
-                        help="reused-gradients: updates per transition and epoch (default 8)")
+    parser.add_argument("--reused-epochs", type=int, default=3, help="reused-gradients: epochs (default 3)")
+    parser.add_argument("--reused-inner-epochs", type=int, default=6,
+                        help="reused-gradients: updates per transition and epoch (default 6)")
     parser.add_argument("--proximal-weight", type=float, default=1.0, help="reused-gradients: train.proximal_weight")
     parser.add_argument("--modes", default="on-policy,per-step-scales,reused-gradients",
                         help="comma-separated, of on-policy, per-step-scales, state-replay, reused-gradients (on-policy "

@@ -12,13 +12,18 @@ import torch
 
 from msdda.config import load_config
 from msdda.errors import UserError
-from msdda.kernels import step_kernel
 from msdda.train import TrainConfig
 from msdda.train.pathwise import linearised_pathwise_loss, pathwise_loss, step_reward_gradients
 from msdda.train.trainer import Trainer
 from msdda.train.updates import Learner, transitions, update_pass
-from msdda.world.analytic import GaussianWorld
-from tests.test_train_analytic import MeanAndVariancePolicy, _kernel, _sample
+from tests.test_train_analytic import (
+    QUADRATIC_BETA,
+    MeanAndVariancePolicy,
+    _kernel,
+    _sample,
+    assert_at_quadratic_optimum,
+    quadratic_world,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["epochs=1", "sampling.num_inference_steps=4", "sampling.batch_size=4", "sampling.batches_per_epoch=1",
@@ -94,64 +99,37 @@ def test_the_trainer_calls_the_reward_once_per_transition_and_epoch(tmp_path, mo
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.lora_parameters))
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["pathwise", "reused-gradients"])
-def test_reused_gradients_reach_the_narrower_optimum_of_a_quadratic_reward(reuse: bool,
-                                                                           fresh_accelerator_state) -> None:
-    """A quadratic reward of the next state tilts the reference N(mu, s^2) into N(m*, v*) with 1 / v* = 1 / s^2 +
-    2 c / beta and m* = (mu / s^2 + 2 c a / beta) v*; linearised at each epoch's actions the reward is wrong away from
-    them, so the mode can reach this optimum only as the fixed point of its epochs, which the proximal term makes
-    converge. With a fifth of the reward's gradient evaluations (30 epochs of 10 inner epochs against 150 on-policy
-    epochs) it reaches the learned variance within 6% and the mean within 0.15 of v*'s std at every stochastic step, as
-    the pathwise update does."""
+def test_reused_gradients_reach_the_narrower_optimum_of_a_quadratic_reward(fresh_accelerator_state) -> None:
+    """The learned-variance world's quadratic reward (tests/test_train_analytic.py), whose optimum N(m*, v*) the
+    pathwise update reaches in 150 on-policy epochs: linearised at each epoch's actions the reward is wrong away from
+    them, so this mode can reach the optimum only as the fixed point of its epochs, which the proximal term makes
+    converge. With a fifth of the reward's gradient evaluations (30 epochs of 10 inner epochs) it reaches the learned
+    variance within 6% and the mean within 0.15 of v*'s std at every stochastic step, as the pathwise update does."""
     from accelerate import Accelerator
 
-    world = GaussianWorld.default(dim=2, num_inference_steps=4, seed=0, variance_type="learned_range")
-    centre, curvature, beta, batch = torch.tensor([1.0, -0.5], dtype=torch.float64), 1.0, 0.5, 512
-
-    def quadratic(x_prev: torch.Tensor, x_t: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (world.quadratic_step_reward(x_prev, centre, curvature),
-                world.quadratic_step_reward(world.reference_kernel(x_t, timestep).mean, centre, curvature))
-
-    epochs, inner = (30, 10) if reuse else (150, 1)
-    steps = len(world.timesteps) - 1
-    config = TrainConfig(beta=beta)
+    world, quadratic = quadratic_world()
+    epochs, inner, batch, steps = 30, 10, 512, len(world.timesteps) - 1
+    config = TrainConfig(beta=QUADRATIC_BETA)
     config.reward.step_reward, config.train.estimator = "tweedie", "pathwise"
-    config.train.reuse_reward_gradients, config.train.inner_epochs = reuse, inner
-    config.train.proximal_weight = 3.0  # 2 c s^2 / beta is 3.5 at the first step: the epochs converge for weights > 1.25
+    config.train.reuse_reward_gradients, config.train.inner_epochs = True, inner
+    config.train.proximal_weight = 3.0  # 2 c s^2 / beta is 3.5 at the first step: the epochs converge above 1.25
     config.sampling.num_inference_steps, config.train.batch_size = steps, batch
     torch.manual_seed(0)
     policy = MeanAndVariancePolicy(world)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=config.trained_steps)
     policy, optimizer = accelerator.prepare(policy, torch.optim.Adam(policy.parameters(), lr=0.05))
     learner = Learner(accelerator, policy, optimizer, list(policy.parameters()), config.train.max_grad_norm)
-    kernel = partial(_kernel, world, policy)
+    loss = partial(linearised_pathwise_loss, partial(_kernel, world, policy), config=config)
 
     def step_reward(action: torch.Tensor, transitions_batch) -> torch.Tensor:
         return quadratic(action, transitions_batch.latents, int(transitions_batch.timestep))[0]
 
-    loss = (partial(linearised_pathwise_loss, kernel, config=config) if reuse
-            else partial(pathwise_loss, kernel, config=config, step_reward=step_reward))
-    generator, evaluations = torch.Generator().manual_seed(1), 0
+    generator = torch.Generator().manual_seed(1)
     for epoch in range(epochs):
         for group in optimizer.param_groups:
             group["lr"] = 0.05 * (1 - epoch / epochs) + 0.005
         trajectories = _sample(world, policy, quadratic, batch, generator)
-        if reuse:
-            trajectories.reward_gradients = step_reward_gradients(trajectories, step_reward, batch, torch.float64)
-            evaluations += batch * steps
-        else:
-            evaluations += batch * steps * inner
+        trajectories.reward_gradients = step_reward_gradients(trajectories, step_reward, batch, torch.float64)
         update_pass(loss, trajectories, torch.zeros(batch, steps, dtype=torch.float64), config, learner,
                     seeds=[epoch * inner + i for i in range(inner)], dtype=torch.float64)
-    assert evaluations == batch * steps * (30 if reuse else 150)
-    x_t = torch.randn(64, world.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    with torch.no_grad():
-        for timestep in world.timesteps[:-1]:
-            learned = step_kernel(world.scheduler, policy(x_t, timestep), timestep, x_t)
-            reference = world.reference_kernel(x_t, timestep)
-            optimal_variance = 1 / (1 / reference.variance + 2 * curvature / beta)
-            optimal_mean = (reference.mean / reference.variance + 2 * curvature * centre / beta) * optimal_variance
-            variance_error = float((learned.variance / optimal_variance - 1).abs().max())
-            assert variance_error < 0.06, f"step {timestep}: variance off by {variance_error:.3f}"
-            mean_error = float(((learned.mean - optimal_mean) / optimal_variance.sqrt()).pow(2).mean().sqrt())
-            assert mean_error < 0.15, f"step {timestep}: mean off by {mean_error:.3f} std (RMS)"
+    assert_at_quadratic_optimum(world, policy)

@@ -88,7 +88,9 @@ def test_a_factor_is_peft_scaling_of_the_lora_and_zero_is_the_reference(pipeline
     finally:
         pipeline.set_adapters([name], [1.0])
     expected = sampler_kernel(pipeline.scheduler, stock, timestep, latents, 1.0)
-    torch.testing.assert_close(scaled.mean, expected.mean, rtol=1e-5, atol=1e-6)
+    # the routed forward batches the reference's branch with the adapter's: float32 sums in another order (1.6e-6 apart
+    # on one machine), while the factor's own effect is above 1e-4 (below)
+    torch.testing.assert_close(scaled.mean, expected.mean, rtol=1e-4, atol=1e-5)
     assert torch.equal(gated.mean, reference_late.mean)
     assert not torch.allclose(scaled.mean, reference.mean, atol=1e-4)  # the factor 0.4 still moves it
     scaling = [module.scaling[name] for module in unet.modules() if hasattr(module, "scaling") and name in

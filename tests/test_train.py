@@ -169,8 +169,9 @@ def test_single_pass_trains_the_adapter_the_update_pass_trains(tmp_path, step_re
 def test_the_update_kernel_at_the_rollouts_weights_is_the_recorded_one_bit_for_bit(tmp_path, recipe, module_cache,
                                                                                  fresh_accelerator_state) -> None:
     """pi_old (the rollout's log-probs) and pi_theta (the update's policy kernel) come from one guided forward, so
-    on-policy the importance ratio is exactly 1 (as Flow-GRPO checks), at every step, for the whole batch and for a
-    shuffled subset of its rows (DDIM with CFG, DDPM with a learned variance, the flow SDE)."""
+    on-policy the importance ratio is exactly 1 (as Flow-GRPO checks) at every step for the batch as sampled, and 1 to
+    float rounding for a shuffled subset of its rows (DDIM with CFG, DDPM with a learned variance, the flow SDE): on
+    some CPUs (AVX-512) a forward of fewer rows runs other kernels, whose sums differ in the last bits."""
     config = load_config(TrainConfig, ROOT / f"configs/train/{recipe}.yaml",
                          [*TINY, f"output_dir={tmp_path / 'run'}", "train.estimator=policy-gradient"])
     trainer = Trainer(config)
@@ -181,8 +182,10 @@ def test_the_update_kernel_at_the_rollouts_weights_is_the_recorded_one_bit_for_b
             batch = transitions(trajectories, advantages, rows, step)
             with torch.no_grad():
                 log_probs = trainer.policy_kernel(batch).log_prob(batch.next_latents)
-            assert torch.equal(log_probs, batch.log_probs), (recipe, step, rows)
-            assert torch.equal(torch.exp(log_probs - batch.log_probs), torch.ones(len(rows)))
+            if len(rows) == len(trajectories.prompts):
+                assert torch.equal(log_probs, batch.log_probs), (recipe, step)
+            else:  # log-probs near -1000 in float32: a few units in their last place, a ratio within 1e-3 of 1
+                torch.testing.assert_close(log_probs, batch.log_probs, rtol=0, atol=1e-3)
 
 
 def test_single_pass_graphs_are_the_trained_steps_of_each_sampling_batch(tmp_path) -> None:

@@ -158,6 +158,44 @@ def _train(world: GaussianWorld, policy: nn.Module, step_reward: StepReward, bet
     return policy
 
 
+QUADRATIC_CENTRE, QUADRATIC_CURVATURE, QUADRATIC_BETA = torch.tensor([1.0, -0.5], dtype=torch.float64), 1.0, 0.5
+"""The quadratic reward -c |x_{t-1} - a|^2 of the learned-variance tests, and their KL weight."""
+
+
+def quadratic_world() -> tuple[GaussianWorld, StepReward]:
+    """The learned-variance world of 4 steps and the quadratic step reward (with its value at the reference's mean as
+    V(x_t))."""
+    world = GaussianWorld.default(dim=2, num_inference_steps=4, seed=0, variance_type="learned_range")
+
+    def quadratic(x_prev: torch.Tensor, x_t: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        baseline = world.reference_kernel(x_t, timestep).mean
+        return (world.quadratic_step_reward(x_prev, QUADRATIC_CENTRE, QUADRATIC_CURVATURE),
+                world.quadratic_step_reward(baseline, QUADRATIC_CENTRE, QUADRATIC_CURVATURE))
+
+    return world, quadratic
+
+
+def assert_at_quadratic_optimum(world: GaussianWorld, policy: nn.Module) -> None:
+    """At every stochastic step, the learned variance within 6% of the quadratic optimum's v* and the learned mean
+    within 0.15 of v*'s std of its m* (RMS over x_t); 1 / v* = 1 / s^2 + 2 c / beta, m* = (mu / s^2 + 2 c a / beta) v*
+    (written out here, apart from the world's ``quadratic_optimal_kernel``)."""
+    centre, curvature, beta = QUADRATIC_CENTRE, QUADRATIC_CURVATURE, QUADRATIC_BETA
+    x_t = torch.randn(64, world.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        for timestep in world.timesteps[:-1]:
+            learned = step_kernel(world.scheduler, policy(x_t, timestep), timestep, x_t)
+            reference = world.reference_kernel(x_t, timestep)
+            optimal_variance = 1 / (1 / reference.variance + 2 * curvature / beta)
+            optimal_mean = (reference.mean / reference.variance + 2 * curvature * centre / beta) * optimal_variance
+            if timestep > world.timesteps[-2]:
+                assert float((reference.variance / optimal_variance).min()) > 2.5  # the optimum really narrows
+            variance_error = float((learned.variance / optimal_variance - 1).abs().max())
+            assert variance_error < 0.06, f"step {timestep}: variance {learned.variance[0].tolist()} vs " \
+                                          f"{optimal_variance[0].tolist()}"
+            mean_error = float(((learned.mean - optimal_mean) / optimal_variance.sqrt()).pow(2).mean().sqrt())
+            assert mean_error < 0.15, f"step {timestep}: mean off by {mean_error:.3f} std (RMS)"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["policy-gradient", "pathwise"])
 @pytest.mark.parametrize("beta", [0.5, 1.0])
@@ -195,35 +233,15 @@ def test_trained_mean_shift_matches_the_closed_form_step_optimum(beta: float, es
 def test_a_learned_variance_policy_converges_to_the_narrower_quadratic_step_optimum(estimator: str,
                                                                                      fresh_accelerator_state) -> None:
     """A quadratic reward of the next state tilts the reference N(mu, s^2) into N(m*, v*) with
-    1 / v* = 1 / s^2 + 2 c / beta and m* = (mu / s^2 + 2 c a / beta) v* (written out here, apart from the world's
-    ``quadratic_optimal_kernel``). The policy's family holds it exactly, so at every stochastic step the learned
+    1 / v* = 1 / s^2 + 2 c / beta and m* = (mu / s^2 + 2 c a / beta) v* (``assert_at_quadratic_optimum``). The
+    policy's family holds it exactly, so at every stochastic step the learned
     variance must reach v* within 6% (it starts at s^2, 2.8 and 4.5 times v* at the first two steps) and the
     learned mean m* within 0.15 of v*'s std (RMS over x_t; it starts 1.3 and 1.8 stds away at those steps; the
     last stochastic step's s^2 = 1e-4 is too small for the tilt to move it: there the policy must stay put).
     Both estimators move the variance: pathwise through x_{t-1} = mean + std * noise (a few seconds), the policy
     gradient through the log-prob's variance term (noisier: twice the batch, four times the iterations)."""
-    world = GaussianWorld.default(dim=2, num_inference_steps=4, seed=0, variance_type="learned_range")
-    centre, curvature, beta = torch.tensor([1.0, -0.5], dtype=torch.float64), 1.0, 0.5
-
-    def quadratic(x_prev: torch.Tensor, x_t: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        baseline = world.reference_kernel(x_t, timestep).mean  # V(x_t): the reward at the reference's mean
-        return (world.quadratic_step_reward(x_prev, centre, curvature),
-                world.quadratic_step_reward(baseline, centre, curvature))
-
+    world, quadratic = quadratic_world()
     iterations = 150 if estimator == "pathwise" else 600
-    policy = _train(world, MeanAndVariancePolicy(world), quadratic, beta, iterations=iterations, batch=512,
+    policy = _train(world, MeanAndVariancePolicy(world), quadratic, QUADRATIC_BETA, iterations=iterations, batch=512,
                     estimator=estimator, learning_rate=0.05)
-    x_t = torch.randn(64, world.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    with torch.no_grad():
-        for timestep in world.timesteps[:-1]:
-            learned = step_kernel(world.scheduler, policy(x_t, timestep), timestep, x_t)
-            reference = world.reference_kernel(x_t, timestep)
-            optimal_variance = 1 / (1 / reference.variance + 2 * curvature / beta)
-            optimal_mean = (reference.mean / reference.variance + 2 * curvature * centre / beta) * optimal_variance
-            if timestep > world.timesteps[-2]:
-                assert float((reference.variance / optimal_variance).min()) > 2.5  # the optimum really narrows
-            variance_error = float((learned.variance / optimal_variance - 1).abs().max())
-            assert variance_error < 0.06, f"step {timestep}: variance {learned.variance[0].tolist()} vs " \
-                                          f"{optimal_variance[0].tolist()}"
-            mean_error = float(((learned.mean - optimal_mean) / optimal_variance.sqrt()).pow(2).mean().sqrt())
-            assert mean_error < 0.15, f"step {timestep}: mean off by {mean_error:.3f} std (RMS)"
+    assert_at_quadratic_optimum(world, policy)

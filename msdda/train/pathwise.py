@@ -53,8 +53,9 @@ def linearised_pathwise_loss(policy: KernelFunction, batch: Transitions, config:
     finite = torch.isfinite(gradient.flatten(1)).all(dim=1)
     moved = action - batch.next_latents
     gain = (moved * torch.where(torch.isfinite(gradient), gradient, 0.0)).flatten(1).sum(1)
-    if config.train.proximal_weight and batch.reference is not None:
-        gain = gain - config.train.proximal_weight * config.beta * (moved**2 / batch.reference.variance).flatten(1).sum(1) / 2
+    if config.train.proximal_weight and batch.reference is not None:  # the KL from the epoch's kernel, fixed variance
+        kl_from_epoch = (moved**2 / batch.reference.variance).flatten(1).sum(1) / 2
+        gain = gain - config.train.proximal_weight * config.beta * kl_from_epoch
     return pathwise_step_loss(torch.where(finite, gain, torch.nan), kl, config.beta)
 
 

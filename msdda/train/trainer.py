@@ -337,7 +337,8 @@ class Trainer:
 
     def policy_kernel(self, batch: Transitions) -> StepKernel:
         """pi_theta(. | x_t) at the batch's x_t (with grad): the trained denoiser through the rollout's own
-        ``Sampler.policy_kernel``, so that on-policy pi_theta is the recorded pi_old bit for bit."""
+        ``Sampler.policy_kernel``, so that on-policy pi_theta is the recorded pi_old bit for bit (for the rows as they
+        were sampled together; a subset of them may run other CPU kernels, equal to float rounding)."""
         sampler = Sampler.of(self.policy.pipeline, self.learner.model, self.config.sampling)
         return sampler.policy_kernel(batch.latents, batch.timestep, batch.prompt_embeds, batch.negative_embeds)
 
