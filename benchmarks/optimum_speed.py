@@ -72,8 +72,8 @@ def gauge_reward_calls(config: TrainConfig) -> int:
     return GAUGE_PROMPTS * 2 * config.sampling.num_inference_steps * config.train.gauge_draws
 
 
-def _within(gauge: dict, tolerance: float) -> bool:
-    worst = gauge.get("max_scale_deviation")
+def _within(worst: float | None, tolerance: float) -> bool:
+    """Whether a gauge's worst step (its ``max_scale_deviation``; None: unresolved) is within ``tolerance``."""
     return worst is not None and worst <= tolerance
 
 
@@ -99,12 +99,12 @@ def run(name: str, mode: list[str], args: argparse.Namespace) -> dict:
         history = trainer.history
         gauge = load_adapter_metadata(final).optimality
     if name == "per-step-scales":  # the recipe's epochs, then the fit: its gauges are the work
+        worst = gauge.get("max_scale_deviation")
         return {"epochs": len(history), "seconds": seconds, "reward_calls": training_reward_calls(config, len(history))
-                + (args.rounds + 1) * gauge_reward_calls(config), "reached": _within(gauge, args.tolerance),
-                "gauges": [("fitted", _amount(gauge.get("max_scale_deviation")), _pooled(gauge.get("scale_beta"), args.beta))]}
+                + (args.rounds + 1) * gauge_reward_calls(config), "reached": _within(worst, args.tolerance),
+                "gauges": [("fitted", _amount(worst), _pooled(gauge.get("scale_beta"), args.beta))]}
     gauged = [h for h in history if "gauge_max_scale_deviation" in h]
-    first = next((h for h in gauged if h["gauge_max_scale_deviation"] is not None
-                  and h["gauge_max_scale_deviation"] <= args.tolerance), None)
+    first = next((h for h in gauged if _within(h["gauge_max_scale_deviation"], args.tolerance)), None)
     epochs = first["epoch"] if first is not None else len(history)  # the history counts epochs from 1
     return {"epochs": epochs, "seconds": sum(h["epoch_seconds"] for h in history[:epochs]),
             "reward_calls": training_reward_calls(config, epochs), "reached": first is not None,
@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--reused-epochs", type=int, default=3, help="reused-gradients: epochs (default 3)")
     parser.add_argument("--reused-inner-epochs", type=int, default=6,
                         help="reused-gradients: updates per transition and epoch (default 6)")
-    parser.add_argument("--proximal-weight", type=float, default=1.0, help="reused-gradients: train.proximal_weight")
+    parser.add_argument("--proximal-weight", type=float, default=1.0,
+                        help="reused-gradients: train.proximal_weight (default 1)")
     parser.add_argument("--modes", default="on-policy,per-step-scales,reused-gradients",
                         help="comma-separated, of on-policy, per-step-scales, state-replay, reused-gradients (on-policy "
                              "is the baseline)")

@@ -16,6 +16,7 @@ from msdda.train import TrainConfig
 from msdda.train.pathwise import linearised_pathwise_loss, pathwise_loss, step_reward_gradients
 from msdda.train.trainer import Trainer
 from msdda.train.updates import Learner, transitions, update_pass
+from tests.test_train import TINY
 from tests.test_train_analytic import (
     QUADRATIC_BETA,
     MeanAndVariancePolicy,
@@ -26,9 +27,7 @@ from tests.test_train_analytic import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["epochs=1", "sampling.num_inference_steps=4", "sampling.batch_size=4", "sampling.batches_per_epoch=1",
-         "train.batch_size=4", "sample_every=0", "log_with=null", "train.gauge_prompts=0",
-         "train.reuse_reward_gradients=true", "train.inner_epochs=3"]
+SMALL = [*TINY, "train.reuse_reward_gradients=true", "train.inner_epochs=3"]
 
 
 def _config(tmp_path: Path, *overrides: str) -> TrainConfig:

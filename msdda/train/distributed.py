@@ -19,7 +19,8 @@ from msdda.errors import UserError
 from msdda.train.config import TrainConfig
 
 __all__ = ["check_launch", "build_accelerator", "configure_deepspeed", "launched_with_deepspeed", "launched_with_fsdp",
-           "uses_deepspeed", "master_weights", "uses_fsdp", "full_tensor", "shard_like", "gather_rows", "own_rows", "average_gradients"]
+           "uses_deepspeed", "master_weights", "uses_fsdp", "full_tensor", "shard_like", "gather_rows", "own_rows",
+           "average_gradients"]
 
 
 def launched_with_deepspeed() -> bool:
